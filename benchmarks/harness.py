@@ -1,0 +1,620 @@
+"""The benchmark harness every op family shares.
+
+A family is a module ``bench_<family>.py`` in this package that declares
+
+    CASES: list[Case]                                  what to time
+    def providers(device_type: str) -> list[Provider]  what to time it with
+
+``run()`` finds the families, measures this machine's memory bandwidth and
+matmul rate, times every selected case with every provider in the same
+process, and writes results.json, results.md and one plot per op. Each
+provider is compared with the fastest genfast backend, and genfast with the
+roofline those measured rates draw.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import gc
+import importlib
+import importlib.metadata
+import json
+import math
+import os
+import pkgutil
+import platform
+import re
+import statistics
+import time
+import traceback
+from collections import defaultdict
+from collections.abc import Callable, Collection
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.figure import Figure
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import Progress
+from rich.table import Table
+
+import genfast
+from genfast.backends import BackendUnavailableError
+
+# ---------------------------------------------------------------- declarations
+
+
+@dataclass(frozen=True)
+class Case:
+    """One thing to time: an op at one shape, dtype and layout, in one direction."""
+
+    name: str
+    """Where the shape comes from and what it is, e.g. "sd-unet 8x320x64x64"."""
+    op: str
+    """The op timed; the cases of one op share a table and a plot."""
+    direction: str
+    """A key of DIRECTIONS: "forward", or "backward" (the gradients of every floating-point input)."""
+    size: float
+    """How big the problem is, the x axis of the op's plot: by convention the elements of the main input."""
+    make_inputs: Callable[[torch.device], dict[str, Any]]
+    """Fresh random inputs on a device, passed to every provider's fn as keyword arguments."""
+    bytes: int
+    """The fewest bytes the op must move to and from memory: the roofline's memory bound."""
+    flops: int = 0
+    """The fewest floating-point operations it must do: the roofline's compute bound."""
+    quick: bool = False
+    """Part of the --quick suite."""
+    variant: str = ""
+    """What sets it apart from other cases of its op besides size (dtype, layout); each variant is a plot line."""
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    """The device types it runs on."""
+
+
+@dataclass(frozen=True)
+class Provider:
+    """One implementation of a family's op."""
+
+    name: str
+    fn: Callable[..., torch.Tensor] | None
+    """Takes a case's inputs as keyword arguments and returns the op's output; None when unavailable."""
+    genfast: bool = False
+    """A genfast backend: every provider is compared with the fastest of these."""
+    compiled: bool = False
+    """Time torch.compile(fn); it compiles during the untimed warm-up."""
+    context: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext
+    """Entered around building and timing the calls, e.g. genfast.use_backend(...)."""
+    unavailable: str | None = None
+    """Why it cannot run on this machine; it is then reported, not timed."""
+
+
+class Unsupported(Exception):
+    """Raised by a provider's fn for a case it cannot run, e.g. a layout it does not take."""
+
+
+# A provider that cannot run one case is reported beside the others; it does not stop the run.
+CANNOT_RUN_CASE = (Unsupported, BackendUnavailableError)
+
+# The genfast backends worth timing on each device type; the reference has a provider of its own.
+NATIVE_BACKENDS = {"cpu": ("cpu",), "cuda": ("triton", "cuda")}
+
+
+def genfast_providers(fn: Callable[..., torch.Tensor], device_type: str) -> list[Provider]:
+    """A provider "genfast[<backend>]" per native backend of device_type, each running fn under that backend."""
+    return [
+        Provider(
+            f"genfast[{backend}]",
+            fn,
+            genfast=True,
+            context=functools.partial(genfast.use_backend, backend),
+            unavailable=genfast.backends.unavailable_reason(backend, device_type),
+        )
+        for backend in NATIVE_BACKENDS.get(device_type, ())
+    ]
+
+
+# ---------------------------------------------------------------- the calls timed
+
+
+def forward(fn: Callable[..., torch.Tensor], inputs: dict[str, Any]) -> Callable[[], Any]:
+    return functools.partial(fn, **inputs)
+
+
+def backward(fn: Callable[..., torch.Tensor], inputs: dict[str, Any]) -> Callable[[], Any]:
+    """Runs the forward once here, untimed; the call then differentiates through that graph."""
+    leaves = {
+        name: value.detach().requires_grad_()
+        if isinstance(value, torch.Tensor) and value.is_floating_point()
+        else value
+        for name, value in inputs.items()
+    }
+    wrt = [value for value in leaves.values() if isinstance(value, torch.Tensor) and value.requires_grad]
+    y = fn(**leaves)
+    return functools.partial(torch.autograd.grad, y, wrt, torch.randn_like(y), retain_graph=True)
+
+
+DIRECTIONS = {"forward": forward, "backward": backward}
+
+# ---------------------------------------------------------------- timing
+
+QUICK_BUDGET_S = 0.3  # timed seconds per (case, provider) with --quick
+FULL_BUDGET_S = 2.0
+WARMUP_FRACTION = 0.2  # of the budget, spent running untimed before the timed runs
+MIN_RUNS = 5  # even when one run takes longer than the budget
+MAX_RUNS = 2000  # enough for a stable median; more only bloats results.json
+MAX_INPUT_SETS = 32
+DEFAULT_CACHE_BYTES = 32 << 20
+
+
+def time_on_cpu(calls: list[Callable[[], Any]], budget_s: float) -> list[float]:
+    """Seconds of each timed call, cycling through calls (one per input set)."""
+    for call in calls:  # first calls compile, fault pages in and fill the allocator's caches
+        call()
+    warm_until = time.perf_counter() + budget_s * WARMUP_FRACTION
+    while time.perf_counter() < warm_until:
+        for call in calls:
+            call()
+    times = []
+    deadline = time.perf_counter() + budget_s
+    gc.disable()  # a collection would be charged to whichever provider happened to trigger it
+    try:
+        while len(times) < MIN_RUNS or (len(times) < MAX_RUNS and time.perf_counter() < deadline):
+            call = calls[len(times) % len(calls)]
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
+    finally:
+        gc.enable()
+    return times
+
+
+def time_on_cuda(calls: list[Callable[[], Any]], budget_s: float) -> list[float]:
+    """Seconds of each timed call, from CUDA events.
+
+    do_bench flushes the L2 cache before every run, so one input set is enough; its first,
+    untimed call is where torch.compile compiles."""
+    from triton.testing import do_bench  # imported here: triton is needed, and installed, for GPUs only
+
+    warmup_ms = max(25, 1000 * budget_s * WARMUP_FRACTION)
+    milliseconds = do_bench(calls[0], warmup=warmup_ms, rep=1000 * budget_s, return_mode="all")
+    return [ms / 1000 for ms in milliseconds]
+
+
+def input_set_count(case: Case, device: torch.device, cache_bytes: int) -> int:
+    """How many input sets to rotate through so that a call rarely finds its inputs still in the CPU's cache."""
+    if device.type != "cpu":
+        return 1
+    return max(1, min(MAX_INPUT_SETS, math.ceil(2 * cache_bytes / max(1, case.bytes))))
+
+
+def _parse_cache_size(text: str) -> int:
+    """sysfs cache sizes read like "49152K"."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip()
+    return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+
+
+def last_level_cache_bytes() -> int:
+    """The CPU's largest cache in bytes, from sysfs; DEFAULT_CACHE_BYTES where sysfs does not say."""
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            sizes.append(_parse_cache_size((index / "size").read_text()))
+    return max(sizes, default=DEFAULT_CACHE_BYTES)
+
+
+# ---------------------------------------------------------------- the machine
+
+# Far larger than any cache, so the copy streams from memory: CPU last-level caches, an H100's 50 MB L2.
+COPY_BYTES = {"cpu": 256 << 20, "cuda": 1 << 30}
+# The matmul measures the peak a compute-bound op could reach: fp32 on CPUs, bf16 tensor cores on GPUs.
+MATMUL = {"cpu": (2048, torch.float32), "cuda": (8192, torch.bfloat16)}
+
+
+def measure_rates(device: torch.device, timer: Callable, budget_s: float) -> dict[str, Any]:
+    """Memory bandwidth (bytes read + written per second by a large copy) and matmul rate, measured now."""
+    src = torch.ones(COPY_BYTES[device.type] // 4, device=device)
+    dst = torch.empty_like(src)
+    copy_s = statistics.median(timer([functools.partial(dst.copy_, src)], budget_s))
+    del src, dst
+    n, dtype = MATMUL[device.type]
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    matmul_s = statistics.median(timer([functools.partial(torch.mm, a, b)], budget_s))
+    return {
+        "memory_bytes_per_s": 2 * COPY_BYTES[device.type] / copy_s,
+        "matmul_flops_per_s": 2 * n**3 / matmul_s,
+        "matmul": f"{n}x{n}x{n} {str(dtype).removeprefix('torch.')}",
+    }
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "cpu": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "last_level_cache_bytes": last_level_cache_bytes(),
+        # Other work on the machine skews timings, badly so for OpenMP code on few cores.
+        "load_average_before": os.getloadavg()[0],
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "genfast": genfast.__version__,
+    }
+
+
+# ---------------------------------------------------------------- measuring
+
+
+@dataclass
+class Measurement:
+    """What one provider did on one case."""
+
+    provider: str
+    genfast: bool
+    status: str
+    """One of "ok", "unavailable" (cannot run on this machine), "unsupported" (cannot run this case), "error"."""
+    times_s: list[float] = field(default_factory=list)
+    reason: str = ""
+
+    @property
+    def median_s(self) -> float | None:
+        return statistics.median(self.times_s) if self.times_s else None
+
+
+@dataclass
+class CaseResult:
+    case: Case
+    input_sets: int
+    measurements: list[Measurement]
+
+    def fastest_genfast(self) -> Measurement | None:
+        ran = [m for m in self.measurements if m.genfast and m.status == "ok"]
+        return min(ran, key=lambda m: m.median_s, default=None)
+
+    def genfast_speedup(self, measurement: Measurement) -> float | None:
+        """measurement's time / the fastest genfast backend's time: above 1, genfast is faster."""
+        best = self.fastest_genfast()
+        if best is None or measurement.status != "ok":
+            return None
+        return measurement.median_s / best.median_s
+
+    def roofline_fraction(self, measurement: Measurement, rates: dict[str, Any]) -> float | None:
+        """The share of the memory or compute bound (whichever is slower) that measurement reaches."""
+        if measurement.status != "ok":
+            return None
+        bound_s = max(self.case.bytes / rates["memory_bytes_per_s"], self.case.flops / rates["matmul_flops_per_s"])
+        return bound_s / measurement.median_s
+
+
+def _compiled(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    # A fresh cache per case: across many shapes dynamo would reach its recompile limit and
+    # silently run eager, and every call would first check the guards of all earlier shapes.
+    torch.compiler.reset()
+    return torch.compile(fn, dynamic=False, fullgraph=True)
+
+
+def measure(
+    case: Case,
+    provider: Provider,
+    input_sets: list[dict[str, Any]],
+    timer: Callable,
+    budget_s: float,
+    console: Console,
+) -> Measurement:
+    def result(status: str, times: list[float] | None = None, reason: str = "") -> Measurement:
+        return Measurement(provider.name, provider.genfast, status, times or [], reason)
+
+    if provider.unavailable:
+        return result("unavailable", reason=provider.unavailable)
+    try:
+        with provider.context():
+            fn = _compiled(provider.fn) if provider.compiled else provider.fn
+            calls = [DIRECTIONS[case.direction](fn, inputs) for inputs in input_sets]
+            return result("ok", timer(calls, budget_s))
+    except CANNOT_RUN_CASE as error:
+        return result("unsupported", reason=str(error))
+    except Exception as error:  # noqa: BLE001 - one provider failing is reported beside the others, not fatal
+        console.print(f"{case.op} {case.name} {case.direction} with {provider.name} failed:", style="red", markup=False)
+        console.print(traceback.format_exc(), markup=False)
+        return result("error", reason=f"{type(error).__name__}: {error}")
+
+
+# ---------------------------------------------------------------- choosing what runs
+
+
+def families() -> list[Any]:
+    """The bench_* modules of this package."""
+    package = importlib.import_module(__package__)
+    return [
+        importlib.import_module(f"{__package__}.{module.name}")
+        for module in pkgutil.iter_modules(package.__path__)
+        if module.name.startswith("bench_")
+    ]
+
+
+def _selected(case: Case, quick: bool, filters: list[str], device_type: str) -> bool:
+    if device_type not in case.devices or (quick and not case.quick):
+        return False
+    fields = (case.op.lower(), case.name.lower(), case.direction)
+    return not filters or any(f.lower() in text for f in filters for text in fields)
+
+
+def plan(
+    quick: bool, filters: list[str], device_type: str, provider_names: Collection[str] | None
+) -> list[tuple[Case, list[Provider]]]:
+    planned = []
+    for family in families():
+        cases = [case for case in family.CASES if _selected(case, quick, filters, device_type)]
+        if cases:
+            chosen = [p for p in family.providers(device_type) if provider_names is None or p.name in provider_names]
+            planned += [(case, chosen) for case in cases]
+    return planned
+
+
+# ---------------------------------------------------------------- the report
+
+
+def _format_time(seconds: float) -> str:
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds / 1e-9:.3g} ns"
+
+
+def _cell(result: CaseResult, measurement: Measurement | None) -> str:
+    if measurement is None:
+        return ""
+    if measurement.status != "ok":
+        return measurement.status
+    speedup = result.genfast_speedup(measurement)
+    if speedup is None or measurement is result.fastest_genfast():
+        return _format_time(measurement.median_s)
+    return f"{_format_time(measurement.median_s)} ({speedup:.2f}×)"
+
+
+OpTable = tuple[list[str], list[list[str]]]  # a header and rows of text
+
+
+def op_tables(results: list[CaseResult], rates: dict[str, Any]) -> dict[str, OpTable]:
+    """Per op, a header and rows of text, shared by the terminal table and results.md.
+
+    A provider gets a column only if it could run on this machine; the notes list the others."""
+    by_op: dict[str, list[CaseResult]] = defaultdict(list)
+    for result in results:
+        by_op[result.case.op].append(result)
+    tables = {}
+    for op, op_results in by_op.items():
+        columns = list(
+            dict.fromkeys(m.provider for r in op_results for m in r.measurements if m.status != "unavailable")
+        )
+        header = ["case", "direction", *columns, "fastest genfast", "genfast / roofline"]
+        rows = []
+        for result in op_results:
+            by_name = {m.provider: m for m in result.measurements}
+            best = result.fastest_genfast()
+            fraction = result.roofline_fraction(best, rates) if best else None
+            rows.append(
+                [
+                    result.case.name,
+                    result.case.direction,
+                    *(_cell(result, by_name.get(name)) for name in columns),
+                    best.provider if best else "none ran",
+                    f"{fraction:.0%}" if fraction is not None else "",
+                ]
+            )
+        tables[op] = (header, rows)
+    return tables
+
+
+def notes(results: list[CaseResult]) -> list[str]:
+    """Why each provider that did not run did not, once per distinct reason."""
+    return list(
+        dict.fromkeys(
+            f"{m.provider}: {m.status}: {m.reason}" for r in results for m in r.measurements if m.status != "ok"
+        )
+    )
+
+
+def _summary_line(machine: dict[str, Any], rates: dict[str, Any]) -> str:
+    return (
+        f"{machine['device']} · {machine['cpu']} · {machine['torch_threads']} threads · torch {machine['torch']} · "
+        f"memory {rates['memory_bytes_per_s'] / 1e9:.1f} GB/s · "
+        f"matmul {rates['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s ({rates['matmul']})"
+    )
+
+
+SPEEDUP_LEGEND = (
+    "(n×): the fastest genfast backend is n times faster than this provider, measured in the same run; "
+    "genfast / roofline: its share of the time that the measured memory bandwidth or matmul rate allows."
+)
+
+
+def print_report(console: Console, tables: dict[str, OpTable], result_notes: list[str], summary: str) -> None:
+    console.print(summary)
+    for op, (header, rows) in tables.items():
+        # Provider names such as "genfast[cpu]" would read as rich markup.
+        table = Table(*map(escape, header), title=op, caption=SPEEDUP_LEGEND)
+        for row in rows:
+            table.add_row(*map(escape, row))
+        console.print(table)
+    for note in result_notes:
+        console.print(note, style="dim", markup=False)
+
+
+def markdown(tables: dict[str, OpTable], result_notes: list[str], summary: str) -> str:
+    lines = [summary, ""]
+    for op, (header, rows) in tables.items():
+        lines += [f"### {op}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        lines.append("")
+    lines += [SPEEDUP_LEGEND, ""]
+    lines += [f"- {note}" for note in result_notes]
+    return "\n".join(lines) + "\n"
+
+
+VARIANT_STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))  # (line, marker): a lone point shows its marker
+
+
+def plot(op: str, results: list[CaseResult], path: Path) -> None:
+    """Median time against size, log-log: a panel per direction, a line per provider and variant.
+
+    A provider keeps its colour across panels and variants; a variant keeps its line and marker style."""
+    directions = [d for d in DIRECTIONS if any(r.case.direction == d for r in results)]
+    providers = list(dict.fromkeys(m.provider for r in results for m in r.measurements if m.status == "ok"))
+    variants = list(dict.fromkeys(r.case.variant for r in results))
+    figure = Figure(figsize=(6 * len(directions), 4.5))
+    for panel, direction in enumerate(directions, start=1):
+        axes = figure.add_subplot(1, len(directions), panel)
+        lines: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
+        for result in results:
+            if result.case.direction == direction:
+                for m in result.measurements:
+                    if m.status == "ok":
+                        lines[m.provider, result.case.variant].append((result.case.size, m.median_s))
+        for (provider, variant), points in lines.items():
+            sizes, times = zip(*sorted(points))
+            line, marker = VARIANT_STYLES[variants.index(variant) % len(VARIANT_STYLES)]
+            axes.plot(
+                sizes,
+                times,
+                linestyle=line,
+                marker=marker,
+                color=f"C{providers.index(provider) % 10}",
+                label=f"{provider} ({variant})" if len(variants) > 1 else provider,
+            )
+        axes.set(
+            xscale="log",
+            yscale="log",
+            title=f"{op} {direction}",
+            xlabel="size (elements of the main input)",
+            ylabel="median time (s)",
+        )
+        axes.grid(True, which="both", alpha=0.3)
+        axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def to_json(results: list[CaseResult], machine: dict, rates: dict, settings: dict) -> dict[str, Any]:
+    return {
+        "machine": machine,
+        "rates": rates,
+        "settings": settings,
+        "cases": [
+            {
+                "name": r.case.name,
+                "op": r.case.op,
+                "direction": r.case.direction,
+                "variant": r.case.variant,
+                "size": r.case.size,
+                "bytes": r.case.bytes,
+                "flops": r.case.flops,
+                "input_sets": r.input_sets,
+                "fastest_genfast": getattr(r.fastest_genfast(), "provider", None),
+                "providers": {
+                    m.provider: {
+                        "status": m.status,
+                        "reason": m.reason,
+                        "median_s": m.median_s,
+                        "genfast_speedup": r.genfast_speedup(m),
+                        "roofline_fraction": r.roofline_fraction(m, rates),
+                        "times_s": m.times_s,
+                    }
+                    for m in r.measurements
+                },
+            }
+            for r in results
+        ],
+    }
+
+
+def write_report(
+    out: Path, results: list[CaseResult], machine: dict, rates: dict, settings: dict, console: Console
+) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tables = op_tables(results, rates)
+    result_notes = notes(results)
+    summary = _summary_line(machine, rates)
+    print_report(console, tables, result_notes, summary)
+    (out / "results.json").write_text(json.dumps(to_json(results, machine, rates, settings), indent=1) + "\n")
+    (out / "results.md").write_text(markdown(tables, result_notes, summary))
+    for op in tables:
+        plot(op, [r for r in results if r.case.op == op], out / (re.sub(r"[^\w.-]", "_", op) + ".png"))
+    console.print(f"wrote {out}/results.json, results.md and {len(tables)} plot(s)")
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def run(
+    quick: bool,
+    filters: list[str],
+    out_dir: str,
+    device: str | None = None,
+    *,
+    providers: Collection[str] | None = None,
+) -> int:
+    """Time the selected cases and write the report to out_dir; returns the process exit code.
+
+    filters: substrings of op names, case names or directions ("backward"); none selects all.
+    device: "cpu", "cuda", ...; None picks cuda when available. providers: the provider names
+    to run (None: all), e.g. to leave out the slow-to-compile torch.compile.
+    Exit code 0: all ran or were reported unavailable; 1: some provider failed; 2: nothing selected.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    console = Console()
+    if not console.is_terminal:  # a log: rich would assume 80 columns and cut the table's cells short
+        console.width = 160
+    planned = plan(quick, filters, device.type, providers)
+    if not planned:
+        console.print(f"no benchmark case matches filters {filters} on {device.type}", style="red", markup=False)
+        return 2
+    machine = machine_info(device)
+    torch.manual_seed(0)
+    timer = time_on_cuda if device.type == "cuda" else time_on_cpu
+    budget_s = QUICK_BUDGET_S if quick else FULL_BUDGET_S
+    cache_bytes = last_level_cache_bytes()
+    results = []
+    with Progress(console=console) as progress:
+        task = progress.add_task("measuring memory bandwidth and matmul rate", total=sum(len(p) for _, p in planned))
+        rates = measure_rates(device, timer, budget_s)
+        for case, case_providers in planned:
+            input_sets = [case.make_inputs(device) for _ in range(input_set_count(case, device, cache_bytes))]
+            measurements = []
+            for provider in case_providers:
+                step = f"{case.op} {case.name} {case.direction}: {provider.name}"
+                if not console.is_terminal:  # the live bar only draws on terminals; a log gets a line per step
+                    console.print(step, markup=False)
+                progress.update(task, description=escape(step))
+                measurements.append(measure(case, provider, input_sets, timer, budget_s, console))
+                progress.advance(task)
+            results.append(CaseResult(case, len(input_sets), measurements))
+            del input_sets  # before the next case's sets are made, not after
+    settings = {
+        "quick": quick,
+        "filters": filters,
+        "providers": sorted(providers) if providers else None,
+        "device": str(device),
+        "budget_s": budget_s,
+    }
+    write_report(Path(out_dir), results, machine, rates, settings, console)
+    return 1 if any(m.status == "error" for r in results for m in r.measurements) else 0

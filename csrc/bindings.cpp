@@ -1,0 +1,132 @@
+// The one place where the C++ and CUDA kernels meet Python. Every entry point
+// checks its tensors again (the Python ops already did), so calling genfast._C
+// directly is safe too, then runs the CPU or CUDA kernel for x's device.
+
+#include <torch/extension.h>
+
+#include <vector>
+
+#include "cpu/norm.h"
+
+#ifdef GENFAST_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "cuda/norm.h"
+#endif
+
+namespace {
+
+using at::Tensor;
+
+// Accumulation and parameter type for x's dtype: double for double, else float.
+at::ScalarType math_type(const Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+bool is_channels_last(const Tensor& x) { return !x.is_contiguous() && x.movedim(1, -1).is_contiguous(); }
+
+void check_channel_tensor(const Tensor& x, const Tensor& t, const char* name) {
+  const int64_t channels = x.size(1);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == channels, name, " must have shape (", channels, "), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == math_type(x), name, " must be ", math_type(x), " for ", x.scalar_type(),
+              " x, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), name, " must be on ", x.device(), " like x, got ", t.device());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+void check_group_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, int64_t groups) {
+  TORCH_CHECK(x.dim() >= 2, "x must have at least 2 dimensions (N, C, ...), got ", x.sizes());
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
+              "x must be float32, float16, bfloat16 or float64, got ", dtype);
+  TORCH_CHECK(x.numel() > 0, "x must not be empty, got ", x.sizes());
+  TORCH_CHECK(x.is_contiguous() || is_channels_last(x), "x must be contiguous or channels-last, got strides ",
+              x.strides());
+  TORCH_CHECK(groups > 0 && x.size(1) % groups == 0, "groups must divide the ", x.size(1), " channels of x, got ",
+              groups);
+  check_channel_tensor(x, weight, "weight");
+  check_channel_tensor(x, bias, "bias");
+}
+
+void check_stats(const Tensor& x, const Tensor& t, int64_t groups, const char* name) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == x.size(0) && t.size(1) == groups, name, " must have shape (",
+              x.size(0), ", ", groups, "), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == math_type(x) && t.device() == x.device() && t.is_contiguous(), name,
+              " must be a contiguous ", math_type(x), " tensor on ", x.device());
+}
+
+#ifdef GENFAST_WITH_CUDA
+genfast::cuda::DType cuda_dtype(const Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return genfast::cuda::DType::kFloat32;
+    case at::kHalf: return genfast::cuda::DType::kFloat16;
+    case at::kBFloat16: return genfast::cuda::DType::kBFloat16;
+    default: TORCH_CHECK(false, "the cuda backend takes float32, float16 or bfloat16 x, got ", x.scalar_type());
+  }
+}
+
+genfast::cuda::GroupNormShape cuda_shape(const Tensor& x, int64_t groups) {
+  return {x.size(0), x.size(1), x.numel() / (x.size(0) * x.size(1)), groups, is_channels_last(x)};
+}
+#endif
+
+std::vector<Tensor> group_norm_forward(const Tensor& x, const Tensor& weight, const Tensor& bias, int64_t groups,
+                                       double eps, bool silu) {
+  check_group_norm(x, weight, bias, groups);
+  if (x.is_cpu()) return genfast::cpu::group_norm_forward(x, weight, bias, groups, eps, silu);
+#ifdef GENFAST_WITH_CUDA
+  if (x.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(x.device());
+    Tensor y = at::empty_like(x);
+    Tensor mean = at::empty({x.size(0), groups}, weight.options());
+    Tensor rstd = at::empty({x.size(0), groups}, weight.options());
+    C10_CUDA_CHECK(genfast::cuda::group_norm_forward(
+        x.const_data_ptr(), weight.const_data_ptr<float>(), bias.const_data_ptr<float>(), y.mutable_data_ptr(),
+        mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>(), cuda_shape(x, groups),
+        static_cast<float>(eps), silu, cuda_dtype(x), at::cuda::getCurrentCUDAStream()));
+    return {y, mean, rstd};
+  }
+#endif
+  TORCH_CHECK(false, "group_norm_forward: no kernel for ", x.device(), " tensors in this build");
+}
+
+std::vector<Tensor> group_norm_backward(const Tensor& dy, const Tensor& x, const Tensor& weight, const Tensor& bias,
+                                        const Tensor& mean, const Tensor& rstd, int64_t groups, bool silu) {
+  check_group_norm(x, weight, bias, groups);
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.strides() == x.strides() && dy.scalar_type() == x.scalar_type() &&
+                  dy.device() == x.device(),
+              "dy must match x in shape, strides, dtype and device; got ", dy.sizes(), " ", dy.strides(), " ",
+              dy.scalar_type(), " for x ", x.sizes(), " ", x.strides(), " ", x.scalar_type());
+  check_stats(x, mean, groups, "mean");
+  check_stats(x, rstd, groups, "rstd");
+  if (x.is_cpu()) return genfast::cpu::group_norm_backward(dy, x, weight, bias, mean, rstd, groups, silu);
+#ifdef GENFAST_WITH_CUDA
+  if (x.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(x.device());
+    Tensor dx = at::empty_like(x);
+    Tensor sum_dz = at::empty({x.size(0), x.size(1)}, weight.options());
+    Tensor sum_dz_xhat = at::empty({x.size(0), x.size(1)}, weight.options());
+    C10_CUDA_CHECK(genfast::cuda::group_norm_backward(
+        dy.const_data_ptr(), x.const_data_ptr(), weight.const_data_ptr<float>(), bias.const_data_ptr<float>(),
+        mean.const_data_ptr<float>(), rstd.const_data_ptr<float>(), dx.mutable_data_ptr(),
+        sum_dz.mutable_data_ptr<float>(), sum_dz_xhat.mutable_data_ptr<float>(), cuda_shape(x, groups), silu,
+        cuda_dtype(x), at::cuda::getCurrentCUDAStream()));
+    return {dx, sum_dz_xhat.sum(0), sum_dz.sum(0)};
+  }
+#endif
+  TORCH_CHECK(false, "group_norm_backward: no kernel for ", x.device(), " tensors in this build");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "genfast's C++ (CPU) and CUDA kernels";
+#ifdef GENFAST_WITH_CUDA
+  m.attr("has_cuda") = true;
+#else
+  m.attr("has_cuda") = false;
+#endif
+  m.def("group_norm_forward", &group_norm_forward, "GroupNorm + activation forward: (y, mean, rstd)");
+  m.def("group_norm_backward", &group_norm_backward, "GroupNorm + activation backward: (dx, dweight, dbias)");
+}

@@ -1,0 +1,14 @@
+"""genfast: fused, verified kernels for generative models.
+
+    import genfast
+    y = genfast.ops.group_norm(x, 32, weight, bias, activation="silu")
+    norm = genfast.nn.GroupNorm(32, 320, activation="silu")
+    with genfast.use_backend("reference"):
+        ...
+"""
+
+from . import backends, nn, ops, reference
+from .backends import get_backend, set_backend, use_backend
+
+__version__ = "0.1.0"
+__all__ = ["backends", "nn", "ops", "reference", "get_backend", "set_backend", "use_backend"]

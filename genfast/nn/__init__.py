@@ -1,0 +1,5 @@
+"""Drop-in replacements for torch.nn modules, with the same constructor and state_dict."""
+
+from .norm import GroupNorm
+
+__all__ = ["GroupNorm"]

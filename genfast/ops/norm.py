@@ -1,0 +1,127 @@
+"""GroupNorm with an optional fused activation, as the custom op genfast::group_norm.
+
+group_norm() checks its arguments, picks a backend and calls the op; the op's
+forward and backward each run one backend's kernels, and torch.compile sees
+the op as a single node with a fake implementation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ..backends import extension, resolve
+from ._checks import check_choice, check_int, check_tensor, dense, like_layout
+
+ACTIVATIONS = (None, "silu")
+_IMPLEMENTED = frozenset({"cpu", "cuda", "triton"})
+
+
+def _triton():
+    from ..kernels import norm
+
+    return norm
+
+
+def _forward_kernel(backend: str):
+    return _triton().group_norm_forward if backend == "triton" else extension().group_norm_forward
+
+
+def _backward_kernel(backend: str):
+    return _triton().group_norm_backward if backend == "triton" else extension().group_norm_backward
+
+
+@torch.library.custom_op("genfast::group_norm", mutates_args=())
+def group_norm_op(
+    x: Tensor, weight: Tensor, bias: Tensor, num_groups: int, eps: float, activation: str | None, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns y (x's layout and dtype) and the (N, num_groups) mean and rstd.
+
+    x must be dense (channels-first or channels-last); weight, bias and the
+    statistics are in x's math dtype: float64 for float64 x, else float32.
+    """
+    return _forward_kernel(backend)(x, weight, bias, num_groups, eps, activation == "silu")
+
+
+@group_norm_op.register_fake
+def _(x, weight, bias, num_groups, eps, activation, backend):
+    stats_shape = (x.shape[0], num_groups)
+    return torch.empty_like(x), weight.new_empty(stats_shape), weight.new_empty(stats_shape)
+
+
+@torch.library.custom_op("genfast::group_norm_backward", mutates_args=())
+def group_norm_backward_op(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    num_groups: int,
+    activation: str | None,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns dx (x's layout) and the weight and bias gradients (their dtype)."""
+    return _backward_kernel(backend)(like_layout(dy, x), x, weight, bias, mean, rstd, num_groups, activation == "silu")
+
+
+@group_norm_backward_op.register_fake
+def _(dy, x, weight, bias, mean, rstd, num_groups, activation, backend):
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, num_groups, _eps, activation, backend = inputs
+    _y, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.num_groups, ctx.activation, ctx.backend = num_groups, activation, backend
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    dx, dweight, dbias = group_norm_backward_op(
+        dy, x, weight, bias, mean, rstd, ctx.num_groups, ctx.activation, ctx.backend
+    )
+    return dx, dweight, dbias, None, None, None, None
+
+
+group_norm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def group_norm(
+    x: Tensor,
+    num_groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    activation: str | None = None,
+) -> Tensor:
+    """``torch.nn.functional.group_norm`` followed by ``activation``, in one pass.
+
+    x: (N, C, *spatial), contiguous or channels-last (other strides are copied);
+    fp32, fp16, bf16 or fp64. weight, bias: (C,) or None. activation: None or
+    "silu". Returns y with x's shape, dtype and memory layout.
+    """
+    check_tensor("x", x, min_dim=2)
+    channels = x.shape[1]
+    check_int("num_groups", num_groups, minimum=1)
+    if channels % num_groups:
+        raise ValueError(f"num_groups must divide the {channels} channels of x, got {num_groups}")
+    for name, param in (("weight", weight), ("bias", bias)):
+        if param is not None:
+            check_tensor(name, param, shape=(channels,), like=x)
+    check_choice("activation", activation, ACTIVATIONS)
+    if not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+
+    backend = resolve("group_norm", x.device, _IMPLEMENTED)
+    if backend == "reference" or x.numel() == 0:
+        return reference.norm.group_norm(x, num_groups, weight, bias, eps, activation)
+    # Kernels read the affine parameters in the math dtype; autograd casts
+    # their gradients back to the parameters' dtype.
+    math_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    weight = weight.to(math_dtype) if weight is not None else x.new_ones(channels, dtype=math_dtype)
+    bias = bias.to(math_dtype) if bias is not None else x.new_zeros(channels, dtype=math_dtype)
+    y, _mean, _rstd = group_norm_op(dense(x), weight, bias, num_groups, float(eps), activation, backend)
+    return y

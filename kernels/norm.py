@@ -1,0 +1,174 @@
+"""GroupNorm (+ SiLU) Triton kernels and their launchers.
+
+x is viewed as (N, C, S), S the flattened spatial size, through three strides,
+so one kernel serves channels-first (S-contiguous) and channels-last
+(C-contiguous) tensors. One program owns one (sample, group) and walks it in
+[BLOCK_C, BLOCK_S] tiles. Statistics accumulate x - K in float32 (float64 for
+float64 inputs) with K the group's first value, so a large mean cannot cancel
+the variance away.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .activation import silu, silu_backward
+
+_TILE = 2048  # values per [BLOCK_C, BLOCK_S] tile
+
+
+@triton.jit
+def _tile(base, c0, s0, cpg, S, stride_c, stride_s, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Offsets and mask of the tile at channel c0, position s0 of a group."""
+    cs = c0 + tl.arange(0, BLOCK_C)
+    ss = s0 + tl.arange(0, BLOCK_S)
+    offsets = base + cs[:, None].to(tl.int64) * stride_c + ss[None, :].to(tl.int64) * stride_s
+    mask = (cs < cpg)[:, None] & (ss < S)[None, :]
+    return offsets, mask
+
+
+@triton.jit
+def _group_norm_forward_kernel(
+    x_ptr, weight_ptr, bias_ptr, y_ptr, mean_ptr, rstd_ptr,
+    S, cpg, groups, stride_n, stride_c, stride_s, eps,
+    SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """y = act((x - mean) * rstd * weight + bias) for the group of program (n, g).
+
+    Fuses statistics, normalisation, affine and activation. Reads the group's
+    x twice (statistics, then the output pass) and its weight and bias; writes
+    y and mean[n, g], rstd[n, g] (the float dtype of mean_ptr).
+    """
+    pid = tl.program_id(0)
+    g = pid % groups
+    acc_dtype = mean_ptr.dtype.element_ty
+    base = (pid // groups).to(tl.int64) * stride_n + (g * cpg).to(tl.int64) * stride_c
+    pivot = tl.load(x_ptr + base).to(acc_dtype)
+
+    total = tl.zeros([BLOCK_C, BLOCK_S], acc_dtype)
+    total_sq = tl.zeros([BLOCK_C, BLOCK_S], acc_dtype)
+    for c0 in range(0, cpg, BLOCK_C):
+        for s0 in range(0, S, BLOCK_S):
+            offsets, mask = _tile(base, c0, s0, cpg, S, stride_c, stride_s, BLOCK_C, BLOCK_S)
+            d = tl.where(mask, tl.load(x_ptr + offsets, mask=mask).to(acc_dtype) - pivot, 0)
+            total += d
+            total_sq += d * d
+    count = cpg * S
+    shift_mean = tl.sum(tl.sum(total, axis=1), axis=0) / count
+    var = tl.maximum(tl.sum(tl.sum(total_sq, axis=1), axis=0) / count - shift_mean * shift_mean, 0)
+    mean = pivot + shift_mean
+    rstd = 1 / tl.sqrt(var + eps)
+    tl.store(mean_ptr + pid, mean)
+    tl.store(rstd_ptr + pid, rstd)
+
+    for c0 in range(0, cpg, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        weight = tl.load(weight_ptr + g * cpg + cs, mask=cs < cpg)
+        scale = (weight * rstd)[:, None]
+        shift = (tl.load(bias_ptr + g * cpg + cs, mask=cs < cpg) - mean * weight * rstd)[:, None]
+        for s0 in range(0, S, BLOCK_S):
+            offsets, mask = _tile(base, c0, s0, cpg, S, stride_c, stride_s, BLOCK_C, BLOCK_S)
+            z = tl.load(x_ptr + offsets, mask=mask).to(acc_dtype) * scale + shift
+            if SILU:
+                z = silu(z)
+            tl.store(y_ptr + offsets, z.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _group_norm_backward_kernel(
+    dy_ptr, x_ptr, weight_ptr, bias_ptr, mean_ptr, rstd_ptr, dx_ptr, sum_dz_ptr, sum_dz_xhat_ptr,
+    C, S, cpg, groups, stride_n, stride_c, stride_s,
+    SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """dx = rstd * (w * dz - mean_g(w * dz) - xhat * mean_g(w * dz * xhat)) for group (n, g).
+
+    dz is dy through the activation, recomputed from x in both passes rather
+    than stored. Reads the group's x and dy twice, weight, bias, mean, rstd;
+    writes dx and the per-(n, c) sums of dz and dz * xhat, which the launcher
+    reduces over n into the bias and weight gradients.
+    """
+    pid = tl.program_id(0)
+    n = pid // groups
+    g = pid % groups
+    acc_dtype = mean_ptr.dtype.element_ty
+    base = n.to(tl.int64) * stride_n + (g * cpg).to(tl.int64) * stride_c
+    mean = tl.load(mean_ptr + pid)
+    rstd = tl.load(rstd_ptr + pid)
+
+    sum_wdz = tl.zeros([BLOCK_C], acc_dtype)
+    sum_wdz_xhat = tl.zeros([BLOCK_C], acc_dtype)
+    for c0 in range(0, cpg, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        weight = tl.load(weight_ptr + g * cpg + cs, mask=cs < cpg, other=0)
+        bias = tl.load(bias_ptr + g * cpg + cs, mask=cs < cpg, other=0)
+        dz_rows = tl.zeros([BLOCK_C, BLOCK_S], acc_dtype)
+        dz_xhat_rows = tl.zeros([BLOCK_C, BLOCK_S], acc_dtype)
+        for s0 in range(0, S, BLOCK_S):
+            offsets, mask = _tile(base, c0, s0, cpg, S, stride_c, stride_s, BLOCK_C, BLOCK_S)
+            xhat = (tl.load(x_ptr + offsets, mask=mask).to(acc_dtype) - mean) * rstd
+            dz = tl.load(dy_ptr + offsets, mask=mask).to(acc_dtype)
+            if SILU:
+                dz = silu_backward(xhat * weight[:, None] + bias[:, None], dz)
+            dz = tl.where(mask, dz, 0)
+            dz_rows += dz
+            dz_xhat_rows += dz * xhat
+        sum_dz = tl.sum(dz_rows, axis=1)
+        sum_dz_xhat = tl.sum(dz_xhat_rows, axis=1)
+        tl.store(sum_dz_ptr + n * C + g * cpg + cs, sum_dz, mask=cs < cpg)
+        tl.store(sum_dz_xhat_ptr + n * C + g * cpg + cs, sum_dz_xhat, mask=cs < cpg)
+        sum_wdz += weight * sum_dz
+        sum_wdz_xhat += weight * sum_dz_xhat
+    count = cpg * S
+    mean_wdz = tl.sum(sum_wdz, axis=0) / count
+    mean_wdz_xhat = tl.sum(sum_wdz_xhat, axis=0) / count
+
+    for c0 in range(0, cpg, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        weight = tl.load(weight_ptr + g * cpg + cs, mask=cs < cpg, other=0)[:, None]
+        bias = tl.load(bias_ptr + g * cpg + cs, mask=cs < cpg, other=0)[:, None]
+        for s0 in range(0, S, BLOCK_S):
+            offsets, mask = _tile(base, c0, s0, cpg, S, stride_c, stride_s, BLOCK_C, BLOCK_S)
+            xhat = (tl.load(x_ptr + offsets, mask=mask).to(acc_dtype) - mean) * rstd
+            dz = tl.load(dy_ptr + offsets, mask=mask).to(acc_dtype)
+            if SILU:
+                dz = silu_backward(xhat * weight + bias, dz)
+            dx = rstd * (weight * dz - mean_wdz - xhat * mean_wdz_xhat)
+            tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _geometry(x: torch.Tensor, groups: int):
+    """(S, cpg, strides of the (N, C, S) view, BLOCK_C, BLOCK_S) for a dense x."""
+    n, c = x.shape[:2]
+    spatial = x.numel() // (n * c)
+    stride_s = x.stride(-1) if x.dim() > 2 else 1
+    cpg = c // groups
+    block_c = min(triton.next_power_of_2(cpg), 64)
+    block_s = min(triton.next_power_of_2(spatial), max(1, _TILE // block_c))
+    return spatial, cpg, (x.stride(0), x.stride(1), stride_s), block_c, block_s
+
+
+def group_norm_forward(x, weight, bias, groups: int, eps: float, silu: bool):
+    """(y, mean, rstd) for a dense, non-empty x; weight, bias and the returned
+    statistics are in x's math dtype (float32, or float64 for float64 x)."""
+    spatial, cpg, strides, block_c, block_s = _geometry(x, groups)
+    y = torch.empty_like(x)
+    mean = x.new_empty((x.shape[0], groups), dtype=weight.dtype)
+    rstd = torch.empty_like(mean)
+    _group_norm_forward_kernel[(x.shape[0] * groups,)](
+        x, weight, bias, y, mean, rstd, spatial, cpg, groups, *strides, eps,
+        SILU=silu, BLOCK_C=block_c, BLOCK_S=block_s,
+    )
+    return y, mean, rstd
+
+
+def group_norm_backward(dy, x, weight, bias, mean, rstd, groups: int, silu: bool):
+    """(dx, dweight, dbias); dy is laid out like x."""
+    spatial, cpg, strides, block_c, block_s = _geometry(x, groups)
+    dx = torch.empty_like(x)
+    sum_dz = x.new_empty(x.shape[:2], dtype=weight.dtype)
+    sum_dz_xhat = torch.empty_like(sum_dz)
+    _group_norm_backward_kernel[(x.shape[0] * groups,)](
+        dy, x, weight, bias, mean, rstd, dx, sum_dz, sum_dz_xhat, x.shape[1], spatial, cpg, groups, *strides,
+        SILU=silu, BLOCK_C=block_c, BLOCK_S=block_s,
+    )
+    return dx, sum_dz_xhat.sum(0), sum_dz.sum(0)

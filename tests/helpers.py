@@ -1,0 +1,36 @@
+"""What the op tests share: where each backend runs, and the error rule."""
+
+import pytest
+import torch
+
+from genfast.backends import unavailable_reason
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+
+
+def device_for(backend: str) -> str:
+    """The device a backend is tested on: CUDA when there is one, except for cpu."""
+    return "cuda" if backend != "cpu" and torch.cuda.is_available() else "cpu"
+
+
+def require(backend: str) -> str:
+    """Skip the test when ``backend`` cannot run here; return its test device."""
+    device = device_for(backend)
+    if reason := unavailable_reason(backend, device):
+        pytest.skip(reason)
+    return device
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out - ref| / max(1, max |ref|), the error measure of DESIGN.md."""
+    scale = max(1.0, ref.abs().max().item()) if ref.numel() else 1.0
+    return (out.double() - ref).abs().max().item() / scale if ref.numel() else 0.0
+
+
+def assert_close_to_reference(out, ref64, torch_out, atol: float, what: str) -> None:
+    """FlashAttention's rule: genfast's error against the float64 reference is at
+    most twice that of PyTorch's own op in the same dtype, plus ``atol``."""
+    error = relative_error(out, ref64)
+    bound = 2 * relative_error(torch_out, ref64) + atol
+    assert error <= bound, f"{what}: error {error:.3g} > bound {bound:.3g}"
+
