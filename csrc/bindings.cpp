@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "cpu/norm.h"
+#include "layout.h"
 
 #ifdef GENFAST_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -18,13 +19,12 @@
 namespace {
 
 using at::Tensor;
+using genfast::is_channels_last;
 
 // Accumulation and parameter type for x's dtype: double for double, else float.
 at::ScalarType math_type(const Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
-
-bool is_channels_last(const Tensor& x) { return !x.is_contiguous() && x.movedim(1, -1).is_contiguous(); }
 
 void check_channel_tensor(const Tensor& x, const Tensor& t, const char* name) {
   const int64_t channels = x.size(1);

@@ -23,6 +23,7 @@
 #include <cmath>
 #include <vector>
 
+#include "../layout.h"
 #include "activation.h"
 #include "memory.h"
 
@@ -297,8 +298,6 @@ void backward_channels_last(const scalar_t* dy, const scalar_t* x, const acc_t* 
 GroupShape shape_of(const Tensor& x, int64_t groups) {
   return {x.size(0), x.size(1), x.numel() / (x.size(0) * x.size(1)), groups};
 }
-
-bool is_channels_last(const Tensor& x) { return !x.is_contiguous() && x.movedim(1, -1).is_contiguous(); }
 
 }  // namespace
 
