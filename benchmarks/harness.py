@@ -141,10 +141,12 @@ DIRECTIONS = {"forward": forward, "backward": backward}
 # ---------------------------------------------------------------- timing
 
 QUICK_BUDGET_S = 0.3  # timed seconds per (case, provider) with --quick
-FULL_BUDGET_S = 2.0
+# A GPU runs thousands of repetitions in half a second and its timings barely
+# spread; a CPU's spread needs the longer budget to settle the median.
+FULL_BUDGET_S = {"cpu": 2.0, "cuda": 0.5}
 WARMUP_FRACTION = 0.2  # of the budget, spent running untimed before the timed runs
 MIN_RUNS = 5  # even when one run takes longer than the budget
-MAX_RUNS = 2000  # enough for a stable median; more only bloats results.json
+MAX_RUNS = 2000  # enough for a stable median
 MAX_INPUT_SETS = 32
 DEFAULT_CACHE_BYTES = 32 << 20
 
@@ -514,6 +516,14 @@ def plot(op: str, results: list[CaseResult], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
+def spread(times_s: list[float]) -> dict[str, Any] | None:
+    """How the timed runs spread around the median: results.json keeps this, not every run."""
+    if not times_s:
+        return None
+    quartiles = statistics.quantiles(times_s, n=4) if len(times_s) > 1 else [times_s[0]] * 3
+    return {"runs": len(times_s), "min_s": min(times_s), "p25_s": quartiles[0], "p75_s": quartiles[2], "max_s": max(times_s)}
+
+
 def to_json(results: list[CaseResult], machine: dict, rates: dict, settings: dict) -> dict[str, Any]:
     return {
         "machine": machine,
@@ -537,7 +547,7 @@ def to_json(results: list[CaseResult], machine: dict, rates: dict, settings: dic
                         "median_s": m.median_s,
                         "genfast_speedup": r.genfast_speedup(m),
                         "roofline_fraction": r.roofline_fraction(m, rates),
-                        "times_s": m.times_s,
+                        "spread": spread(m.times_s),
                     }
                     for m in r.measurements
                 },
@@ -591,7 +601,7 @@ def run(
     machine = machine_info(device)
     torch.manual_seed(0)
     timer = time_on_cuda if device.type == "cuda" else time_on_cpu
-    budget_s = QUICK_BUDGET_S if quick else FULL_BUDGET_S
+    budget_s = QUICK_BUDGET_S if quick else FULL_BUDGET_S.get(device.type, FULL_BUDGET_S["cpu"])
     cache_bytes = last_level_cache_bytes()
     results = []
     with Progress(console=console) as progress:

@@ -10,7 +10,8 @@
 #include "layout.h"
 
 #ifdef GENFAST_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "cuda/norm.h"
@@ -84,7 +85,7 @@ std::vector<Tensor> group_norm_forward(const Tensor& x, const Tensor& weight, co
     C10_CUDA_CHECK(genfast::cuda::group_norm_forward(
         x.const_data_ptr(), weight.const_data_ptr<float>(), bias.const_data_ptr<float>(), y.mutable_data_ptr(),
         mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>(), cuda_shape(x, groups),
-        static_cast<float>(eps), silu, cuda_dtype(x), at::cuda::getCurrentCUDAStream()));
+        static_cast<float>(eps), silu, cuda_dtype(x), c10::cuda::getCurrentCUDAStream()));
     return {y, mean, rstd};
   }
 #endif
@@ -111,7 +112,7 @@ std::vector<Tensor> group_norm_backward(const Tensor& dy, const Tensor& x, const
         dy.const_data_ptr(), x.const_data_ptr(), weight.const_data_ptr<float>(), bias.const_data_ptr<float>(),
         mean.const_data_ptr<float>(), rstd.const_data_ptr<float>(), dx.mutable_data_ptr(),
         sum_dz.mutable_data_ptr<float>(), sum_dz_xhat.mutable_data_ptr<float>(), cuda_shape(x, groups), silu,
-        cuda_dtype(x), at::cuda::getCurrentCUDAStream()));
+        cuda_dtype(x), c10::cuda::getCurrentCUDAStream()));
     return {dx, sum_dz_xhat.sum(0), sum_dz.sum(0)};
   }
 #endif
