@@ -16,7 +16,16 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 
 def _extension():
     sources = ["csrc/bindings.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
-    cxx = ["-O3", "-std=c++20", "-fopenmp", f"-march={os.environ.get('GENFAST_ARCH', 'native')}"]
+    # -fno-trapping-math (Clang's default) lets GCC turn the branches of clamps into vector
+    # selects: without it, on hosts without AVX-512 masking, the fused activations stay scalar
+    # and GroupNorm+SiLU runs 6x slower. No kernel here reads floating-point exception flags.
+    cxx = [
+        "-O3",
+        "-std=c++20",
+        "-fopenmp",
+        "-fno-trapping-math",
+        f"-march={os.environ.get('GENFAST_ARCH', 'native')}",
+    ]
     if platform.machine() in ("x86_64", "AMD64"):
         # GCC defaults to 256-bit vectors even on AVX-512 hosts; the fused
         # activations run about 2x faster on 512-bit ones.

@@ -231,3 +231,16 @@ def test_compiles_without_graph_break(compiler):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad, x.grad, rtol=1e-4, atol=1e-4)
 
+
+def test_large_outputs_reuse_memory():
+    """Outputs over 32 MB come from genfast's CPU output cache: a freed one's memory serves the
+    next call, whose kernel overwrites all of it."""
+    require("cpu")
+    x = torch.randn(2, 64, 256, 256)  # 33.5 MB
+    with genfast.use_backend("cpu"):
+        first = genfast.ops.group_norm(x * 3 + 1, 8, activation="silu")
+        address = first.data_ptr()
+        del first
+        second = genfast.ops.group_norm(x, 8, activation="silu")
+    assert second.data_ptr() == address
+    torch.testing.assert_close(second, F.silu(F.group_norm(x, 8)), rtol=1e-5, atol=1e-5)

@@ -1,8 +1,9 @@
 """GroupNorm with an optional fused activation, as the custom op genfast::group_norm.
 
-group_norm() checks its arguments, picks a backend and calls the op; the op's
-forward and backward each run one backend's kernels, and torch.compile sees
-the op as a single node with a fake implementation.
+group_norm() checks its arguments and picks a backend. Under torch.compile or
+torch.export it calls the op, which the graph holds as a single node with a
+fake implementation; eager calls run the same kernels and backward formula
+through an autograd.Function, skipping the custom op's dispatch.
 """
 
 from __future__ import annotations
@@ -93,8 +94,9 @@ group_norm_op.register_autograd(
 
 class _GroupNormFunction(torch.autograd.Function):
     """The eager path: group_norm_op's kernels and autograd without its
-    dispatch, which costs more host time per call (about 50 us forward and
-    200 us backward on a Xeon core) than the GPU kernels of an SD-sized input."""
+    dispatch. On the H100 machine's host this cut the time per call from 93 to
+    44 us forward and from 344 to 150 us backward, where the GPU kernels of an
+    SD-sized input take 35 and 80 us."""
 
     @staticmethod
     def forward(ctx, *inputs):
