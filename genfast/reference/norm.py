@@ -24,7 +24,7 @@ def group_norm(
     n, c = x.shape[:2]
     groups = x.reshape(n, num_groups, x.shape[1:].numel() // num_groups)
     mean = groups.mean(dim=-1)
-    var = groups.var(dim=-1, unbiased=False)
+    var = (groups - mean.unsqueeze(-1)).square().mean(dim=-1)
     spatial_ones = (1,) * (x.dim() - 2)
 
     def per_channel(stat: torch.Tensor) -> torch.Tensor:  # (N, G) -> (N, C, 1, ...)
