@@ -48,6 +48,7 @@ setup(
         "genfast.ops",
         "genfast.reference",
         "genfast.nn",
+        "genfast.schedulers",
         "genfast.kernels",
         "genfast.benchmarks",
     ],

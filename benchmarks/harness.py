@@ -82,6 +82,8 @@ class Provider:
     """A genfast backend: every provider is compared with the fastest of these."""
     compiled: bool = False
     """Time torch.compile(fn); it compiles during the untimed warm-up."""
+    fullgraph: bool = True
+    """With compiled: compile fn whole, or let it break into graphs where it must (e.g. diffusers' DDPM step)."""
     context: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext
     """Entered around building and timing the calls, e.g. genfast.use_backend(...)."""
     unavailable: str | None = None
@@ -304,11 +306,11 @@ class CaseResult:
         return bound_s / measurement.median_s
 
 
-def _compiled(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+def _compiled(fn: Callable[..., torch.Tensor], fullgraph: bool) -> Callable[..., torch.Tensor]:
     # A fresh cache per case: across many shapes dynamo would reach its recompile limit and
     # silently run eager, and every call would first check the guards of all earlier shapes.
     torch.compiler.reset()
-    return torch.compile(fn, dynamic=False, fullgraph=True)
+    return torch.compile(fn, dynamic=False, fullgraph=fullgraph)
 
 
 def measure(
@@ -326,7 +328,7 @@ def measure(
         return result("unavailable", reason=provider.unavailable)
     try:
         with provider.context():
-            fn = _compiled(provider.fn) if provider.compiled else provider.fn
+            fn = _compiled(provider.fn, provider.fullgraph) if provider.compiled else provider.fn
             calls = [DIRECTIONS[case.direction](fn, inputs) for inputs in input_sets]
             return result("ok", timer(calls, budget_s))
     except CANNOT_RUN_CASE as error:

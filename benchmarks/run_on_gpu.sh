@@ -14,6 +14,10 @@ export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$(python3 -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}"
 
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$out/info.txt"
+# Packages the machine lacks (it has no network) travel as wheels in .whl/, e.g. diffusers.
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps .whl/*.whl >>"$out/build.log" 2>&1 || echo "carried wheels failed to install"
+fi
 install() { timeout 300 python3 -m pip install -q --no-build-isolation --no-deps --no-index -e . >>"$out/build.log" 2>&1; }
 if ! install; then
   grep -E "error|Error" "$out/build.log" | head -30
@@ -28,3 +32,5 @@ timeout 300 python3 -m genfast.cli bench --out "$out" "$@" 2>&1 | tee "$out/benc
 # Host and kernel time per call of the headline cases: where a benchmark's time goes.
 timeout 120 python3 -m genfast.benchmarks.profile --python --providers 'genfast[triton]' 'genfast[cuda]' torch \
   -- 'sd-unet 8x320x64x64' >"$out/profile.txt" 2>&1
+timeout 60 python3 -m genfast.benchmarks.profile --providers 'genfast[triton]' diffusers \
+  -- 'ddim eta=0 16x4x128x128' >>"$out/profile.txt" 2>&1

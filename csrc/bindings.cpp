@@ -6,6 +6,7 @@
 
 #include <vector>
 
+#include "cpu/diffusion.h"
 #include "cpu/norm.h"
 #include "layout.h"
 
@@ -119,6 +120,40 @@ std::vector<Tensor> group_norm_backward(const Tensor& dy, const Tensor& x, const
   TORCH_CHECK(false, "group_norm_backward: no kernel for ", x.device(), " tensors in this build");
 }
 
+// coefficients: x0_sample, x0_model, prev_x0, prev_sample, prev_model, prev_history, prev_noise,
+// out_x0, out_sample, clip, min_log, max_log, guidance (genfast/ops/diffusion.py).
+std::vector<Tensor> denoise_step(const Tensor& sample, const Tensor& model_output, const std::optional<Tensor>& noise,
+                                 const std::optional<Tensor>& history, const std::vector<double>& coefficients,
+                                 bool clipped, bool learned_variance, bool guided, bool want_denoised) {
+  TORCH_CHECK(coefficients.size() == 13, "coefficients must hold 13 values, got ", coefficients.size());
+  TORCH_CHECK(sample.dim() >= 2 && sample.numel() > 0, "sample must be a non-empty (B, C, ...) tensor, got ",
+              sample.sizes());
+  const auto dtype = sample.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "sample must be float32, float16 or bfloat16, got ", dtype);
+  auto check_like = [&](const Tensor& t, const char* name) {
+    TORCH_CHECK(t.scalar_type() == dtype && t.device() == sample.device() && t.is_contiguous(), name,
+                " must be contiguous, of sample's dtype and device; got ", t.scalar_type(), " on ", t.device());
+  };
+  check_like(sample, "sample");
+  check_like(model_output, "model_output");
+  const int64_t batch = sample.size(0);
+  TORCH_CHECK(model_output.dim() == sample.dim() && model_output.size(0) == batch * (guided ? 2 : 1) &&
+                  model_output.numel() == sample.numel() * (guided ? 2 : 1) * (learned_variance ? 2 : 1),
+              "model_output has shape ", model_output.sizes(), ", which does not fit sample ", sample.sizes());
+  for (const auto& [t, name] : {std::pair{&noise, "noise"}, std::pair{&history, "history"}}) {
+    if (!*t) continue;
+    check_like(**t, name);
+    TORCH_CHECK((*t)->sizes() == sample.sizes(), name, " must have sample's shape ", sample.sizes(), ", got ",
+                (*t)->sizes());
+  }
+  TORCH_CHECK(sample.is_cpu(), "denoise_step: no C++ kernel for ", sample.device(), " tensors (use triton)");
+  auto f = [&](int i) { return static_cast<float>(coefficients[i]); };
+  const genfast::cpu::StepCoefficients c{f(0), f(1), f(2), f(3), f(4), f(5), f(6), f(7), f(8), f(9), f(10), f(11),
+                                         f(12), clipped, learned_variance, guided};
+  return genfast::cpu::denoise_step(sample, model_output, noise, history, c, want_denoised);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -130,4 +165,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   m.def("group_norm_forward", &group_norm_forward, "GroupNorm + activation forward: (y, mean, rstd)");
   m.def("group_norm_backward", &group_norm_backward, "GroupNorm + activation backward: (dx, dweight, dbias)");
+  m.def("denoise_step", &denoise_step, "One fused sampler step: (prev, denoised or an undefined tensor)");
 }

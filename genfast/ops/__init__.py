@@ -1,5 +1,7 @@
 """genfast ops: each a torch.library custom op behind a checked Python function."""
 
+from ..reference.diffusion import StepCoefficients
+from .diffusion import denoise_step
 from .norm import group_norm
 
-__all__ = ["group_norm"]
+__all__ = ["StepCoefficients", "denoise_step", "group_norm"]

@@ -1,0 +1,107 @@
+"""Scheduler steps as a diffusers sampling loop runs them, on Stable Diffusion
+latents: (16, 4, 128, 128), 16 SDXL-sized images.
+
+Each case is one step() of a scheduler at a mid-schedule timestep. genfast's
+schedulers are timed against diffusers' own, against torch.compile of
+diffusers' step, and, in the guided case, against diffusers' step after the
+pipeline's classifier-free guidance, which genfast fuses into the step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+import genfast
+
+from .harness import Case, Provider, genfast_providers
+
+LATENTS = (16, 4, 128, 128)
+STEPS = 50
+GUIDANCE_SCALE = 7.5
+
+# name: (scheduler class, its config, step() keyword arguments)
+SCHEDULERS = {
+    "ddpm": ("DDPMScheduler", {}, {}),
+    "ddim eta=0": ("DDIMScheduler", {}, {}),
+    "ddim eta=1": ("DDIMScheduler", {}, {"eta": 1.0}),
+}
+
+
+def _step_bytes(shape: tuple[int, ...], noise: bool, guided: bool) -> int:
+    """Reads sample, model_output (both halves when guided) and noise (written
+    first by torch.randn); writes prev_sample and pred_original_sample."""
+    tensor = math.prod(shape) * 4
+    return tensor * (1 + (2 if guided else 1) + (2 if noise else 0) + 2)
+
+
+def step_case(scheduler: str, guided: bool = False, quick: bool = False) -> Case:
+    noise = scheduler == "ddpm" or SCHEDULERS[scheduler][2].get("eta", 0) > 0
+    name = f"{scheduler}{' guided' if guided else ''} {'x'.join(map(str, LATENTS))}"
+
+    def make_inputs(device: torch.device) -> dict:
+        batch = LATENTS[0] * (2 if guided else 1)
+        ours, theirs = (_scheduler(library, scheduler) for library in ("genfast", "diffusers"))
+        return {
+            "sample": torch.randn(LATENTS, device=device),
+            "model_output": torch.randn(batch, *LATENTS[1:], device=device),
+            "ours": ours,
+            "theirs": theirs,
+            "timestep": int(theirs.timesteps[len(theirs.timesteps) // 2]),
+            "step_kwargs": SCHEDULERS[scheduler][2],
+            "guidance_scale": GUIDANCE_SCALE if guided else None,
+        }
+
+    return Case(name, "scheduler_step", "forward", math.prod(LATENTS), make_inputs,
+                _step_bytes(LATENTS, noise, guided), quick=quick)
+
+
+CASES = [
+    step_case("ddpm", quick=True),
+    step_case("ddim eta=0", quick=True),
+    step_case("ddim eta=1"),
+    step_case("ddim eta=0", guided=True),
+]
+
+
+def _scheduler(library: str, scheduler: str):
+    """A scheduler of the library, its timesteps set."""
+    import diffusers
+
+    class_name, config, _ = SCHEDULERS[scheduler]
+    module = genfast.schedulers if library == "genfast" else diffusers
+    instance = getattr(module, class_name)(**config)
+    instance.set_timesteps(STEPS)
+    return instance
+
+
+def _diffusers_missing() -> str | None:
+    try:
+        import diffusers  # noqa: F401
+    except ImportError as error:
+        return f"diffusers is not installed ({error})"
+    return None
+
+
+def _genfast(sample, model_output, ours, theirs, timestep, step_kwargs, guidance_scale):
+    return ours.step(model_output, timestep, sample, guidance_scale=guidance_scale, **step_kwargs).prev_sample
+
+
+def _diffusers(sample, model_output, ours, theirs, timestep, step_kwargs, guidance_scale):
+    """What a pipeline runs: its guidance, then diffusers' step."""
+    if guidance_scale is not None:
+        uncond, cond = model_output.chunk(2)
+        model_output = uncond + guidance_scale * (cond - uncond)
+    return theirs.step(model_output, timestep, sample, **step_kwargs).prev_sample
+
+
+def providers(device_type: str) -> list[Provider]:
+    if missing := _diffusers_missing():
+        return [Provider(p, None, unavailable=missing) for p in ("genfast", "diffusers", "diffusers+torch.compile")]
+    return [
+        *genfast_providers(_genfast, device_type),
+        Provider("diffusers", _diffusers),
+        # diffusers' DDPM step branches on a tensor (previous_timestep): it compiles in pieces.
+        Provider("diffusers+torch.compile", _diffusers, compiled=True, fullgraph=False),
+    ]

@@ -1,0 +1,27 @@
+// The fused sampler step's CPU kernel (the formula: genfast/reference/diffusion.py).
+// Callers check the arguments (csrc/bindings.cpp).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <vector>
+
+namespace genfast::cpu {
+
+// The step's scalars, in the order genfast.ops.diffusion passes them.
+struct StepCoefficients {
+  float x0_sample, x0_model, prev_x0, prev_sample, prev_model, prev_history, prev_noise, out_x0, out_sample;
+  float clip, min_log, max_log, guidance;
+  bool clipped, learned_variance, guided;
+};
+
+// sample (B, ...) contiguous, float32, float16 or bfloat16; model_output of
+// sample's dtype, contiguous, (B or 2B when guided, C or 2C with a learned
+// variance, ...); noise and history like sample. Returns prev and, if
+// want_denoised, denoised (else an undefined tensor), both like sample.
+std::vector<at::Tensor> denoise_step(const at::Tensor& sample, const at::Tensor& model_output,
+                                     const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& history,
+                                     const StepCoefficients& c, bool want_denoised);
+
+}  // namespace genfast::cpu

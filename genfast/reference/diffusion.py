@@ -1,0 +1,86 @@
+"""One sampler step of a diffusion model, in plain PyTorch: the oracle for the
+fused step kernels and the `reference` backend.
+
+Every scheduler family genfast fuses (DDPM, DDIM, Euler, Euler ancestral,
+DPM-Solver++ 2M, LCM, flow matching) updates the sample with the same
+elementwise shape, once its per-step scalars are worked out on the host from
+the schedule tables (genfast.schedulers does that):
+
+    m        = model_output, or uncond + guidance_scale * (cond - uncond)
+               (and so the variance channels v below)
+    x0       = x0_sample * sample + x0_model * m           the predicted clean sample
+    x0       = clamp(x0, -clip, clip)                      when clip is set
+    prev     = prev_x0 * x0 + prev_sample * sample + prev_model * m
+               + prev_history * history + std * noise
+    denoised = out_x0 * x0 + out_sample * sample           what step() returns beside prev
+
+std is prev_noise, or with a learned variance (DDPM's "learned_range") the
+per-element exp(0.5 * (frac * max_log + (1 - frac) * min_log)) with
+frac = (v + 1) / 2, v being the model's variance output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class StepCoefficients:
+    """The per-step scalars of the update above; unused terms stay 0."""
+
+    x0_sample: float = 0.0
+    x0_model: float = 0.0
+    prev_x0: float = 0.0
+    prev_sample: float = 0.0
+    prev_model: float = 0.0
+    prev_history: float = 0.0
+    prev_noise: float = 0.0
+    out_x0: float = 1.0
+    out_sample: float = 0.0
+    clip: float | None = None
+    # (min_log, max_log) of a learned variance; model_output then holds 2C channels.
+    learned_variance: tuple[float, float] | None = None
+
+
+def split_model_output(
+    model_output: Tensor, batch: int, channels: int, guidance_scale: float | None, learned_variance: bool
+) -> tuple[Tensor, Tensor | None]:
+    """(m, v): the model prediction, guided when guidance_scale is given, and
+    with a learned variance its variance channels (guided alike)."""
+    if guidance_scale is not None:
+        uncond, cond = model_output[:batch], model_output[batch:]
+        model_output = uncond + guidance_scale * (cond - uncond)
+    return model_output[:, :channels], (model_output[:, channels:] if learned_variance else None)
+
+
+def denoise_step(
+    sample: Tensor,
+    model_output: Tensor,
+    c: StepCoefficients,
+    noise: Tensor | None = None,
+    history: Tensor | None = None,
+    guidance_scale: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(prev_sample, denoised) in float32 (float64 for float64 sample)."""
+    math = torch.float64 if sample.dtype == torch.float64 else torch.float32
+    x = sample.to(math)
+    m, v = split_model_output(
+        model_output.to(math), sample.shape[0], sample.shape[1], guidance_scale, c.learned_variance is not None
+    )
+    x0 = c.x0_sample * x + c.x0_model * m
+    if c.clip is not None:
+        x0 = x0.clamp(-c.clip, c.clip)
+    prev = c.prev_x0 * x0 + c.prev_sample * x + c.prev_model * m
+    if history is not None:
+        prev = prev + c.prev_history * history.to(math)
+    if noise is not None:
+        std = c.prev_noise
+        if v is not None:
+            min_log, max_log = c.learned_variance
+            frac = (v + 1) / 2
+            std = std * torch.exp(0.5 * (frac * max_log + (1 - frac) * min_log))
+        prev = prev + std * noise.to(math)
+    return prev, c.out_x0 * x0 + c.out_sample * x

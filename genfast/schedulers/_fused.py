@@ -1,0 +1,77 @@
+"""What the fused schedulers share: the timesteps on the host, so that step()
+never reads a device tensor; noise drawn as diffusers draws it; the fused
+step and diffusers' output types; one warning for configurations that run
+diffusers' own step."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from .. import ops
+
+
+class FusedStepMixin:
+    """Mixed into a diffusers scheduler class, before it."""
+
+    def set_timesteps(self, *args, **kwargs):
+        super().set_timesteps(*args, **kwargs)
+        # One read of the schedule here, so that step() needs none.
+        self._host_timesteps = [int(t) for t in self.timesteps.tolist()]
+        self._host_index = 0
+
+    def _schedule(self) -> list[int]:
+        if getattr(self, "_host_timesteps", None) is None:  # no set_timesteps yet: the training schedule
+            self._host_timesteps = [int(t) for t in self.timesteps.tolist()]
+            self._host_index = 0
+        return self._host_timesteps
+
+    def _host_timestep(self, timestep) -> int:
+        """The timestep as an int, and its place in the schedule recorded.
+
+        Reading a device tensor would wait for the GPU; as pipelines step
+        through the schedule in order, such a timestep is taken to be the next
+        one of the schedule."""
+        schedule = self._schedule()
+        if isinstance(timestep, torch.Tensor) and timestep.device.type != "cpu":
+            index = min(self._host_index, len(schedule) - 1)
+        else:
+            t = int(timestep)
+            if t not in schedule:
+                raise ValueError(f"timestep {t} is not in the schedule {schedule}")
+            index = schedule.index(t)
+        self._host_index = index + 1
+        return schedule[index]
+
+    def _previous_in_schedule(self, t: int) -> int:
+        """The next timestep of the schedule after t, or -1 after the last."""
+        schedule = self._schedule()
+        index = schedule.index(t)
+        return schedule[index + 1] if index + 1 < len(schedule) else -1
+
+    @staticmethod
+    def _draw_noise(sample, model_output, generator):
+        """The step's noise as diffusers draws it (same call, same generator), so a seed gives
+        diffusers' trajectory."""
+        return randn_tensor(sample.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
+
+    @staticmethod
+    def _fused_step(output_class, sample, model_output, coefficients, noise, guidance_scale, return_dict):
+        prev_sample, pred_original_sample = ops.denoise_step(
+            sample, model_output, coefficients, noise=noise, guidance_scale=guidance_scale
+        )
+        if not return_dict:
+            return prev_sample, pred_original_sample
+        return output_class(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+
+    def _warn_unfused(self, what: str) -> None:
+        warned = self.__dict__.setdefault("_unfused_warned", set())
+        if what not in warned:
+            warned.add(what)
+            warnings.warn(
+                f"genfast.schedulers.{type(self).__name__}: {what} has no fused kernel; this scheduler runs "
+                "diffusers' own step for it",
+                stacklevel=3,
+            )

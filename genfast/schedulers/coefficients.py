@@ -1,0 +1,92 @@
+"""Per-step scalars of each scheduler family for genfast.ops.denoise_step,
+worked out on the host from schedule values (plain floats: no tensor, no
+device sync). Each function follows the diffusers step it fuses, term by term.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..reference.diffusion import StepCoefficients
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
+
+def _x0_and_eps(prediction_type: str, alpha_prod_t: float) -> tuple[tuple[float, float], tuple[float, float]]:
+    """((x0_sample, x0_model), (eps_sample, eps_model)): the predicted clean
+    sample and noise, each as a * sample + b * model_output."""
+    a, b = math.sqrt(alpha_prod_t), math.sqrt(1 - alpha_prod_t)
+    if prediction_type == "epsilon":
+        return (1 / a, -b / a), (0.0, 1.0)
+    if prediction_type == "sample":
+        return (0.0, 1.0), (1 / b, -a / b)
+    if prediction_type == "v_prediction":
+        return (a, -b), (b, a)
+    raise ValueError(f"prediction_type must be one of {list(PREDICTION_TYPES)}, got {prediction_type!r}")
+
+
+def ddim(
+    alpha_prod_t: float,
+    alpha_prod_t_prev: float,
+    prediction_type: str,
+    eta: float = 0.0,
+    use_clipped_model_output: bool = False,
+    clip: float | None = None,
+) -> StepCoefficients:
+    """DDIMScheduler.step: prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - std^2) eps + std noise,
+    std = eta * sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))."""
+    (x0_sample, x0_model), (eps_sample, eps_model) = _x0_and_eps(prediction_type, alpha_prod_t)
+    eps_x0 = 0.0
+    if use_clipped_model_output:  # eps recomputed from the clipped x0
+        a, b = math.sqrt(alpha_prod_t), math.sqrt(1 - alpha_prod_t)
+        eps_sample, eps_model, eps_x0 = 1 / b, 0.0, -a / b
+    variance = (1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
+    std = eta * math.sqrt(variance)
+    direction = math.sqrt(max(1 - alpha_prod_t_prev - std**2, 0.0))
+    return StepCoefficients(
+        x0_sample=x0_sample,
+        x0_model=x0_model,
+        prev_x0=math.sqrt(alpha_prod_t_prev) + direction * eps_x0,
+        prev_sample=direction * eps_sample,
+        prev_model=direction * eps_model,
+        prev_noise=std,
+        clip=clip,
+    )
+
+
+DDPM_VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned_range")
+
+
+def ddpm(
+    alpha_prod_t: float,
+    alpha_prod_t_prev: float,
+    prediction_type: str,
+    variance_type: str = "fixed_small",
+    clip: float | None = None,
+) -> StepCoefficients:
+    """DDPMScheduler.step: prev = c0 x0 + c1 sample + std noise with the
+    posterior coefficients c0, c1 and the variance_type's std (per element,
+    from the model's variance channels, for learned_range)."""
+    (x0_sample, x0_model), _ = _x0_and_eps(prediction_type, alpha_prod_t)
+    beta_prod_t, beta_prod_t_prev = 1 - alpha_prod_t, 1 - alpha_prod_t_prev
+    current_alpha_t = alpha_prod_t / alpha_prod_t_prev
+    current_beta_t = 1 - current_alpha_t
+    variance = max(beta_prod_t_prev / beta_prod_t * current_beta_t, 1e-20)
+    learned_variance = None
+    if variance_type in ("fixed_small", "fixed_small_log"):
+        std = math.sqrt(variance)
+    elif variance_type == "fixed_large":
+        std = math.sqrt(current_beta_t)
+    elif variance_type == "learned_range":
+        std, learned_variance = 1.0, (math.log(variance), math.log(current_beta_t))
+    else:
+        raise ValueError(f"variance_type must be one of {list(DDPM_VARIANCE_TYPES)}, got {variance_type!r}")
+    return StepCoefficients(
+        x0_sample=x0_sample,
+        x0_model=x0_model,
+        prev_x0=math.sqrt(alpha_prod_t_prev) * current_beta_t / beta_prod_t,
+        prev_sample=math.sqrt(current_alpha_t) * beta_prod_t_prev / beta_prod_t,
+        prev_noise=std,
+        clip=clip,
+        learned_variance=learned_variance,
+    )

@@ -1,0 +1,58 @@
+"""DDIMScheduler with diffusers' API whose step() is one fused kernel."""
+
+from __future__ import annotations
+
+import diffusers
+from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
+
+from . import coefficients
+from ._fused import FusedStepMixin
+
+
+class DDIMScheduler(FusedStepMixin, diffusers.DDIMScheduler):
+    """diffusers.DDIMScheduler, its step fused: guidance (given the [uncond,
+    cond] model output and guidance_scale), the x0 prediction, clipping and
+    the update in one pass. Thresholding runs diffusers' step (with a warning)."""
+
+    def step(
+        self,
+        model_output,
+        timestep,
+        sample,
+        eta: float = 0.0,
+        use_clipped_model_output: bool = False,
+        generator=None,
+        variance_noise=None,
+        return_dict: bool = True,
+        guidance_scale: float | None = None,
+    ):
+        if self.config.thresholding and guidance_scale is None:
+            self._warn_unfused("thresholding")
+            return super().step(model_output, timestep, sample, eta, use_clipped_model_output, generator,
+                                variance_noise, return_dict)
+        if self.config.thresholding:
+            raise ValueError("guidance_scale is fused only without thresholding: guide the model output first")
+        if self.num_inference_steps is None:
+            raise ValueError(
+                "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
+            )
+        t = self._host_timestep(timestep)
+        prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
+        alpha_prod_t_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
+        c = coefficients.ddim(
+            float(self.alphas_cumprod[t]),
+            float(alpha_prod_t_prev),
+            self.config.prediction_type,
+            eta,
+            use_clipped_model_output,
+            self.config.clip_sample_range if self.config.clip_sample else None,
+        )
+        noise = None
+        if eta > 0:
+            if variance_noise is not None and generator is not None:
+                raise ValueError(
+                    "Cannot pass both generator and variance_noise. Please make sure that either `generator` or"
+                    " `variance_noise` stays `None`."
+                )
+            noise = variance_noise if variance_noise is not None else self._draw_noise(sample, model_output, generator)
+        return self._fused_step(DDIMSchedulerOutput, sample, model_output, c, noise, guidance_scale, return_dict)

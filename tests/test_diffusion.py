@@ -1,0 +1,160 @@
+"""genfast.ops.denoise_step against the float64 reference, on every backend here."""
+
+import dataclasses
+
+import pytest
+import torch
+from helpers import BACKENDS, relative_error, require
+
+import genfast
+from genfast.ops import StepCoefficients
+from genfast.reference.diffusion import denoise_step as reference_step
+
+# denoise_step has no CUDA C++ kernel: Triton serves CUDA tensors.
+STEP_BACKENDS = [b for b in BACKENDS if b != "cuda"]
+
+# dtype and the absolute term of the error rule (DESIGN.md's tolerance table).
+DTYPES = [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)]
+
+SHAPES = [(1, 1, 1, 1), (2, 4, 7, 13), (3, 3, 5), (2, 4, 33, 31)]
+
+# Which optional terms a configuration uses: every one alone, and all together.
+CONFIGS = {
+    "plain": {},
+    "guided": {"guided": True},
+    "clip": {"clip": True},
+    "history": {"history": True},
+    "noise": {"noise": True},
+    "learned_variance": {"noise": True, "learned_variance": True},
+    "everything": {"guided": True, "clip": True, "history": True, "noise": True, "learned_variance": True},
+}
+
+
+def make_step(shape, dtype, device, guided=False, clip=False, history=False, noise=False, learned_variance=False):
+    """Random inputs and coefficients for one step: (args, kwargs) of denoise_step."""
+    generator = torch.Generator().manual_seed(hash((shape, guided, clip, history, noise, learned_variance)) % 2**31)
+
+    def randn(*size):
+        return torch.randn(*size, generator=generator).to(device=device, dtype=dtype)
+
+    def uniform(low, high):
+        return low + (high - low) * torch.rand((), generator=generator).item()
+
+    batch, channels, *spatial = shape
+    c = StepCoefficients(
+        **{f.name: uniform(-2, 2) for f in dataclasses.fields(StepCoefficients) if f.type == "float"},
+        clip=uniform(0.5, 1.5) if clip else None,
+        learned_variance=(uniform(-8, -4), uniform(-3, -1)) if learned_variance else None,
+    )
+    model_output = randn(batch * (2 if guided else 1), channels * (2 if learned_variance else 1), *spatial)
+    if learned_variance:
+        # Variance outputs lie in [-1, 1], the same in both halves so that guidance keeps them there
+        # (beyond, exp() of the extrapolated log variance overflows float16).
+        v = 2 * torch.rand(batch, channels, *spatial, generator=generator) - 1
+        model_output[:, channels:] = v.repeat(2 if guided else 1, *[1] * len(shape[1:])).to(device, dtype)
+    kwargs = {
+        "noise": randn(*shape) if noise else None,
+        "history": randn(*shape) if history else None,
+        "guidance_scale": uniform(1, 9) if guided else None,
+    }
+    return (randn(*shape), model_output, c), kwargs
+
+
+def reference64(args, kwargs):
+    sample, model_output, c = args
+    upcast = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    return reference_step(sample.double(), model_output.double(), c, **upcast)
+
+
+@pytest.mark.parametrize("backend", STEP_BACKENDS)
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype, atol", DTYPES, ids=str)
+def test_matches_reference(backend, shape, config, dtype, atol):
+    device = require(backend)
+    args, kwargs = make_step(shape, dtype, device, **CONFIGS[config])
+    with genfast.use_backend(backend):
+        prev, denoised = genfast.ops.denoise_step(*args, **kwargs)
+    ref_prev, ref_denoised = reference64(args, kwargs)
+    assert prev.dtype == dtype and prev.shape == args[0].shape
+    assert relative_error(prev, ref_prev) <= atol
+    assert relative_error(denoised, ref_denoised) <= atol
+
+
+@pytest.mark.parametrize("backend", STEP_BACKENDS)
+def test_without_denoised_output(backend):
+    device = require(backend)
+    args, kwargs = make_step((2, 4, 5, 6), torch.float32, device, noise=True)
+    with genfast.use_backend(backend):
+        prev, denoised = genfast.ops.denoise_step(*args, **kwargs, return_denoised=False)
+    assert denoised is None
+    assert relative_error(prev, reference64(args, kwargs)[0]) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", STEP_BACKENDS)
+def test_non_contiguous_inputs(backend):
+    device = require(backend)
+    (sample, model_output, c), kwargs = make_step((2, 4, 6, 10), torch.float32, device, guided=True, noise=True)
+    sample_view = sample.transpose(2, 3).contiguous().transpose(2, 3)  # same values, other strides
+    noise_view = torch.stack([kwargs["noise"], kwargs["noise"]], -1)[..., 0]
+    with genfast.use_backend(backend):
+        prev, denoised = genfast.ops.denoise_step(sample_view, model_output, c, **{**kwargs, "noise": noise_view})
+    ref_prev, ref_denoised = reference64((sample, model_output, c), kwargs)
+    assert relative_error(prev, ref_prev) <= 1e-5
+    assert relative_error(denoised, ref_denoised) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", STEP_BACKENDS)
+def test_empty_batch(backend):
+    device = require(backend)
+    sample = torch.empty(0, 4, 3, 3, device=device)
+    with genfast.use_backend(backend):
+        prev, denoised = genfast.ops.denoise_step(sample, sample, StepCoefficients(prev_sample=1.0))
+    assert prev.shape == sample.shape and denoised.shape == sample.shape
+
+
+def test_compiles_without_graph_break():
+    require("cpu")
+    (sample, model_output, c), kwargs = make_step((2, 4, 8, 8), torch.float32, "cpu", guided=True, noise=True)
+
+    def step(sample, model_output, noise):
+        return genfast.ops.denoise_step(sample, model_output, c, noise=noise, guidance_scale=kwargs["guidance_scale"])
+
+    compiled = torch.compile(step, fullgraph=True)
+    with genfast.use_backend("cpu"):
+        prev, denoised = compiled(sample, model_output, kwargs["noise"])
+    ref_prev, ref_denoised = reference64((sample, model_output, c), kwargs)
+    assert relative_error(prev, ref_prev) <= 1e-5
+    assert relative_error(denoised, ref_denoised) <= 1e-5
+
+
+BAD_INPUTS = {
+    "model output of another shape": (
+        lambda s: {"model_output": torch.randn(2, 4, 5, 7)}, ValueError, "model_output must have shape"),
+    "learned variance with C channels": (
+        lambda s: {"coefficients": StepCoefficients(learned_variance=(-5.0, -1.0))}, ValueError, "2C channels"),
+    "guidance without the doubled batch": (lambda s: {"guidance_scale": 7.5}, ValueError, "uncond, cond"),
+    "integer sample": (lambda s: {"sample": s.long(), "model_output": s.long()}, TypeError, "sample must have dtype"),
+    "model output of another dtype": (lambda s: {"model_output": s.half()}, TypeError, "model_output must have dtype"),
+    "noise of another shape": (lambda s: {"noise": torch.randn(2, 4, 5)}, ValueError, "noise must have shape"),
+    "coefficients as a dict": (lambda s: {"coefficients": {"prev_sample": 1.0}}, TypeError, "StepCoefficients"),
+    "guidance scale as a string": (lambda s: {"guidance_scale": "7.5"}, TypeError, "guidance_scale"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input(case):
+    sample = torch.randn(2, 4, 5, 6)
+    change, error, message = BAD_INPUTS[case]
+    kwargs = {"sample": sample, "model_output": torch.randn_like(sample), "coefficients": StepCoefficients(),
+              **change(sample)}
+    with pytest.raises(error, match=message):
+        genfast.ops.denoise_step(kwargs.pop("sample"), kwargs.pop("model_output"), kwargs.pop("coefficients"),
+                                 **kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_tensors_on_different_devices():
+    sample = torch.randn(2, 4, 5, 6)
+    with pytest.raises(ValueError, match="model_output must be on cpu"):
+        genfast.ops.denoise_step(sample, sample.cuda(), StepCoefficients())

@@ -1,0 +1,170 @@
+"""genfast.schedulers against diffusers' own schedulers: whole sampling
+trajectories from the same seeds, over random configurations."""
+
+import inspect
+import random
+import sys
+import warnings
+
+import pytest
+import torch
+from helpers import relative_error, require
+
+import genfast
+from genfast.schedulers import coefficients
+
+diffusers = pytest.importorskip("diffusers")
+
+STEPS = 50
+SHAPE = (2, 4, 9, 7)
+# dtype and the bound on the trajectory's relative error (DESIGN.md's table; the issue asks 1e-5 in fp32).
+DTYPES = [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)]
+
+
+def fake_model(sample: torch.Tensor, t: int, channels: int) -> torch.Tensor:
+    """A deterministic stand-in for a denoiser: smooth in the sample, different per timestep."""
+    field = torch.randn(sample.shape[0], channels, *sample.shape[2:], generator=torch.Generator().manual_seed(t))
+    out = torch.tanh(0.5 * sample.float()).repeat(1, channels // sample.shape[1], *[1] * (sample.dim() - 2))
+    return (out + 0.3 * field.to(sample.device)).to(sample.dtype)
+
+
+def run(scheduler, dtype, device, guidance_scale=None, step_kwargs=None, fused_guidance=False, channels=None):
+    """The sample after a full sampling loop; model outputs are guided by hand
+    unless fused_guidance, in which case the scheduler gets both halves."""
+    channels = channels or SHAPE[1]
+    scheduler.set_timesteps(STEPS, device=device)
+    sample = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    generator = torch.Generator(device).manual_seed(2)
+    for t in scheduler.timesteps:
+        t_int = int(t)
+        if guidance_scale is None:
+            model_output, extra = fake_model(sample, t_int, channels), {}
+        else:
+            uncond, cond = fake_model(sample, t_int, channels), fake_model(sample, t_int + 1000, channels)
+            if fused_guidance:
+                model_output, extra = torch.cat([uncond, cond]), {"guidance_scale": guidance_scale}
+            else:
+                model_output, extra = uncond + guidance_scale * (cond - uncond), {}
+        sample = scheduler.step(model_output, t, sample, generator=generator, **(step_kwargs or {}), **extra)[0]
+    return sample
+
+
+def random_configs(count, seed, choices):
+    rng = random.Random(seed)
+    return [{key: rng.choice(values) for key, values in choices.items()} for _ in range(count)]
+
+
+DDIM_CHOICES = {
+    "prediction_type": coefficients.PREDICTION_TYPES,
+    "clip_sample": (False, True),
+    "set_alpha_to_one": (False, True),
+    "timestep_spacing": ("leading", "trailing", "linspace"),
+    "beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
+    "eta": (0.0, 0.5, 1.0),
+    "use_clipped_model_output": (False, True),
+}
+DDPM_CHOICES = {
+    "prediction_type": coefficients.PREDICTION_TYPES,
+    "clip_sample": (False, True),
+    "timestep_spacing": ("leading", "trailing", "linspace"),
+    "beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
+    "variance_type": coefficients.DDPM_VARIANCE_TYPES,
+}
+STEP_ARGUMENTS = {"eta", "use_clipped_model_output"}
+
+
+def float64_oracle(name, scheduler_config, monkeypatch):
+    """diffusers' scheduler computing in float64 throughout, its schedule
+    tables included, and drawing the same float32 noise as a float32 run.
+
+    diffusers works out its per-step scalars in float32, and some cancel (DDPM's
+    1 - a_t / a_prev near t = 0 loses 5 digits); genfast works them out in
+    float64. So both are compared with this oracle, and with each other beyond
+    diffusers' own error."""
+    exact = getattr(diffusers, name)(**scheduler_config)
+    for table in ("alphas_cumprod", "final_alpha_cumprod", "one"):
+        if isinstance(getattr(exact, table, None), torch.Tensor):
+            setattr(exact, table, getattr(exact, table).double())
+    module = sys.modules[type(exact).__module__]
+    draw = module.randn_tensor
+
+    def float32_draw(shape, generator=None, device=None, dtype=None, **kwargs):
+        return draw(shape, generator=generator, device=device, dtype=torch.float32, **kwargs).to(dtype)
+
+    monkeypatch.setattr(module, "randn_tensor", float32_draw)
+    return exact
+
+
+def compare(name, config, backend, monkeypatch, dtype=torch.float32, bound=1e-5, guidance_scale=None):
+    """genfast's trajectory within `bound` of the float64 oracle's, and of
+    diffusers' own in the same dtype beyond that one's error."""
+    device = require(backend)
+    step_kwargs = {k: v for k, v in config.items() if k in STEP_ARGUMENTS}
+    scheduler_config = {k: v for k, v in config.items() if k not in STEP_ARGUMENTS}
+    channels = 2 * SHAPE[1] if config.get("variance_type") == "learned_range" else None
+    ours = getattr(genfast.schedulers, name)(**scheduler_config)
+    with genfast.use_backend(backend):
+        got = run(ours, dtype, device, guidance_scale, step_kwargs, guidance_scale is not None, channels)
+    theirs = run(getattr(diffusers, name)(**scheduler_config), dtype, device, guidance_scale, step_kwargs, False,
+                 channels)
+    exact = run(float64_oracle(name, scheduler_config, monkeypatch), torch.float64, device, guidance_scale,
+                step_kwargs, False, channels)
+    assert got.dtype == theirs.dtype == dtype
+    if dtype == torch.float32:  # lower precisions draw other noise than the float32 oracle
+        assert relative_error(got, exact) <= bound, config
+    assert relative_error(got, theirs.double()) <= bound + relative_error(theirs, exact), config
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+@pytest.mark.parametrize("config", random_configs(12, 0, DDIM_CHOICES), ids=str)
+def test_ddim_matches_diffusers(config, backend, monkeypatch):
+    compare("DDIMScheduler", config, backend, monkeypatch)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+@pytest.mark.parametrize("config", random_configs(12, 1, DDPM_CHOICES), ids=str)
+def test_ddpm_matches_diffusers(config, backend, monkeypatch):
+    compare("DDPMScheduler", config, backend, monkeypatch)
+
+
+@pytest.mark.parametrize("name, config", [
+    ("DDIMScheduler", {"eta": 1.0, "clip_sample": True}),
+    ("DDPMScheduler", {"variance_type": "learned_range"}),
+], ids=str)
+@pytest.mark.parametrize("dtype, bound", DTYPES, ids=str)
+def test_fused_guidance(name, config, dtype, bound, monkeypatch):
+    compare(name, config, "cpu", monkeypatch, dtype, bound, guidance_scale=7.5)
+
+
+def test_step_signature_extends_diffusers():
+    """Pipelines inspect step()'s parameters (eta, generator): every diffusers one is there, in order."""
+    for name in ("DDIMScheduler", "DDPMScheduler"):
+        ours = list(inspect.signature(getattr(genfast.schedulers, name).step).parameters)
+        theirs = list(inspect.signature(getattr(diffusers, name).step).parameters)
+        assert ours[: len(theirs)] == theirs
+
+
+def test_swaps_in_from_a_pipeline_config():
+    config = diffusers.DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False).config
+    scheduler = genfast.schedulers.DDIMScheduler.from_config(config)
+    assert isinstance(scheduler, diffusers.DDIMScheduler)
+    assert dict(scheduler.config) == dict(config)
+
+
+def test_timestep_outside_the_schedule():
+    scheduler = genfast.schedulers.DDIMScheduler()
+    scheduler.set_timesteps(10)
+    sample = torch.randn(SHAPE)
+    with pytest.raises(ValueError, match="timestep 5 is not in the schedule"):
+        scheduler.step(sample, 5, sample)
+
+
+def test_thresholding_runs_diffusers_step_and_warns_once():
+    config = {"thresholding": True, "prediction_type": "sample"}
+    ours, theirs = genfast.schedulers.DDIMScheduler(**config), diffusers.DDIMScheduler(**config)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = run(ours, torch.float32, "cpu")
+    assert [str(w.message) for w in caught].count(str(caught[0].message)) == 1
+    assert "thresholding has no fused kernel" in str(caught[0].message)
+    assert torch.equal(got, run(theirs, torch.float32, "cpu"))
