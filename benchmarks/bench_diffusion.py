@@ -26,18 +26,23 @@ SCHEDULERS = {
     "ddpm": ("DDPMScheduler", {}, {}),
     "ddim eta=0": ("DDIMScheduler", {}, {}),
     "ddim eta=1": ("DDIMScheduler", {}, {"eta": 1.0}),
+    "euler": ("EulerDiscreteScheduler", {}, {}),
+    "euler ancestral": ("EulerAncestralDiscreteScheduler", {}, {}),
+    "flow match euler": ("FlowMatchEulerDiscreteScheduler", {}, {}),
 }
+# The schedulers whose step draws noise, as diffusers draws it.
+NOISY = {"ddpm", "ddim eta=1", "euler ancestral"}
 
 
-def _step_bytes(shape: tuple[int, ...], noise: bool, guided: bool) -> int:
+def _step_bytes(shape: tuple[int, ...], noise: bool, guided: bool, denoised: bool) -> int:
     """Reads sample, model_output (both halves when guided) and noise (written
-    first by torch.randn); writes prev_sample and pred_original_sample."""
+    first by torch.randn); writes prev_sample and, but for flow matching,
+    pred_original_sample."""
     tensor = math.prod(shape) * 4
-    return tensor * (1 + (2 if guided else 1) + (2 if noise else 0) + 2)
+    return tensor * (1 + (2 if guided else 1) + (2 if noise else 0) + (2 if denoised else 1))
 
 
 def step_case(scheduler: str, guided: bool = False, quick: bool = False) -> Case:
-    noise = scheduler == "ddpm" or SCHEDULERS[scheduler][2].get("eta", 0) > 0
     name = f"{scheduler}{' guided' if guided else ''} {'x'.join(map(str, LATENTS))}"
 
     def make_inputs(device: torch.device) -> dict:
@@ -48,13 +53,14 @@ def step_case(scheduler: str, guided: bool = False, quick: bool = False) -> Case
             "model_output": torch.randn(batch, *LATENTS[1:], device=device),
             "ours": ours,
             "theirs": theirs,
-            "timestep": int(theirs.timesteps[len(theirs.timesteps) // 2]),
+            "index": STEPS // 2,
             "step_kwargs": SCHEDULERS[scheduler][2],
             "guidance_scale": GUIDANCE_SCALE if guided else None,
         }
 
+    denoised = not scheduler.startswith("flow match")
     return Case(name, "scheduler_step", "forward", math.prod(LATENTS), make_inputs,
-                _step_bytes(LATENTS, noise, guided), quick=quick)
+                _step_bytes(LATENTS, scheduler in NOISY, guided, denoised), quick=quick)
 
 
 CASES = [
@@ -62,6 +68,9 @@ CASES = [
     step_case("ddim eta=0", quick=True),
     step_case("ddim eta=1"),
     step_case("ddim eta=0", guided=True),
+    step_case("euler", quick=True),
+    step_case("euler ancestral"),
+    step_case("flow match euler"),
 ]
 
 
@@ -73,6 +82,7 @@ def _scheduler(library: str, scheduler: str):
     module = genfast.schedulers if library == "genfast" else diffusers
     instance = getattr(module, class_name)(**config)
     instance.set_timesteps(STEPS)
+    instance.is_scale_input_called = True  # pipelines scale the model input each step; not timed here
     return instance
 
 
@@ -84,16 +94,25 @@ def _diffusers_missing() -> str | None:
     return None
 
 
-def _genfast(sample, model_output, ours, theirs, timestep, step_kwargs, guidance_scale):
+def _at_step(scheduler, index: int):
+    """The timestep of step `index`, the schedulers that count steps set there: every timed call
+    is the same step of the schedule."""
+    if hasattr(scheduler, "_step_index"):
+        scheduler._step_index = index
+    return scheduler.timesteps[index]
+
+
+def _genfast(sample, model_output, ours, theirs, index, step_kwargs, guidance_scale):
+    timestep = _at_step(ours, index)
     return ours.step(model_output, timestep, sample, guidance_scale=guidance_scale, **step_kwargs).prev_sample
 
 
-def _diffusers(sample, model_output, ours, theirs, timestep, step_kwargs, guidance_scale):
+def _diffusers(sample, model_output, ours, theirs, index, step_kwargs, guidance_scale):
     """What a pipeline runs: its guidance, then diffusers' step."""
     if guidance_scale is not None:
         uncond, cond = model_output.chunk(2)
         model_output = uncond + guidance_scale * (cond - uncond)
-    return theirs.step(model_output, timestep, sample, **step_kwargs).prev_sample
+    return theirs.step(model_output, _at_step(theirs, index), sample, **step_kwargs).prev_sample
 
 
 def providers(device_type: str) -> list[Provider]:

@@ -19,15 +19,15 @@ _BLOCK = 1024
 def _denoise_step_kernel(
     x_ptr, m_ptr, noise_ptr, history_ptr, prev_ptr, denoised_ptr,
     N, m_stride, cond_offset, guidance,
-    x0_sample, x0_model, clip, prev_x0, prev_sample, prev_model, prev_history, prev_noise,
+    sample_noise, x0_sample, x0_model, clip, prev_x0, prev_sample, prev_model, prev_history, prev_noise,
     out_x0, out_sample, min_log, max_log,
     GUIDED: tl.constexpr, CLIP: tl.constexpr, HISTORY: tl.constexpr, NOISE: tl.constexpr,
     LEARNED_VARIANCE: tl.constexpr, DENOISED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One sampler step over BLOCK elements of sample b = program_id(1).
 
-    Fuses guidance, the x0 prediction, clipping, the update and the denoised
-    output. Reads sample, model_output (both halves when guided, and the
+    Fuses Euler's churn, guidance, the x0 prediction, clipping, the update and
+    the denoised output. Reads sample, model_output (both halves when guided, and the
     variance channels with a learned variance), noise and history when given;
     writes prev and, if DENOISED, denoised. Math in float32.
     """
@@ -35,6 +35,9 @@ def _denoise_step_kernel(
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = i < N
     x = tl.load(x_ptr + b * N + i, mask=mask).to(tl.float32)
+    if NOISE:
+        noise = tl.load(noise_ptr + b * N + i, mask=mask).to(tl.float32)
+        x += sample_noise * noise  # Euler's churn; sample_noise is 0 otherwise
     m_row = m_ptr + b * m_stride
     m = tl.load(m_row + i, mask=mask).to(tl.float32)
     if GUIDED:
@@ -53,7 +56,7 @@ def _denoise_step_kernel(
                 v = v + guidance * (tl.load(m_row + cond_offset + N + i, mask=mask).to(tl.float32) - v)
             frac = (v + 1) / 2
             std = std * tl.exp(0.5 * (frac * max_log + (1 - frac) * min_log))
-        prev += std * tl.load(noise_ptr + b * N + i, mask=mask).to(tl.float32)
+        prev += std * noise
     tl.store(prev_ptr + b * N + i, prev.to(prev_ptr.dtype.element_ty), mask=mask)
     if DENOISED:
         denoised = out_x0 * x0 + out_sample * x
@@ -72,8 +75,8 @@ def denoise_step(sample, model_output, c, noise, history, guidance_scale, want_d
         sample, model_output, noise if noise is not None else sample, history if history is not None else sample,
         prev, denoised if want_denoised else prev,
         n, m_stride, batch * m_stride, float(guidance_scale or 0.0),
-        c.x0_sample, c.x0_model, float(c.clip or 0.0), c.prev_x0, c.prev_sample, c.prev_model, c.prev_history,
-        c.prev_noise, c.out_x0, c.out_sample, min_log, max_log,
+        c.sample_noise, c.x0_sample, c.x0_model, float(c.clip or 0.0), c.prev_x0, c.prev_sample, c.prev_model,
+        c.prev_history, c.prev_noise, c.out_x0, c.out_sample, min_log, max_log,
         GUIDED=guidance_scale is not None, CLIP=c.clip is not None, HISTORY=history is not None,
         NOISE=noise is not None, LEARNED_VARIANCE=c.learned_variance is not None, DENOISED=want_denoised,
         BLOCK=_BLOCK,

@@ -113,6 +113,22 @@ def test_empty_batch(backend):
     assert prev.shape == sample.shape and denoised.shape == sample.shape
 
 
+def test_outputs_reuse_memory():
+    """Latents of 2 MB or more come from the CPU output cache: the next step reuses a freed
+    output's memory and overwrites all of it."""
+    require("cpu")
+    (sample, model_output, c), kwargs = make_step((8, 4, 128, 128), torch.float32, "cpu", noise=True)  # 2 MB
+    with genfast.use_backend("cpu"):
+        first, _ = genfast.ops.denoise_step(sample * 3 + 1, model_output, c, **kwargs)
+        address = first.data_ptr()
+        del first
+        prev, denoised = genfast.ops.denoise_step(sample, model_output, c, **kwargs)
+    assert address in (prev.data_ptr(), denoised.data_ptr())
+    ref_prev, ref_denoised = reference64((sample, model_output, c), kwargs)
+    assert relative_error(prev, ref_prev) <= 1e-5
+    assert relative_error(denoised, ref_denoised) <= 1e-5
+
+
 def test_compiles_without_graph_break():
     require("cpu")
     (sample, model_output, c), kwargs = make_step((2, 4, 8, 8), torch.float32, "cpu", guided=True, noise=True)

@@ -239,8 +239,8 @@ def test_compiles_without_graph_break(compiler):
 
 
 def test_large_outputs_reuse_memory():
-    """Outputs over 32 MB come from genfast's CPU output cache: a freed one's memory serves the
-    next call, whose kernel overwrites all of it."""
+    """Outputs of 2 MB or more come from genfast's CPU output cache: a freed one's memory serves
+    the next call, whose kernel overwrites all of it."""
     require("cpu")
     x = torch.randn(2, 64, 256, 256)  # 33.5 MB
     with genfast.use_backend("cpu"):

@@ -37,10 +37,12 @@ def run(scheduler, dtype, device, guidance_scale=None, step_kwargs=None, fused_g
     generator = torch.Generator(device).manual_seed(2)
     for t in scheduler.timesteps:
         t_int = int(t)
+        # What pipelines feed the model (flow matching scales nothing).
+        model_input = scheduler.scale_model_input(sample, t) if hasattr(scheduler, "scale_model_input") else sample
         if guidance_scale is None:
-            model_output, extra = fake_model(sample, t_int, channels), {}
+            model_output, extra = fake_model(model_input, t_int, channels), {}
         else:
-            uncond, cond = fake_model(sample, t_int, channels), fake_model(sample, t_int + 1000, channels)
+            uncond, cond = fake_model(model_input, t_int, channels), fake_model(model_input, t_int + 1000, channels)
             if fused_guidance:
                 model_output, extra = torch.cat([uncond, cond]), {"guidance_scale": guidance_scale}
             else:
@@ -70,7 +72,25 @@ DDPM_CHOICES = {
     "beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
     "variance_type": coefficients.DDPM_VARIANCE_TYPES,
 }
-STEP_ARGUMENTS = {"eta", "use_clipped_model_output"}
+EULER_CHOICES = {
+    "prediction_type": coefficients.PREDICTION_TYPES,
+    "timestep_spacing": ("leading", "trailing", "linspace"),
+    "beta_schedule": ("linear", "scaled_linear"),
+    "use_karras_sigmas": (False, True),
+    "s_churn": (0.0, 0.0, 1.0),
+}
+EULER_ANCESTRAL_CHOICES = {
+    "prediction_type": ("epsilon", "v_prediction"),
+    "timestep_spacing": ("leading", "trailing", "linspace"),
+    "beta_schedule": ("linear", "scaled_linear"),
+}
+FLOW_MATCH_CHOICES = {
+    "shift": (1.0, 3.0),
+    "stochastic_sampling": (False, True),
+    "use_dynamic_shifting": (False,),
+    "invert_sigmas": (False, True),
+}
+STEP_ARGUMENTS = {"eta", "use_clipped_model_output", "s_churn"}
 
 
 def float64_oracle(name, scheduler_config, monkeypatch):
@@ -82,7 +102,7 @@ def float64_oracle(name, scheduler_config, monkeypatch):
     float64. So both are compared with this oracle, and with each other beyond
     diffusers' own error."""
     exact = getattr(diffusers, name)(**scheduler_config)
-    for table in ("alphas_cumprod", "final_alpha_cumprod", "one"):
+    for table in ("alphas_cumprod", "final_alpha_cumprod", "one", "sigmas"):
         if isinstance(getattr(exact, table, None), torch.Tensor):
             setattr(exact, table, getattr(exact, table).double())
     module = sys.modules[type(exact).__module__]
@@ -115,21 +135,27 @@ def compare(name, config, backend, monkeypatch, dtype=torch.float32, bound=1e-5,
     assert relative_error(got, theirs.double()) <= bound + relative_error(theirs, exact), config
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
-@pytest.mark.parametrize("config", random_configs(12, 0, DDIM_CHOICES), ids=str)
-def test_ddim_matches_diffusers(config, backend, monkeypatch):
-    compare("DDIMScheduler", config, backend, monkeypatch)
+# Each fused scheduler over random configurations of its options.
+TRAJECTORIES = [
+    *(("DDIMScheduler", config) for config in random_configs(12, 0, DDIM_CHOICES)),
+    *(("DDPMScheduler", config) for config in random_configs(12, 1, DDPM_CHOICES)),
+    *(("EulerDiscreteScheduler", config) for config in random_configs(8, 2, EULER_CHOICES)),
+    *(("EulerAncestralDiscreteScheduler", config) for config in random_configs(6, 3, EULER_ANCESTRAL_CHOICES)),
+    *(("FlowMatchEulerDiscreteScheduler", config) for config in random_configs(6, 4, FLOW_MATCH_CHOICES)),
+]
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
-@pytest.mark.parametrize("config", random_configs(12, 1, DDPM_CHOICES), ids=str)
-def test_ddpm_matches_diffusers(config, backend, monkeypatch):
-    compare("DDPMScheduler", config, backend, monkeypatch)
+@pytest.mark.parametrize("name, config", TRAJECTORIES, ids=str)
+def test_matches_diffusers(name, config, backend, monkeypatch):
+    compare(name, config, backend, monkeypatch)
 
 
 @pytest.mark.parametrize("name, config", [
     ("DDIMScheduler", {"eta": 1.0, "clip_sample": True}),
     ("DDPMScheduler", {"variance_type": "learned_range"}),
+    ("EulerAncestralDiscreteScheduler", {}),
+    ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}),
 ], ids=str)
 @pytest.mark.parametrize("dtype, bound", DTYPES, ids=str)
 def test_fused_guidance(name, config, dtype, bound, monkeypatch):
@@ -138,7 +164,7 @@ def test_fused_guidance(name, config, dtype, bound, monkeypatch):
 
 def test_step_signature_extends_diffusers():
     """Pipelines inspect step()'s parameters (eta, generator): every diffusers one is there, in order."""
-    for name in ("DDIMScheduler", "DDPMScheduler"):
+    for name in genfast.schedulers.__all__[:-1]:
         ours = list(inspect.signature(getattr(genfast.schedulers, name).step).parameters)
         theirs = list(inspect.signature(getattr(diffusers, name).step).parameters)
         assert ours[: len(theirs)] == theirs

@@ -7,7 +7,6 @@
 #include "diffusion.h"
 
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty_like.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -22,7 +21,7 @@ namespace {
 
 using at::Tensor;
 
-constexpr int64_t kTile = 1024;  // elements per task: its 6 float buffers of 4 KB stay in L1
+constexpr int64_t kTile = 512;  // elements per task: its 7 float buffers of 2 KB stay in L1
 
 // The tile at `in` as floats: float input is read in place, other types are converted into buf.
 template <typename T>
@@ -64,29 +63,40 @@ template <typename T>
 void step(const T* x, const T* m, const T* noise, const T* history, T* prev, T* denoised, int64_t batch,
           int64_t n, int64_t m_stride, const StepCoefficients& c) {
   const int64_t tiles = (n + kTile - 1) / kTile, cond_offset = batch * m_stride;
+  const bool need_x0 = denoised || c.prev_x0 != 0.f;  // a flow-matching Euler step has no x0 term
   at::parallel_for(0, batch * tiles, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) float x_buf[kTile], m_buf[kTile], x0[kTile], p[kTile], buf[kTile], scratch[kTile];
+    alignas(64) float x_buf[kTile], m_buf[kTile], n_buf[kTile], x0[kTile], p[kTile], buf[kTile], scratch[kTile];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / tiles, i0 = task % tiles * kTile, len = std::min(kTile, n - i0);
       const int64_t at = b * n + i0;
       const T* m_row = m + b * m_stride + i0;
       const float* xs = as_float(x + at, x_buf, len);
-      const float* ms = model_output_tile(m_row, cond_offset, c, m_buf, scratch, len);
+      const float* ns = noise ? as_float(noise + at, n_buf, len) : nullptr;
+      if (ns && c.sample_noise != 0.f) {  // Euler's churn: x = sample + sample_noise * noise
 #pragma omp simd
-      for (int64_t i = 0; i < len; ++i) x0[i] = c.x0_sample * xs[i] + c.x0_model * ms[i];
-      if (c.clipped) {
-#pragma omp simd
-        for (int64_t i = 0; i < len; ++i) x0[i] = x0[i] < -c.clip ? -c.clip : (x0[i] > c.clip ? c.clip : x0[i]);
+        for (int64_t i = 0; i < len; ++i) x_buf[i] = xs[i] + c.sample_noise * ns[i];
+        xs = x_buf;
       }
+      const float* ms = model_output_tile(m_row, cond_offset, c, m_buf, scratch, len);
+      if (need_x0) {
 #pragma omp simd
-      for (int64_t i = 0; i < len; ++i) p[i] = c.prev_x0 * x0[i] + c.prev_sample * xs[i] + c.prev_model * ms[i];
+        for (int64_t i = 0; i < len; ++i) x0[i] = c.x0_sample * xs[i] + c.x0_model * ms[i];
+        if (c.clipped) {
+#pragma omp simd
+          for (int64_t i = 0; i < len; ++i) x0[i] = x0[i] < -c.clip ? -c.clip : (x0[i] > c.clip ? c.clip : x0[i]);
+        }
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) p[i] = c.prev_x0 * x0[i] + c.prev_sample * xs[i] + c.prev_model * ms[i];
+      } else {
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) p[i] = c.prev_sample * xs[i] + c.prev_model * ms[i];
+      }
       if (history) {
         const float* hs = as_float(history + at, buf, len);
 #pragma omp simd
         for (int64_t i = 0; i < len; ++i) p[i] += c.prev_history * hs[i];
       }
-      if (noise) {
-        const float* ns = as_float(noise + at, buf, len);
+      if (ns) {
         if (c.learned_variance) {
           const float* vs = model_output_tile(m_row + n, cond_offset, c, m_buf, scratch, len);  // variance channels
 #pragma omp simd
@@ -119,8 +129,8 @@ const T* data_or_null(const std::optional<Tensor>& t) {
 
 std::vector<Tensor> denoise_step(const Tensor& sample, const Tensor& model_output, const std::optional<Tensor>& noise,
                                  const std::optional<Tensor>& history, const StepCoefficients& c, bool want_denoised) {
-  Tensor prev = at::empty_like(sample);
-  Tensor denoised = want_denoised ? at::empty_like(sample) : Tensor();
+  Tensor prev = empty_output_like(sample);
+  Tensor denoised = want_denoised ? empty_output_like(sample) : Tensor();
   const int64_t batch = sample.size(0), n = sample.numel() / batch, m_stride = model_output.numel() /
                                                                             model_output.size(0);
   auto run = [&](auto tag) {

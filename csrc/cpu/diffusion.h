@@ -11,7 +11,7 @@ namespace genfast::cpu {
 
 // The step's scalars, in the order genfast.ops.diffusion passes them.
 struct StepCoefficients {
-  float x0_sample, x0_model, prev_x0, prev_sample, prev_model, prev_history, prev_noise, out_x0, out_sample;
+  float sample_noise, x0_sample, x0_model, prev_x0, prev_sample, prev_model, prev_history, prev_noise, out_x0, out_sample;
   float clip, min_log, max_log, guidance;
   bool clipped, learned_variance, guided;
 };

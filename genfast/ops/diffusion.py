@@ -22,7 +22,7 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The scalar order of the op's `coefficients` argument and of csrc/bindings.cpp,
 # which follows them with clip, min_log, max_log (and guidance).
 _SCALARS = (
-    "x0_sample", "x0_model", "prev_x0", "prev_sample", "prev_model", "prev_history", "prev_noise",
+    "sample_noise", "x0_sample", "x0_model", "prev_x0", "prev_sample", "prev_model", "prev_history", "prev_noise",
     "out_x0", "out_sample",
 )
 

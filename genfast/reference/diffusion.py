@@ -8,11 +8,12 @@ the schedule tables (genfast.schedulers does that):
 
     m        = model_output, or uncond + guidance_scale * (cond - uncond)
                (and so the variance channels v below)
-    x0       = x0_sample * sample + x0_model * m           the predicted clean sample
-    x0       = clamp(x0, -clip, clip)                      when clip is set
-    prev     = prev_x0 * x0 + prev_sample * sample + prev_model * m
+    x        = sample + sample_noise * noise                Euler's churn; else x = sample
+    x0       = x0_sample * x + x0_model * m                 the predicted clean sample
+    x0       = clamp(x0, -clip, clip)                       when clip is set
+    prev     = prev_x0 * x0 + prev_sample * x + prev_model * m
                + prev_history * history + std * noise
-    denoised = out_x0 * x0 + out_sample * sample           what step() returns beside prev
+    denoised = out_x0 * x0 + out_sample * x                 what step() returns beside prev
 
 std is prev_noise, or with a learned variance (DDPM's "learned_range") the
 per-element exp(0.5 * (frac * max_log + (1 - frac) * min_log)) with
@@ -31,6 +32,7 @@ from torch import Tensor
 class StepCoefficients:
     """The per-step scalars of the update above; unused terms stay 0."""
 
+    sample_noise: float = 0.0
     x0_sample: float = 0.0
     x0_model: float = 0.0
     prev_x0: float = 0.0
@@ -67,6 +69,8 @@ def denoise_step(
     """(prev_sample, denoised) in float32 (float64 for float64 sample)."""
     math = torch.float64 if sample.dtype == torch.float64 else torch.float32
     x = sample.to(math)
+    if noise is not None:
+        x = x + c.sample_noise * noise.to(math)
     m, v = split_model_output(
         model_output.to(math), sample.shape[0], sample.shape[1], guidance_scale, c.learned_variance is not None
     )

@@ -11,9 +11,22 @@ and genfast.ops.denoise_step still work, and the classes raise ImportError.
 
 from . import coefficients
 
-__all__ = ["DDIMScheduler", "DDPMScheduler", "coefficients"]
+__all__ = [
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "EulerDiscreteScheduler",
+    "FlowMatchEulerDiscreteScheduler",
+    "coefficients",
+]
 
-_CLASSES = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm"}
+_CLASSES = {
+    "DDIMScheduler": "ddim",
+    "DDPMScheduler": "ddpm",
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler",
+    "FlowMatchEulerDiscreteScheduler": "euler",
+}
 
 
 def __getattr__(name: str):

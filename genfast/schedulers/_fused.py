@@ -19,17 +19,19 @@ class FusedStepMixin:
     def set_timesteps(self, *args, **kwargs):
         super().set_timesteps(*args, **kwargs)
         # One read of the schedule here, so that step() needs none.
-        self._host_timesteps = [int(t) for t in self.timesteps.tolist()]
+        self._host_timesteps = self.timesteps.tolist()
         self._host_index = 0
+        if isinstance(getattr(self, "sigmas", None), torch.Tensor):
+            self._host_sigmas = self.sigmas.tolist()
 
     def _schedule(self) -> list[int]:
         if getattr(self, "_host_timesteps", None) is None:  # no set_timesteps yet: the training schedule
-            self._host_timesteps = [int(t) for t in self.timesteps.tolist()]
+            self._host_timesteps = self.timesteps.tolist()
             self._host_index = 0
         return self._host_timesteps
 
-    def _host_timestep(self, timestep) -> int:
-        """The timestep as an int, and its place in the schedule recorded.
+    def _host_timestep(self, timestep):
+        """The timestep as a Python number, and its place in the schedule recorded.
 
         Reading a device tensor would wait for the GPU; as pipelines step
         through the schedule in order, such a timestep is taken to be the next
@@ -38,12 +40,28 @@ class FusedStepMixin:
         if isinstance(timestep, torch.Tensor) and timestep.device.type != "cpu":
             index = min(self._host_index, len(schedule) - 1)
         else:
-            t = int(timestep)
+            t = timestep.item() if isinstance(timestep, torch.Tensor) else timestep
             if t not in schedule:
                 raise ValueError(f"timestep {t} is not in the schedule {schedule}")
             index = schedule.index(t)
         self._host_index = index + 1
         return schedule[index]
+
+    def _init_step_index(self, timestep) -> None:
+        """For the schedulers that count steps (Euler's): diffusers looks the timestep up on its
+        device, a sync; the host copy serves here, and a device tensor is taken to be the first
+        timestep (pipelines that start later call set_begin_index)."""
+        if self.begin_index is not None:
+            self._step_index = self.begin_index
+        elif isinstance(timestep, torch.Tensor) and timestep.device.type != "cpu":
+            self._step_index = 0
+        else:
+            t = timestep.item() if isinstance(timestep, torch.Tensor) else timestep
+            indices = [i for i, s in enumerate(self._schedule()) if s == t]
+            if not indices:
+                raise ValueError(f"timestep {t} is not in the schedule {self._schedule()}")
+            # diffusers' rule: a timestep listed twice starts at its second place.
+            self._step_index = indices[1] if len(indices) > 1 else indices[0]
 
     def _previous_in_schedule(self, t: int) -> int:
         """The next timestep of the schedule after t, or -1 after the last."""
@@ -58,13 +76,17 @@ class FusedStepMixin:
         return randn_tensor(sample.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
 
     @staticmethod
-    def _fused_step(output_class, sample, model_output, coefficients, noise, guidance_scale, return_dict):
+    def _fused_step(output_class, sample, model_output, coefficients, noise, guidance_scale, return_dict,
+                    denoised: bool = True):
+        """The step's outputs as diffusers returns them: prev_sample and, if denoised,
+        pred_original_sample."""
         prev_sample, pred_original_sample = ops.denoise_step(
-            sample, model_output, coefficients, noise=noise, guidance_scale=guidance_scale
+            sample, model_output, coefficients, noise=noise, guidance_scale=guidance_scale, return_denoised=denoised
         )
-        if not return_dict:
-            return prev_sample, pred_original_sample
-        return output_class(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+        outputs = {"prev_sample": prev_sample}
+        if denoised:
+            outputs["pred_original_sample"] = pred_original_sample
+        return output_class(**outputs) if return_dict else tuple(outputs.values())
 
     def _warn_unfused(self, what: str) -> None:
         warned = self.__dict__.setdefault("_unfused_warned", set())

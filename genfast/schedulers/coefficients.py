@@ -90,3 +90,51 @@ def ddpm(
         clip=clip,
         learned_variance=learned_variance,
     )
+
+
+def _x0_from_sigma(prediction_type: str, sigma: float, sigma_hat: float) -> tuple[float, float]:
+    """(x0_sample, x0_model) of the Karras-style schedulers, x = x0 + sigma * eps."""
+    if prediction_type in ("sample", "original_sample"):
+        return 0.0, 1.0
+    if prediction_type == "epsilon":
+        return 1.0, -sigma_hat
+    if prediction_type == "v_prediction":
+        return 1 / (sigma**2 + 1), -sigma / math.sqrt(sigma**2 + 1)
+    raise ValueError(f"prediction_type must be one of {list(PREDICTION_TYPES)}, got {prediction_type!r}")
+
+
+def euler(sigma: float, sigma_next: float, prediction_type: str, gamma: float = 0.0, s_noise: float = 1.0):
+    """EulerDiscreteScheduler.step: with churn gamma, x = sample + s_noise * sqrt(sigma_hat^2 - sigma^2)
+    noise at sigma_hat = sigma (1 + gamma); prev = x + (x - x0) / sigma_hat * (sigma_next - sigma_hat)."""
+    sigma_hat = sigma * (gamma + 1)
+    x0_sample, x0_model = _x0_from_sigma(prediction_type, sigma, sigma_hat)
+    step = (sigma_next - sigma_hat) / sigma_hat
+    return StepCoefficients(
+        sample_noise=s_noise * math.sqrt(sigma_hat**2 - sigma**2) if gamma > 0 else 0.0,
+        x0_sample=x0_sample,
+        x0_model=x0_model,
+        prev_sample=1 + step,
+        prev_x0=-step,
+    )
+
+
+def euler_ancestral(sigma: float, sigma_next: float, prediction_type: str) -> StepCoefficients:
+    """EulerAncestralDiscreteScheduler.step: an Euler step to sigma_down, then noise of sigma_up."""
+    if prediction_type == "sample":
+        raise NotImplementedError("prediction_type not implemented yet: sample")  # as diffusers
+    x0_sample, x0_model = _x0_from_sigma(prediction_type, sigma, sigma)
+    sigma_up = math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
+    sigma_down = math.sqrt(sigma_next**2 - sigma_up**2)
+    step = (sigma_down - sigma) / sigma
+    return StepCoefficients(
+        x0_sample=x0_sample, x0_model=x0_model, prev_sample=1 + step, prev_x0=-step, prev_noise=sigma_up
+    )
+
+
+def flow_match_euler(sigma: float, sigma_next: float, stochastic: bool = False) -> StepCoefficients:
+    """FlowMatchEulerDiscreteScheduler.step: prev = sample + (sigma_next - sigma) * velocity, or
+    with stochastic sampling prev = (1 - sigma_next) x0 + sigma_next noise, x0 = sample - sigma v."""
+    if stochastic:
+        return StepCoefficients(x0_sample=1.0, x0_model=-sigma, prev_x0=1 - sigma_next, prev_noise=sigma_next)
+    return StepCoefficients(prev_sample=1.0, prev_model=sigma_next - sigma)
+
