@@ -102,9 +102,17 @@ def float64_oracle(name, scheduler_config, monkeypatch):
     float64. So both are compared with this oracle, and with each other beyond
     diffusers' own error."""
     exact = getattr(diffusers, name)(**scheduler_config)
-    for table in ("alphas_cumprod", "final_alpha_cumprod", "one", "sigmas"):
-        if isinstance(getattr(exact, table, None), torch.Tensor):
-            setattr(exact, table, getattr(exact, table).double())
+    set_timesteps = exact.set_timesteps
+
+    def set_timesteps_then_float64(*args, **kwargs):
+        # The schedule itself comes from the float32 tables, as in the runs compared: Karras
+        # sigmas from float64 tables move timesteps, and the fake model is seeded by timestep.
+        set_timesteps(*args, **kwargs)
+        for table in ("alphas_cumprod", "final_alpha_cumprod", "one", "sigmas"):
+            if isinstance(getattr(exact, table, None), torch.Tensor):
+                setattr(exact, table, getattr(exact, table).double())
+
+    exact.set_timesteps = set_timesteps_then_float64
     module = sys.modules[type(exact).__module__]
     draw = module.randn_tensor
 
