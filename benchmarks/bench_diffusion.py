@@ -29,9 +29,10 @@ SCHEDULERS = {
     "euler": ("EulerDiscreteScheduler", {}, {}),
     "euler ancestral": ("EulerAncestralDiscreteScheduler", {}, {}),
     "flow match euler": ("FlowMatchEulerDiscreteScheduler", {}, {}),
+    "lcm": ("LCMScheduler", {}, {}),
 }
 # The schedulers whose step draws noise, as diffusers draws it.
-NOISY = {"ddpm", "ddim eta=1", "euler ancestral"}
+NOISY = {"ddpm", "ddim eta=1", "euler ancestral", "lcm"}
 
 
 def _step_bytes(shape: tuple[int, ...], noise: bool, guided: bool, denoised: bool) -> int:
@@ -71,6 +72,7 @@ CASES = [
     step_case("euler", quick=True),
     step_case("euler ancestral"),
     step_case("flow match euler"),
+    step_case("lcm"),
 ]
 
 

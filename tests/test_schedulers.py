@@ -90,6 +90,12 @@ FLOW_MATCH_CHOICES = {
     "use_dynamic_shifting": (False,),
     "invert_sigmas": (False, True),
 }
+LCM_CHOICES = {
+    "prediction_type": coefficients.PREDICTION_TYPES,
+    "clip_sample": (False, True),
+    "beta_schedule": ("linear", "scaled_linear"),
+    "timestep_scaling": (10.0, 1.0),
+}
 STEP_ARGUMENTS = {"eta", "use_clipped_model_output", "s_churn"}
 
 
@@ -150,6 +156,7 @@ TRAJECTORIES = [
     *(("EulerDiscreteScheduler", config) for config in random_configs(8, 2, EULER_CHOICES)),
     *(("EulerAncestralDiscreteScheduler", config) for config in random_configs(6, 3, EULER_ANCESTRAL_CHOICES)),
     *(("FlowMatchEulerDiscreteScheduler", config) for config in random_configs(6, 4, FLOW_MATCH_CHOICES)),
+    *(("LCMScheduler", config) for config in random_configs(6, 5, LCM_CHOICES)),
 ]
 
 
@@ -164,6 +171,7 @@ def test_matches_diffusers(name, config, backend, monkeypatch):
     ("DDPMScheduler", {"variance_type": "learned_range"}),
     ("EulerAncestralDiscreteScheduler", {}),
     ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}),
+    ("LCMScheduler", {}),
 ], ids=str)
 @pytest.mark.parametrize("dtype, bound", DTYPES, ids=str)
 def test_fused_guidance(name, config, dtype, bound, monkeypatch):

@@ -17,6 +17,7 @@ __all__ = [
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",
     "FlowMatchEulerDiscreteScheduler",
+    "LCMScheduler",
     "coefficients",
 ]
 
@@ -26,6 +27,7 @@ _CLASSES = {
     "EulerDiscreteScheduler": "euler",
     "EulerAncestralDiscreteScheduler": "euler",
     "FlowMatchEulerDiscreteScheduler": "euler",
+    "LCMScheduler": "lcm",
 }
 
 

@@ -77,15 +77,16 @@ class FusedStepMixin:
 
     @staticmethod
     def _fused_step(output_class, sample, model_output, coefficients, noise, guidance_scale, return_dict,
-                    denoised: bool = True):
-        """The step's outputs as diffusers returns them: prev_sample and, if denoised,
-        pred_original_sample."""
-        prev_sample, pred_original_sample = ops.denoise_step(
-            sample, model_output, coefficients, noise=noise, guidance_scale=guidance_scale, return_denoised=denoised
+                    denoised_field: str | None = "pred_original_sample"):
+        """The step's outputs as diffusers returns them: prev_sample and, under the name
+        denoised_field unless it is None, the denoised sample."""
+        prev_sample, denoised = ops.denoise_step(
+            sample, model_output, coefficients, noise=noise, guidance_scale=guidance_scale,
+            return_denoised=denoised_field is not None,
         )
         outputs = {"prev_sample": prev_sample}
-        if denoised:
-            outputs["pred_original_sample"] = pred_original_sample
+        if denoised_field is not None:
+            outputs[denoised_field] = denoised
         return output_class(**outputs) if return_dict else tuple(outputs.values())
 
     def _warn_unfused(self, what: str) -> None:

@@ -138,3 +138,28 @@ def flow_match_euler(sigma: float, sigma_next: float, stochastic: bool = False) 
         return StepCoefficients(x0_sample=1.0, x0_model=-sigma, prev_x0=1 - sigma_next, prev_noise=sigma_next)
     return StepCoefficients(prev_sample=1.0, prev_model=sigma_next - sigma)
 
+
+def lcm(
+    alpha_prod_t: float,
+    alpha_prod_t_prev: float,
+    prediction_type: str,
+    c_skip: float,
+    c_out: float,
+    clip: float | None = None,
+    last: bool = False,
+) -> StepCoefficients:
+    """LCMScheduler.step: denoised = c_out x0 + c_skip sample, then, but at the last step,
+    prev = sqrt(a_prev) denoised + sqrt(1 - a_prev) noise."""
+    (x0_sample, x0_model), _ = _x0_and_eps(prediction_type, alpha_prod_t)
+    scale = 1.0 if last else math.sqrt(alpha_prod_t_prev)
+    return StepCoefficients(
+        x0_sample=x0_sample,
+        x0_model=x0_model,
+        prev_x0=scale * c_out,
+        prev_sample=scale * c_skip,
+        prev_noise=0.0 if last else math.sqrt(1 - alpha_prod_t_prev),
+        out_x0=c_out,
+        out_sample=c_skip,
+        clip=clip,
+    )
+

@@ -115,7 +115,7 @@ class FlowMatchEulerDiscreteScheduler(_SigmaStep, diffusers.FlowMatchEulerDiscre
             noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
             noise = noise.to(sample.dtype)
         output = self._fused_step(FlowMatchEulerDiscreteSchedulerOutput, sample, model_output, c, noise,
-                                  guidance_scale, return_dict, denoised=False)
+                                  guidance_scale, return_dict, denoised_field=None)
         self._step_index += 1
         return output
 

@@ -1,0 +1,50 @@
+"""LCMScheduler with diffusers' API whose step() is one fused kernel."""
+
+from __future__ import annotations
+
+import diffusers
+from diffusers.schedulers.scheduling_lcm import LCMSchedulerOutput
+
+from . import coefficients
+from ._fused import FusedStepMixin
+
+
+class LCMScheduler(FusedStepMixin, diffusers.LCMScheduler):
+    """diffusers.LCMScheduler, its step fused: guidance (given the [uncond, cond]
+    model output and guidance_scale), the x0 prediction, clipping, the
+    consistency boundary condition and the re-noising in one pass.
+    Thresholding runs diffusers' step (with a warning)."""
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True,
+             guidance_scale: float | None = None):
+        if self.config.thresholding and guidance_scale is None:
+            self._warn_unfused("thresholding")
+            return super().step(model_output, timestep, sample, generator, return_dict)
+        if self.config.thresholding:
+            raise ValueError("guidance_scale is fused only without thresholding: guide the model output first")
+        if self.num_inference_steps is None:
+            raise ValueError(
+                "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
+            )
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        schedule, index = self._schedule(), self.step_index
+        t = schedule[index]
+        prev_t = schedule[index + 1] if index + 1 < len(schedule) else t
+        alpha_prod_t_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
+        c_skip, c_out = self.get_scalings_for_boundary_condition_discrete(t)
+        last = index == self.num_inference_steps - 1
+        c = coefficients.lcm(
+            float(self.alphas_cumprod[t]),
+            float(alpha_prod_t_prev),
+            self.config.prediction_type,
+            float(c_skip),
+            float(c_out),
+            self.config.clip_sample_range if self.config.clip_sample else None,
+            last,
+        )
+        noise = None if last else self._draw_noise(sample, model_output, generator)
+        output = self._fused_step(LCMSchedulerOutput, sample, model_output, c, noise, guidance_scale, return_dict,
+                                  denoised_field="denoised")
+        self._step_index += 1
+        return output
