@@ -30,17 +30,18 @@ SCHEDULERS = {
     "euler ancestral": ("EulerAncestralDiscreteScheduler", {}, {}),
     "flow match euler": ("FlowMatchEulerDiscreteScheduler", {}, {}),
     "lcm": ("LCMScheduler", {}, {}),
+    "dpm++ 2m": ("DPMSolverMultistepScheduler", {}, {}),
 }
 # The schedulers whose step draws noise, as diffusers draws it.
 NOISY = {"ddpm", "ddim eta=1", "euler ancestral", "lcm"}
 
 
-def _step_bytes(shape: tuple[int, ...], noise: bool, guided: bool, denoised: bool) -> int:
-    """Reads sample, model_output (both halves when guided) and noise (written
-    first by torch.randn); writes prev_sample and, but for flow matching,
-    pred_original_sample."""
+def _step_bytes(shape: tuple[int, ...], noise: bool, guided: bool, denoised: bool, history: bool) -> int:
+    """Reads sample, model_output (both halves when guided), noise (written
+    first by torch.randn) and DPM-Solver's previous x0; writes prev_sample and,
+    but for flow matching, the denoised sample."""
     tensor = math.prod(shape) * 4
-    return tensor * (1 + (2 if guided else 1) + (2 if noise else 0) + (2 if denoised else 1))
+    return tensor * (1 + (2 if guided else 1) + (2 if noise else 0) + (2 if denoised else 1) + history)
 
 
 def step_case(scheduler: str, guided: bool = False, quick: bool = False) -> Case:
@@ -61,7 +62,7 @@ def step_case(scheduler: str, guided: bool = False, quick: bool = False) -> Case
 
     denoised = not scheduler.startswith("flow match")
     return Case(name, "scheduler_step", "forward", math.prod(LATENTS), make_inputs,
-                _step_bytes(LATENTS, scheduler in NOISY, guided, denoised), quick=quick)
+                _step_bytes(LATENTS, scheduler in NOISY, guided, denoised, scheduler.startswith("dpm")), quick=quick)
 
 
 CASES = [
@@ -73,6 +74,7 @@ CASES = [
     step_case("euler ancestral"),
     step_case("flow match euler"),
     step_case("lcm"),
+    step_case("dpm++ 2m", quick=True),
 ]
 
 
@@ -98,7 +100,7 @@ def _diffusers_missing() -> str | None:
 
 def _at_step(scheduler, index: int):
     """The timestep of step `index`, the schedulers that count steps set there: every timed call
-    is the same step of the schedule."""
+    is the same step of the schedule (DPM-Solver's second-order one from the second call on)."""
     if hasattr(scheduler, "_step_index"):
         scheduler._step_index = index
     return scheduler.timesteps[index]

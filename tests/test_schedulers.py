@@ -28,11 +28,12 @@ def fake_model(sample: torch.Tensor, t: int, channels: int) -> torch.Tensor:
     return (out + 0.3 * field.to(sample.device)).to(sample.dtype)
 
 
-def run(scheduler, dtype, device, guidance_scale=None, step_kwargs=None, fused_guidance=False, channels=None):
+def run(scheduler, dtype, device, guidance_scale=None, step_kwargs=None, fused_guidance=False, channels=None,
+        steps=STEPS):
     """The sample after a full sampling loop; model outputs are guided by hand
     unless fused_guidance, in which case the scheduler gets both halves."""
     channels = channels or SHAPE[1]
-    scheduler.set_timesteps(STEPS, device=device)
+    scheduler.set_timesteps(steps, device=device)
     sample = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1)).to(device, dtype)
     generator = torch.Generator(device).manual_seed(2)
     for t in scheduler.timesteps:
@@ -96,6 +97,21 @@ LCM_CHOICES = {
     "beta_schedule": ("linear", "scaled_linear"),
     "timestep_scaling": (10.0, 1.0),
 }
+DPM_SOLVER_CHOICES = {
+    "prediction_type": coefficients.PREDICTION_TYPES,
+    "algorithm_type": ("dpmsolver++", "sde-dpmsolver++"),
+    "solver_type": coefficients.DPM_SOLVER_TYPES,
+    "solver_order": (1, 2, 2),
+    "lower_order_final": (False, True),
+    "euler_at_final": (False, True),
+    "final_sigmas_type": ("zero", "sigma_min"),
+    "use_karras_sigmas": (False, True),
+    "timestep_spacing": ("leading", "trailing", "linspace"),
+    "beta_schedule": ("linear", "scaled_linear"),
+    # Fewer than 15 steps turns lower_order_final on.
+    "steps": (STEPS, STEPS, 10),
+}
+# Keys of a configuration that are not the scheduler's: step() arguments and the step count.
 STEP_ARGUMENTS = {"eta", "use_clipped_model_output", "s_churn"}
 
 
@@ -134,15 +150,16 @@ def compare(name, config, backend, monkeypatch, dtype=torch.float32, bound=1e-5,
     diffusers' own in the same dtype beyond that one's error."""
     device = require(backend)
     step_kwargs = {k: v for k, v in config.items() if k in STEP_ARGUMENTS}
-    scheduler_config = {k: v for k, v in config.items() if k not in STEP_ARGUMENTS}
+    scheduler_config = {k: v for k, v in config.items() if k not in STEP_ARGUMENTS and k != "steps"}
+    steps = config.get("steps", STEPS)
     channels = 2 * SHAPE[1] if config.get("variance_type") == "learned_range" else None
     ours = getattr(genfast.schedulers, name)(**scheduler_config)
     with genfast.use_backend(backend):
-        got = run(ours, dtype, device, guidance_scale, step_kwargs, guidance_scale is not None, channels)
+        got = run(ours, dtype, device, guidance_scale, step_kwargs, guidance_scale is not None, channels, steps)
     theirs = run(getattr(diffusers, name)(**scheduler_config), dtype, device, guidance_scale, step_kwargs, False,
-                 channels)
+                 channels, steps)
     exact = run(float64_oracle(name, scheduler_config, monkeypatch), torch.float64, device, guidance_scale,
-                step_kwargs, False, channels)
+                step_kwargs, False, channels, steps)
     assert got.dtype == theirs.dtype == dtype
     if dtype == torch.float32:  # lower precisions draw other noise than the float32 oracle
         assert relative_error(got, exact) <= bound, config
@@ -157,6 +174,8 @@ TRAJECTORIES = [
     *(("EulerAncestralDiscreteScheduler", config) for config in random_configs(6, 3, EULER_ANCESTRAL_CHOICES)),
     *(("FlowMatchEulerDiscreteScheduler", config) for config in random_configs(6, 4, FLOW_MATCH_CHOICES)),
     *(("LCMScheduler", config) for config in random_configs(6, 5, LCM_CHOICES)),
+    *(("DPMSolverMultistepScheduler", config) for config in random_configs(12, 6, DPM_SOLVER_CHOICES)),
+    ("DPMSolverMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": 3.0}),
 ]
 
 
@@ -172,6 +191,7 @@ def test_matches_diffusers(name, config, backend, monkeypatch):
     ("EulerAncestralDiscreteScheduler", {}),
     ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}),
     ("LCMScheduler", {}),
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
 ], ids=str)
 @pytest.mark.parametrize("dtype, bound", DTYPES, ids=str)
 def test_fused_guidance(name, config, dtype, bound, monkeypatch):
@@ -201,12 +221,15 @@ def test_timestep_outside_the_schedule():
         scheduler.step(sample, 5, sample)
 
 
-def test_thresholding_runs_diffusers_step_and_warns_once():
-    config = {"thresholding": True, "prediction_type": "sample"}
-    ours, theirs = genfast.schedulers.DDIMScheduler(**config), diffusers.DDIMScheduler(**config)
+@pytest.mark.parametrize("name, config, branch", [
+    ("DDIMScheduler", {"thresholding": True, "prediction_type": "sample"}, "thresholding"),
+    ("DPMSolverMultistepScheduler", {"solver_order": 3}, "solver_order=3"),
+], ids=str)
+def test_unfused_branch_runs_diffusers_step_and_warns_once(name, config, branch):
+    ours, theirs = getattr(genfast.schedulers, name)(**config), getattr(diffusers, name)(**config)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got = run(ours, torch.float32, "cpu")
-    assert [str(w.message) for w in caught].count(str(caught[0].message)) == 1
-    assert "thresholding has no fused kernel" in str(caught[0].message)
+    ours_warned = [str(w.message) for w in caught if "genfast.schedulers" in str(w.message)]
+    assert len(ours_warned) == 1 and f"{branch} has no fused kernel" in ours_warned[0]
     assert torch.equal(got, run(theirs, torch.float32, "cpu"))

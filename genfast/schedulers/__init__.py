@@ -14,6 +14,7 @@ from . import coefficients
 __all__ = [
     "DDIMScheduler",
     "DDPMScheduler",
+    "DPMSolverMultistepScheduler",
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",
     "FlowMatchEulerDiscreteScheduler",
@@ -24,6 +25,7 @@ __all__ = [
 _CLASSES = {
     "DDIMScheduler": "ddim",
     "DDPMScheduler": "ddpm",
+    "DPMSolverMultistepScheduler": "dpm_solver",
     "EulerDiscreteScheduler": "euler",
     "EulerAncestralDiscreteScheduler": "euler",
     "FlowMatchEulerDiscreteScheduler": "euler",

@@ -139,6 +139,76 @@ def flow_match_euler(sigma: float, sigma_next: float, stochastic: bool = False) 
     return StepCoefficients(prev_sample=1.0, prev_model=sigma_next - sigma)
 
 
+DPM_SOLVER_TYPES = ("midpoint", "heun")
+
+
+def _alpha_sigma(sigma: float, flow: bool) -> tuple[float, float]:
+    """(alpha_t, sigma_t) of x = alpha_t x0 + sigma_t eps, from a Karras sigma or a flow-matching one."""
+    if flow:
+        return 1 - sigma, sigma
+    alpha = 1 / math.sqrt(sigma**2 + 1)
+    return alpha, sigma * alpha
+
+
+def _log_snr(alpha: float, sigma: float) -> float:
+    return math.log(alpha) - math.log(sigma) if sigma > 0 else math.inf
+
+
+def dpm_solver_multistep(
+    sigma: float,
+    sigma_next: float,
+    prediction_type: str,
+    sigma_before: float | None = None,
+    solver_type: str = "midpoint",
+    stochastic: bool = False,
+    flow: bool = False,
+) -> StepCoefficients:
+    """DPMSolverMultistepScheduler.step for DPM-Solver++ (its SDE variant when stochastic),
+    of order 2 given sigma_before, the sigma of the step before, else of order 1.
+
+    The x0 prediction D0 is denoised; the one of the step before comes in as history,
+    and the second-order term D1 = (D0 - history) / r0, r0 = h_0 / h, over the log-SNR
+    steps h = lambda_next - lambda, h_0 = lambda - lambda_before:
+        ODE: prev = (s_next / s) x + a_next (1 - e) D0 + k D1,        e = exp(-h)
+        SDE: prev = (s_next / s) e x + a_next (1 - e^2) D0 + k D1 + s_next sqrt(1 - e^2) noise
+    with k half the D0 coefficient (midpoint) or a_next ((e - 1) / h + 1), resp.
+    a_next ((e^2 - 1) / (2 h) + 1) for the SDE (heun)."""
+    if solver_type not in DPM_SOLVER_TYPES:
+        raise ValueError(f"solver_type must be one of {list(DPM_SOLVER_TYPES)}, got {solver_type!r}")
+    alpha, s = _alpha_sigma(sigma, flow)
+    alpha_next, s_next = _alpha_sigma(sigma_next, flow)
+    x0_sample, x0_model = {
+        "epsilon": (1 / alpha, -s / alpha),
+        "sample": (0.0, 1.0),
+        "v_prediction": (alpha, -s),
+        "flow_prediction": (1.0, -sigma),
+    }.get(prediction_type, (None, None))
+    if x0_sample is None:
+        raise ValueError(f"prediction_type must be one of {[*PREDICTION_TYPES, 'flow_prediction']}, "
+                         f"got {prediction_type!r}")
+    lam = _log_snr(alpha, s)
+    h = _log_snr(alpha_next, s_next) - lam
+    rate = 2 if stochastic else 1
+    e, decay = math.exp(-h), math.exp(-rate * h)
+    prev_x0 = alpha_next * (1 - decay)
+    prev_history = 0.0
+    if sigma_before is not None and h > 0:  # h = 0 (a repeated last sigma) leaves the sample as it is
+        if solver_type == "midpoint":
+            k = 0.5 * prev_x0
+        else:
+            k = alpha_next * (math.expm1(-rate * h) / (rate * h) + 1)
+        d1 = k * h / (lam - _log_snr(*_alpha_sigma(sigma_before, flow)))  # k / r0
+        prev_x0, prev_history = prev_x0 + d1, -d1
+    return StepCoefficients(
+        x0_sample=x0_sample,
+        x0_model=x0_model,
+        prev_x0=prev_x0,
+        prev_sample=s_next / s * (e if stochastic else 1.0),
+        prev_history=prev_history,
+        prev_noise=s_next * math.sqrt(1 - decay) if stochastic else 0.0,
+    )
+
+
 def lcm(
     alpha_prod_t: float,
     alpha_prod_t_prev: float,
