@@ -155,6 +155,21 @@ std::vector<Tensor> denoise_step(const Tensor& sample, const Tensor& model_outpu
   return genfast::cpu::denoise_step(sample, model_output, noise, history, c, want_denoised);
 }
 
+Tensor timestep_embedding(const Tensor& timesteps, const Tensor& frequencies, int64_t embedding_dim,
+                          bool flip_sin_to_cos, double scale) {
+  TORCH_CHECK(timesteps.dim() == 1 && timesteps.is_contiguous(), "timesteps must be a contiguous 1-D tensor, got ",
+              timesteps.sizes());
+  TORCH_CHECK(!timesteps.is_complex() && timesteps.scalar_type() != at::kBool, "timesteps must be real, got ",
+              timesteps.scalar_type());
+  TORCH_CHECK(embedding_dim >= 0, "embedding_dim must be >= 0, got ", embedding_dim);
+  TORCH_CHECK(frequencies.dim() == 1 && frequencies.size(0) == embedding_dim / 2 && frequencies.is_contiguous() &&
+                  frequencies.scalar_type() == at::kFloat && frequencies.device() == timesteps.device(),
+              "frequencies must be a contiguous float32 (", embedding_dim / 2, ",) tensor on timesteps' device");
+  TORCH_CHECK(timesteps.is_cpu(), "timestep_embedding: no C++ kernel for ", timesteps.device(),
+              " tensors (use triton)");
+  return genfast::cpu::timestep_embedding(timesteps, frequencies, embedding_dim, flip_sin_to_cos, scale);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -167,4 +182,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("group_norm_forward", &group_norm_forward, "GroupNorm + activation forward: (y, mean, rstd)");
   m.def("group_norm_backward", &group_norm_backward, "GroupNorm + activation backward: (dx, dweight, dbias)");
   m.def("denoise_step", &denoise_step, "One fused sampler step: (prev, denoised or an undefined tensor)");
+  m.def("timestep_embedding", &timestep_embedding, "diffusers' sinusoidal timestep embedding, float32");
 }

@@ -1,5 +1,6 @@
-"""The fused sampler step (genfast/reference/diffusion.py has the formula) as
-one Triton kernel and its launcher.
+"""The diffusion ops (genfast/reference/diffusion.py has their formulas) as
+Triton kernels and their launchers: the fused sampler step, then the timestep
+embedding.
 
 Tensors are viewed flat per sample: sample, noise, history and the outputs as
 (B, N); model_output as (B or 2B, N or 2N), its per-sample stride given, so
@@ -82,3 +83,39 @@ def denoise_step(sample, model_output, c, noise, history, guidance_scale, want_d
         BLOCK=_BLOCK,
     )
     return prev, denoised
+
+
+@triton.jit
+def _timestep_embedding_kernel(
+    t_ptr, frequency_ptr, out_ptr, half, embedding_dim, scale,
+    FLIP: tl.constexpr, ODD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Row r = program_id(0) of diffusers' timestep embedding, columns j of one BLOCK.
+
+    Fuses the angles scale * (t f_j) and their sine and cosine. Reads
+    timesteps[r] and the frequencies; writes the row's sin and cos halves
+    (swapped when FLIP) and, for an ODD dim, its zero last column.
+    """
+    r = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = j < half
+    t = tl.load(t_ptr + r).to(tl.float32)
+    angle = scale * (t * tl.load(frequency_ptr + j, mask=mask))
+    row = out_ptr + r * embedding_dim
+    tl.store(row + j + (half if FLIP else 0), tl.sin(angle), mask=mask)
+    tl.store(row + j + (0 if FLIP else half), tl.cos(angle), mask=mask)
+    if ODD:
+        tl.store(row + embedding_dim - 1 + j, tl.zeros_like(angle), mask=j == 0)
+
+
+def timestep_embedding(timesteps, frequencies, embedding_dim, flip_sin_to_cos, scale):
+    """(N, embedding_dim) float32 for non-empty, contiguous 1-D timesteps and the float32
+    frequencies, as genfast.ops.timestep_embedding checked and made them."""
+    rows, half = timesteps.shape[0], embedding_dim // 2
+    out = torch.empty(rows, embedding_dim, device=timesteps.device, dtype=torch.float32)
+    block = min(triton.next_power_of_2(max(half, 1)), _BLOCK)
+    _timestep_embedding_kernel[(rows, max(triton.cdiv(half, block), 1))](
+        timesteps, frequencies, out, half, embedding_dim, scale,
+        FLIP=flip_sin_to_cos, ODD=embedding_dim % 2 == 1, BLOCK=block,
+    )
+    return out

@@ -1,16 +1,18 @@
-"""genfast.ops.denoise_step against the float64 reference, on every backend here."""
+"""genfast.ops.denoise_step and timestep_embedding against the float64
+reference, on every backend here."""
 
 import dataclasses
 
 import pytest
 import torch
-from helpers import BACKENDS, relative_error, require
+from helpers import BACKENDS, assert_close_to_reference, relative_error, require
 
 import genfast
 from genfast.ops import StepCoefficients
 from genfast.reference.diffusion import denoise_step as reference_step
+from genfast.reference.diffusion import timestep_embedding as reference_embedding
 
-# denoise_step has no CUDA C++ kernel: Triton serves CUDA tensors.
+# The diffusion ops have no CUDA C++ kernel: Triton serves CUDA tensors.
 STEP_BACKENDS = [b for b in BACKENDS if b != "cuda"]
 
 # dtype and the absolute term of the error rule (DESIGN.md's tolerance table).
@@ -174,3 +176,75 @@ def test_tensors_on_different_devices():
     sample = torch.randn(2, 4, 5, 6)
     with pytest.raises(ValueError, match="model_output must be on cpu"):
         genfast.ops.denoise_step(sample, sample.cuda(), StepCoefficients())
+
+
+# The timestep embedding: (timesteps, embedding_dim, flip_sin_to_cos, downscale_freq_shift, scale, max_period).
+EMBEDDINGS = [
+    (torch.tensor([999]), 320, True, 0, 1, 10000),  # Stable Diffusion's
+    (torch.arange(0, 1000, 37), 64, False, 1, 1, 10000),  # diffusers' defaults
+    (torch.rand(13, generator=torch.Generator().manual_seed(0)), 7, True, 1, 1000, 10000),  # odd dim, flow sigmas
+    (torch.tensor([0.0, 1.5, 250.25]), 2, False, 0, 2.5, 1000),
+    (torch.tensor([3, 1], dtype=torch.int32), 1, False, 1, 1, 10000),  # a lone zero column
+]
+
+
+@pytest.mark.parametrize("backend", STEP_BACKENDS)
+@pytest.mark.parametrize("timesteps, dim, flip, shift, scale, max_period", EMBEDDINGS, ids=str)
+def test_timestep_embedding_matches_reference(backend, timesteps, dim, flip, shift, scale, max_period):
+    device = require(backend)
+    timesteps = timesteps.to(device)
+    with genfast.use_backend(backend):
+        out = genfast.ops.timestep_embedding(timesteps, dim, flip, shift, scale, max_period)
+    assert out.dtype == torch.float32 and out.shape == (len(timesteps), dim)
+    exact = reference_embedding(timesteps.double(), dim, flip, shift, scale, max_period)
+    # Angles up to 1000 radians round in float32 as in diffusers: the rule is against its error.
+    assert_close_to_reference(out, exact, reference_embedding(timesteps, dim, flip, shift, scale, max_period),
+                              1e-6, "timestep embedding")
+
+
+@pytest.mark.parametrize("backend", STEP_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_timestep_embedding_of_every_timestep_dtype_and_views(backend, dtype):
+    device = require(backend)
+    timesteps = torch.arange(0, 960, 40, device=device).to(dtype)[::3]  # non-contiguous
+    with genfast.use_backend(backend):
+        out = genfast.ops.timestep_embedding(timesteps, 33, True)
+    as_float = timesteps.float()  # what diffusers embeds: the timesteps as float32
+    assert_close_to_reference(out, reference_embedding(as_float.double(), 33, True), reference_embedding(as_float, 33,
+                              True), 1e-6, f"{dtype} timesteps")
+
+
+def test_timestep_embedding_is_diffusers():
+    embeddings = pytest.importorskip("diffusers.models.embeddings")
+    for timesteps, dim, flip, shift, scale, max_period in EMBEDDINGS:
+        theirs = embeddings.get_timestep_embedding(timesteps, dim, flip, shift, scale, max_period)
+        assert torch.equal(reference_embedding(timesteps, dim, flip, shift, scale, max_period), theirs)
+    module = embeddings.Timesteps(320, True, 0)
+    timesteps = torch.tensor([999, 500, 1])
+    assert_close_to_reference(genfast.nn.Timesteps(320, True, 0)(timesteps),
+                              reference_embedding(timesteps.double(), 320, True, 0), module(timesteps), 1e-6,
+                              "genfast.nn.Timesteps")
+
+
+def test_timestep_embedding_compiles_without_graph_break():
+    require("cpu")
+    timesteps = torch.tensor([999.0, 10.0])
+    compiled = torch.compile(lambda t: genfast.ops.timestep_embedding(t, 16, True, 0), fullgraph=True)
+    with genfast.use_backend("cpu"):
+        out = compiled(timesteps)
+    assert_close_to_reference(out, reference_embedding(timesteps.double(), 16, True, 0),
+                              reference_embedding(timesteps, 16, True, 0), 1e-6, "compiled")
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"timesteps": torch.zeros(2, 3)}, ValueError, "timesteps must be 1-D"),
+    ({"timesteps": torch.ones(3, dtype=torch.bool)}, TypeError, "timesteps must have dtype"),
+    ({"embedding_dim": -1}, ValueError, "embedding_dim must be >= 0"),
+    ({"embedding_dim": 2, "downscale_freq_shift": 1}, ValueError, "equals downscale_freq_shift"),
+    ({"max_period": 0}, ValueError, "max_period must be positive"),
+    ({"scale": "1"}, TypeError, "scale must be a real number"),
+], ids=str)
+def test_timestep_embedding_bad_input(kwargs, error, message):
+    arguments = {"timesteps": torch.arange(4), "embedding_dim": 8, **kwargs}
+    with pytest.raises(error, match=message):
+        genfast.ops.timestep_embedding(**arguments)

@@ -6,11 +6,14 @@
 // when given; writes prev and optionally denoised.
 #include "diffusion.h"
 
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cmath>
 #include <type_traits>
 
 #include "memory.h"
@@ -146,6 +149,35 @@ std::vector<Tensor> denoise_step(const Tensor& sample, const Tensor& model_outpu
     default: TORCH_CHECK(false, "denoise_step takes float32, float16 or bfloat16 tensors, got ", sample.scalar_type());
   }
   return {prev, denoised};
+}
+
+// One pass writing each row of the embedding: sin and cos of the angles scale * (t * f_j).
+// Reads timesteps and the frequencies; writes the (N, embedding_dim) output.
+Tensor timestep_embedding(const Tensor& timesteps, const Tensor& frequencies, int64_t embedding_dim,
+                          bool flip_sin_to_cos, double scale) {
+  const int64_t rows = timesteps.size(0), half = embedding_dim / 2;
+  Tensor out = at::empty({rows, embedding_dim}, timesteps.options().dtype(at::kFloat));
+  const float* f = frequencies.const_data_ptr<float>();
+  const float scale_f = static_cast<float>(scale);
+  float* out_data = out.mutable_data_ptr<float>();
+  AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, timesteps.scalar_type(), "timestep_embedding", [&] {
+    const scalar_t* t = timesteps.const_data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        float* row = out_data + r * embedding_dim;
+        float* sines = row + (flip_sin_to_cos ? half : 0);
+        float* cosines = row + (flip_sin_to_cos ? 0 : half);
+        const float time = static_cast<float>(t[r]);
+        for (int64_t j = 0; j < half; ++j) {
+          const float angle = scale_f * (time * f[j]);
+          sines[j] = std::sin(angle);
+          cosines[j] = std::cos(angle);
+        }
+        if (embedding_dim % 2) row[embedding_dim - 1] = 0.f;
+      }
+    });
+  });
+  return out;
 }
 
 }  // namespace genfast::cpu

@@ -1,4 +1,4 @@
-// The fused sampler step's CPU kernel (the formula: genfast/reference/diffusion.py).
+// The diffusion ops' CPU kernels (the formulas: genfast/reference/diffusion.py).
 // Callers check the arguments (csrc/bindings.cpp).
 #pragma once
 
@@ -23,5 +23,11 @@ struct StepCoefficients {
 std::vector<at::Tensor> denoise_step(const at::Tensor& sample, const at::Tensor& model_output,
                                      const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& history,
                                      const StepCoefficients& c, bool want_denoised);
+
+// diffusers' sinusoidal timestep embedding (genfast/reference/diffusion.py): timesteps (N,)
+// contiguous, of any real dtype; frequencies (embedding_dim / 2,) contiguous float32. Returns
+// (N, embedding_dim) float32.
+at::Tensor timestep_embedding(const at::Tensor& timesteps, const at::Tensor& frequencies, int64_t embedding_dim,
+                              bool flip_sin_to_cos, double scale);
 
 }  // namespace genfast::cpu

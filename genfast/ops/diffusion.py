@@ -1,12 +1,15 @@
-"""One fused sampler step, as the custom op genfast::denoise_step.
+"""The diffusion ops: one fused sampler step (genfast::denoise_step) and the
+sinusoidal timestep embedding (genfast::timestep_embedding).
 
-denoise_step() checks its arguments and picks a backend; eager calls run the
-kernel directly, and under torch.compile or torch.export the graph holds the
-custom op. The formula and StepCoefficients: genfast/reference/diffusion.py.
+Each function checks its arguments and picks a backend. denoise_step's eager
+calls run the kernel directly, and under torch.compile or torch.export the
+graph holds the custom op. The formulas and StepCoefficients:
+genfast/reference/diffusion.py.
 """
 
 from __future__ import annotations
 
+import functools
 import numbers
 
 import torch
@@ -15,10 +18,11 @@ from torch import Tensor
 from .. import reference
 from ..backends import extension, resolve
 from ..reference.diffusion import StepCoefficients
-from ._checks import check_tensor
+from ._checks import check_int, check_tensor
 
 _IMPLEMENTED = frozenset({"cpu", "triton"})
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TIMESTEP_DTYPES = (*_DTYPES, torch.float64, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 # The scalar order of the op's `coefficients` argument and of csrc/bindings.cpp,
 # which follows them with clip, min_log, max_log (and guidance).
 _SCALARS = (
@@ -138,3 +142,70 @@ def denoise_step(
         )
         return prev, denoised if return_denoised else None
     return _kernel(backend, sample, model_output, noise, history, coefficients, guidance, return_denoised)
+
+
+@functools.lru_cache(maxsize=64)
+def _frequencies(half: int, downscale_freq_shift: float, max_period: float, device: torch.device) -> Tensor:
+    """The embedding's float32 frequencies, made once per configuration and device."""
+    return reference.diffusion.timestep_frequencies(half, downscale_freq_shift, max_period, device=device)
+
+
+def _embedding_kernel(backend, timesteps, frequencies, embedding_dim, flip_sin_to_cos, scale):
+    if backend == "triton":
+        from ..kernels import diffusion
+
+        return diffusion.timestep_embedding(timesteps, frequencies, embedding_dim, flip_sin_to_cos, scale)
+    return extension().timestep_embedding(timesteps, frequencies, embedding_dim, flip_sin_to_cos, scale)
+
+
+@torch.library.custom_op("genfast::timestep_embedding", mutates_args=())
+def timestep_embedding_op(
+    timesteps: Tensor, frequencies: Tensor, embedding_dim: int, flip_sin_to_cos: bool, scale: float, backend: str
+) -> Tensor:
+    return _embedding_kernel(backend, timesteps, frequencies, embedding_dim, flip_sin_to_cos, scale)
+
+
+@timestep_embedding_op.register_fake
+def _(timesteps, frequencies, embedding_dim, flip_sin_to_cos, scale, backend):
+    return timesteps.new_empty(timesteps.shape[0], embedding_dim, dtype=torch.float32)
+
+
+def timestep_embedding(
+    timesteps: Tensor,
+    embedding_dim: int,
+    flip_sin_to_cos: bool = False,
+    downscale_freq_shift: float = 1,
+    scale: float = 1,
+    max_period: int = 10000,
+) -> Tensor:
+    """diffusers' get_timestep_embedding in one kernel: (N, embedding_dim) float32
+    sinusoidal embeddings of the timesteps (N,), of any integer or float dtype.
+    Arguments as diffusers'; the formula: genfast/reference/diffusion.py."""
+    check_tensor("timesteps", timesteps, dtypes=_TIMESTEP_DTYPES)
+    if timesteps.dim() != 1:
+        raise ValueError(f"timesteps must be 1-D, got shape {tuple(timesteps.shape)}")
+    check_int("embedding_dim", embedding_dim, minimum=0)
+    for name, value in (("downscale_freq_shift", downscale_freq_shift), ("scale", scale), ("max_period", max_period)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if max_period <= 0:
+        raise ValueError(f"max_period must be positive, got {max_period}")
+    half = embedding_dim // 2
+    if half > 0 and half == downscale_freq_shift:
+        raise ValueError(
+            f"embedding_dim // 2 ({half}) equals downscale_freq_shift: the frequencies divide by their difference"
+        )
+
+    backend = resolve("timestep_embedding", timesteps.device, _IMPLEMENTED)
+    if backend == "reference" or timesteps.numel() == 0:
+        embedding = reference.diffusion.timestep_embedding(
+            timesteps, embedding_dim, flip_sin_to_cos, downscale_freq_shift, scale, max_period
+        )
+        return embedding.float()
+    settings = (embedding_dim, bool(flip_sin_to_cos), float(scale))
+    if torch.compiler.is_compiling():  # the graph computes the frequencies (dynamo does not trace caches)
+        frequencies = reference.diffusion.timestep_frequencies(half, downscale_freq_shift, max_period,
+                                                               device=timesteps.device)
+        return timestep_embedding_op(timesteps.contiguous(), frequencies, *settings, backend)
+    frequencies = _frequencies(half, float(downscale_freq_shift), float(max_period), timesteps.device)
+    return _embedding_kernel(backend, timesteps.contiguous(), frequencies, *settings)

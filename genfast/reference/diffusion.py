@@ -1,5 +1,5 @@
-"""One sampler step of a diffusion model, in plain PyTorch: the oracle for the
-fused step kernels and the `reference` backend.
+"""The diffusion ops in plain PyTorch: the oracle for their fused kernels and
+the `reference` backend. A sampler step, then the timestep embedding.
 
 Every scheduler family genfast fuses (DDPM, DDIM, Euler, Euler ancestral,
 DPM-Solver++ 2M, LCM, flow matching) updates the sample with the same
@@ -22,6 +22,7 @@ frac = (v + 1) / 2, v being the model's variance output.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -88,3 +89,32 @@ def denoise_step(
             std = std * torch.exp(0.5 * (frac * max_log + (1 - frac) * min_log))
         prev = prev + std * noise.to(math)
     return prev, c.out_x0 * x0 + c.out_sample * x
+
+
+def timestep_frequencies(
+    half: int, downscale_freq_shift: float, max_period: float, dtype: torch.dtype = torch.float32, device=None
+) -> Tensor:
+    """The embedding's frequencies f_j = max_period^(-j / (half - shift)), j < half, as diffusers rounds them."""
+    exponent = -math.log(max_period) * torch.arange(half, dtype=dtype, device=device)
+    return torch.exp(exponent / (half - downscale_freq_shift))
+
+
+def timestep_embedding(
+    timesteps: Tensor,
+    embedding_dim: int,
+    flip_sin_to_cos: bool = False,
+    downscale_freq_shift: float = 1.0,
+    scale: float = 1.0,
+    max_period: float = 10000.0,
+) -> Tensor:
+    """diffusers' get_timestep_embedding: for timesteps (N,), the (N, embedding_dim)
+    [sin(scale t f), cos(scale t f)] over the frequencies f above (halves swapped with
+    flip_sin_to_cos, a zero column last for an odd dim). float32, float64 for float64
+    timesteps."""
+    math_dtype = torch.float64 if timesteps.dtype == torch.float64 else torch.float32
+    half = embedding_dim // 2
+    frequencies = timestep_frequencies(half, downscale_freq_shift, max_period, math_dtype, timesteps.device)
+    angles = scale * (timesteps[:, None].to(math_dtype) * frequencies[None, :])
+    halves = [torch.sin(angles), torch.cos(angles)]
+    embedding = torch.cat(halves[::-1] if flip_sin_to_cos else halves, dim=-1)
+    return torch.nn.functional.pad(embedding, (0, embedding_dim % 2))
