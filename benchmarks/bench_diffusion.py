@@ -1,10 +1,14 @@
-"""Scheduler steps as a diffusers sampling loop runs them, on Stable Diffusion
-latents: (16, 4, 128, 128), 16 SDXL-sized images.
+"""The diffusion ops as diffusers' sampling loops and training scripts run
+them, on Stable Diffusion latents: (16, 4, 128, 128), 16 SDXL-sized images.
 
-Each case is one step() of a scheduler at a mid-schedule timestep. genfast's
+Scheduler cases are one step() at a mid-schedule timestep. genfast's
 schedulers are timed against diffusers' own, against torch.compile of
 diffusers' step, and, in the guided case, against diffusers' step after the
 pipeline's classifier-free guidance, which genfast fuses into the step.
+Training cases are the noised batch with its velocity target (add_noise and
+get_velocity), and the min-SNR weighted loss with its backward, against
+diffusers' train_text_to_image.py code and its torch.compile. Every case names
+its task; each provider runs it its way.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ def step_case(scheduler: str, guided: bool = False, quick: bool = False) -> Case
         batch = LATENTS[0] * (2 if guided else 1)
         ours, theirs = (_scheduler(library, scheduler) for library in ("genfast", "diffusers"))
         return {
+            "task": "step",
             "sample": torch.randn(LATENTS, device=device),
             "model_output": torch.randn(batch, *LATENTS[1:], device=device),
             "ours": ours,
@@ -106,17 +111,84 @@ def _at_step(scheduler, index: int):
     return scheduler.timesteps[index]
 
 
-def _genfast(sample, model_output, ours, theirs, index, step_kwargs, guidance_scale):
+def _genfast_step(sample, model_output, ours, theirs, index, step_kwargs, guidance_scale):
     timestep = _at_step(ours, index)
     return ours.step(model_output, timestep, sample, guidance_scale=guidance_scale, **step_kwargs).prev_sample
 
 
-def _diffusers(sample, model_output, ours, theirs, index, step_kwargs, guidance_scale):
+def _diffusers_step(sample, model_output, ours, theirs, index, step_kwargs, guidance_scale):
     """What a pipeline runs: its guidance, then diffusers' step."""
     if guidance_scale is not None:
         uncond, cond = model_output.chunk(2)
         model_output = uncond + guidance_scale * (cond - uncond)
     return theirs.step(model_output, _at_step(theirs, index), sample, **step_kwargs).prev_sample
+
+
+def noising_case() -> Case:
+    def make_inputs(device: torch.device) -> dict:
+        ours, theirs = (_scheduler(library, "ddpm") for library in ("genfast", "diffusers"))
+        return {
+            "task": "noising",
+            "original_samples": torch.randn(LATENTS, device=device),
+            "noise": torch.randn(LATENTS, device=device),
+            "timesteps": torch.randint(0, 1000, LATENTS[:1], device=device),
+            "ours": ours,
+            "theirs": theirs,
+        }
+
+    # Reads x0 and noise, writes the noisy batch and the velocity.
+    return Case(f"add_noise + velocity {'x'.join(map(str, LATENTS))}", "training", "forward", math.prod(LATENTS),
+                make_inputs, 4 * math.prod(LATENTS) * 4, quick=True)
+
+
+def loss_case(direction: str) -> Case:
+    def make_inputs(device: torch.device) -> dict:
+        return {
+            "task": "loss",
+            "model_output": torch.randn(LATENTS, device=device),
+            # Inside a tuple, the harness's backward leaves them out: training differentiates the model output only.
+            "target_and_weights": (torch.randn(LATENTS, device=device), torch.rand(LATENTS[0], device=device)),
+        }
+
+    # Forward: model_output and target read. Backward: read again, the gradient written (torch.compile
+    # instead saves their difference in its forward, a write there and a read less here).
+    tensors = 2 if direction == "forward" else 3
+    return Case(f"min-snr loss {'x'.join(map(str, LATENTS))}", "training", direction, math.prod(LATENTS),
+                make_inputs, tensors * math.prod(LATENTS) * 4, quick=True)
+
+
+CASES += [noising_case(), loss_case("forward"), loss_case("backward")]
+
+
+def _genfast_noising(original_samples, noise, timesteps, ours, theirs):
+    return ours.add_noise_and_velocity(original_samples, noise, timesteps)
+
+
+def _diffusers_noising(original_samples, noise, timesteps, ours, theirs):
+    return theirs.add_noise(original_samples, noise, timesteps), theirs.get_velocity(original_samples, noise, timesteps)
+
+
+def _genfast_loss(model_output, target_and_weights):
+    return genfast.ops.denoising_loss(model_output, *target_and_weights)
+
+
+def _torch_loss(model_output, target_and_weights):
+    """diffusers' train_text_to_image.py with snr_gamma: the per-sample MSE, weighted, averaged."""
+    target, weights = target_and_weights
+    loss = torch.nn.functional.mse_loss(model_output.float(), target.float(), reduction="none")
+    return (loss.mean(dim=list(range(1, loss.dim()))) * weights).mean()
+
+
+_GENFAST = {"step": _genfast_step, "noising": _genfast_noising, "loss": _genfast_loss}
+_DIFFUSERS = {"step": _diffusers_step, "noising": _diffusers_noising, "loss": _torch_loss}
+
+
+def _genfast(task, **inputs):
+    return _GENFAST[task](**inputs)
+
+
+def _diffusers(task, **inputs):
+    return _DIFFUSERS[task](**inputs)
 
 
 def providers(device_type: str) -> list[Provider]:

@@ -170,6 +170,60 @@ Tensor timestep_embedding(const Tensor& timesteps, const Tensor& frequencies, in
   return genfast::cpu::timestep_embedding(timesteps, frequencies, embedding_dim, flip_sin_to_cos, scale);
 }
 
+// Checks a float32, float16 or bfloat16 (B, ...) CPU tensor that a training op reads, and that
+// `other` is like it.
+void check_batch_pair(const Tensor& first, const Tensor& other, const char* first_name, const char* other_name) {
+  const auto dtype = first.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, first_name,
+              " must be float32, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(first.dim() >= 1 && first.numel() > 0, first_name, " must be a non-empty (B, ...) tensor, got ",
+              first.sizes());
+  TORCH_CHECK(other.sizes() == first.sizes() && other.scalar_type() == dtype, other_name, " must have ", first_name,
+              "'s shape ", first.sizes(), " and dtype ", dtype, ", got ", other.sizes(), " ", other.scalar_type());
+  TORCH_CHECK(first.is_contiguous() && other.is_contiguous(), first_name, " and ", other_name, " must be contiguous");
+  TORCH_CHECK(first.is_cpu() && other.is_cpu(), "the C++ training kernels take CPU tensors (use triton)");
+}
+
+void check_weights(const std::optional<Tensor>& weights, const Tensor& model_output) {
+  if (!weights) return;
+  TORCH_CHECK(weights->dim() == 1 && weights->size(0) == model_output.size(0) &&
+                  weights->scalar_type() == at::kFloat && weights->is_contiguous() && weights->is_cpu(),
+              "weights must be a contiguous float32 CPU tensor of shape (", model_output.size(0), ",), got ",
+              weights->sizes(), " ", weights->scalar_type());
+}
+
+std::vector<Tensor> add_noise(const Tensor& x0, const Tensor& noise, const Tensor& timesteps,
+                              const Tensor& alphas_cumprod, bool velocity) {
+  check_batch_pair(x0, noise, "original_samples", "noise");
+  TORCH_CHECK(timesteps.dim() == 1 && timesteps.size(0) == x0.size(0) && timesteps.scalar_type() == at::kLong &&
+                  timesteps.is_contiguous() && timesteps.is_cpu(),
+              "timesteps must be a contiguous int64 CPU tensor of shape (", x0.size(0), ",), got ", timesteps.sizes(),
+              " ", timesteps.scalar_type());
+  TORCH_CHECK(alphas_cumprod.dim() == 1 && alphas_cumprod.scalar_type() == at::kFloat &&
+                  alphas_cumprod.is_contiguous() && alphas_cumprod.is_cpu(),
+              "alphas_cumprod must be a contiguous 1-D float32 CPU tensor");
+  const int64_t* t = timesteps.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < timesteps.size(0); ++b)
+    TORCH_CHECK(t[b] >= 0 && t[b] < alphas_cumprod.size(0), "timesteps must lie in [0, ", alphas_cumprod.size(0),
+                "), the schedule's length; got ", t[b]);
+  return genfast::cpu::add_noise(x0, noise, timesteps, alphas_cumprod, velocity);
+}
+
+std::vector<Tensor> denoising_loss(const Tensor& model_output, const Tensor& target,
+                                   const std::optional<Tensor>& weights, bool want_gradient) {
+  check_batch_pair(model_output, target, "model_output", "target");
+  check_weights(weights, model_output);
+  return genfast::cpu::denoising_loss(model_output, target, weights, want_gradient);
+}
+
+Tensor scale(const Tensor& x, double scale) {
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "x must be float32, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(x.is_contiguous() && x.is_cpu(), "x must be a contiguous CPU tensor");
+  return genfast::cpu::scale(x, scale);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -183,4 +237,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("group_norm_backward", &group_norm_backward, "GroupNorm + activation backward: (dx, dweight, dbias)");
   m.def("denoise_step", &denoise_step, "One fused sampler step: (prev, denoised or an undefined tensor)");
   m.def("timestep_embedding", &timestep_embedding, "diffusers' sinusoidal timestep embedding, float32");
+  m.def("add_noise", &add_noise, "Training noise: (noisy, velocity or an undefined tensor)");
+  m.def("denoising_loss", &denoising_loss,
+        "The denoising loss: (loss, per-sample mean squared errors, gradient or an undefined tensor)");
+  m.def("scale", &scale, "scale * x, for the denoising loss's backward");
 }

@@ -1,9 +1,10 @@
 """The diffusion ops (genfast/reference/diffusion.py has their formulas) as
-Triton kernels and their launchers: the fused sampler step, then the timestep
-embedding.
+Triton kernels and their launchers: the fused sampler step, the timestep
+embedding, and the training ops (noising a batch, the denoising loss and its
+gradient).
 
-Tensors are viewed flat per sample: sample, noise, history and the outputs as
-(B, N); model_output as (B or 2B, N or 2N), its per-sample stride given, so
+Tensors are viewed flat per sample, (B, N), and grids are (blocks of N, B).
+The step's model_output is (B or 2B, N or 2N), its per-sample stride given, so
 one kernel reads the guided [uncond, cond] batch and the learned-variance
 channels in place. Coefficients arrive as scalars and the optional terms as
 constexpr flags, so each configuration compiles to the loads it needs.
@@ -119,3 +120,78 @@ def timestep_embedding(timesteps, frequencies, embedding_dim, flip_sin_to_cos, s
         FLIP=flip_sin_to_cos, ODD=embedding_dim % 2 == 1, BLOCK=block,
     )
     return out
+
+
+@triton.jit
+def _add_noise_kernel(
+    x0_ptr, noise_ptr, t_ptr, alphas_ptr, noisy_ptr, velocity_ptr, N, num_alphas,
+    VELOCITY: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """BLOCK elements of training sample b = program_id(1), noised.
+
+    Fuses the gather a = alphas_cumprod[t], noisy = sqrt(a) x0 + sqrt(1 - a) noise
+    and the velocity sqrt(a) noise - sqrt(1 - a) x0. Reads x0, noise, timesteps[b]
+    and one table entry; writes noisy and, if VELOCITY, velocity. A timestep
+    outside the table reads nothing and yields NaN (checking on the host would
+    wait for the GPU).
+    """
+    b = tl.program_id(1).to(tl.int64)
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < N
+    t = tl.load(t_ptr + b)
+    inside = (t >= 0) & (t < num_alphas)
+    alpha = tl.load(alphas_ptr + tl.where(inside, t, 0))
+    alpha = tl.where(inside, alpha, float("nan"))
+    a, s = tl.sqrt(alpha), tl.sqrt(1 - alpha)
+    x0 = tl.load(x0_ptr + b * N + i, mask=mask).to(tl.float32)
+    noise = tl.load(noise_ptr + b * N + i, mask=mask).to(tl.float32)
+    tl.store(noisy_ptr + b * N + i, (a * x0 + s * noise).to(noisy_ptr.dtype.element_ty), mask=mask)
+    if VELOCITY:
+        tl.store(velocity_ptr + b * N + i, (a * noise - s * x0).to(velocity_ptr.dtype.element_ty), mask=mask)
+
+
+def add_noise(x0, noise, timesteps, alphas_cumprod, velocity: bool):
+    """(noisy, velocity or None) for contiguous, non-empty inputs that genfast.ops.add_noise checked."""
+    batch, n = x0.shape[0], x0[0].numel()
+    noisy = torch.empty_like(x0)
+    v = torch.empty_like(x0) if velocity else None
+    _add_noise_kernel[(triton.cdiv(n, _BLOCK), batch)](
+        x0, noise, timesteps, alphas_cumprod, noisy, v if velocity else noisy, n, alphas_cumprod.shape[0],
+        VELOCITY=velocity, BLOCK=_BLOCK,
+    )
+    return noisy, v
+
+
+@triton.jit
+def _loss_kernel(m_ptr, t_ptr, weights_ptr, partial_ptr, gradient_ptr, N, gradient_scale,
+                 WEIGHTED: tl.constexpr, GRADIENT: tl.constexpr, BLOCK: tl.constexpr):
+    """The denoising loss over BLOCK elements of sample b = program_id(1), and its gradient.
+
+    Fuses the difference, its square's partial sum and the gradient
+    2 w[b] / (B N) (model_output - target). Reads model_output and target (and
+    w[b]); writes partial[b, program_id(0)] and, if GRADIENT, the gradient.
+    """
+    b = tl.program_id(1).to(tl.int64)
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < N
+    diff = tl.load(m_ptr + b * N + i, mask=mask).to(tl.float32) - tl.load(t_ptr + b * N + i, mask=mask).to(tl.float32)
+    tl.store(partial_ptr + b * tl.num_programs(0) + tl.program_id(0), tl.sum(diff * diff, axis=0))
+    if GRADIENT:
+        scale = gradient_scale * tl.load(weights_ptr + b) if WEIGHTED else gradient_scale
+        tl.store(gradient_ptr + b * N + i, (scale * diff).to(gradient_ptr.dtype.element_ty), mask=mask)
+
+
+def denoising_loss(model_output, target, weights, want_gradient: bool):
+    """(loss, per-sample mean squared errors, gradient or None) for inputs genfast.ops.denoising_loss
+    checked; the loss in float32, its partial sums added in a fixed order (the same loss on every run)."""
+    batch, n = model_output.shape[0], model_output[0].numel()
+    chunks = triton.cdiv(n, _BLOCK)
+    partial = torch.empty(batch, chunks, device=model_output.device, dtype=torch.float32)
+    gradient = torch.empty_like(model_output) if want_gradient else None
+    _loss_kernel[(chunks, batch)](
+        model_output, target, weights if weights is not None else partial, partial,
+        gradient if want_gradient else model_output, n, 2.0 / (batch * n),
+        WEIGHTED=weights is not None, GRADIENT=want_gradient, BLOCK=_BLOCK,
+    )
+    per_sample = partial.sum(1) / n
+    return (per_sample * weights if weights is not None else per_sample).mean(), per_sample, gradient

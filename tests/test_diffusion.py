@@ -1,5 +1,5 @@
-"""genfast.ops.denoise_step and timestep_embedding against the float64
-reference, on every backend here."""
+"""genfast's diffusion ops (the sampler step, the timestep embedding, the
+training noise and loss) against the float64 reference, on every backend here."""
 
 import dataclasses
 
@@ -9,7 +9,9 @@ from helpers import BACKENDS, assert_close_to_reference, relative_error, require
 
 import genfast
 from genfast.ops import StepCoefficients
+from genfast.reference.diffusion import add_noise as reference_add_noise
 from genfast.reference.diffusion import denoise_step as reference_step
+from genfast.reference.diffusion import denoising_loss as reference_loss
 from genfast.reference.diffusion import timestep_embedding as reference_embedding
 
 # The diffusion ops have no CUDA C++ kernel: Triton serves CUDA tensors.
@@ -248,3 +250,112 @@ def test_timestep_embedding_bad_input(kwargs, error, message):
     arguments = {"timesteps": torch.arange(4), "embedding_dim": 8, **kwargs}
     with pytest.raises(error, match=message):
         genfast.ops.timestep_embedding(**arguments)
+
+
+def training_batch(shape, dtype, device, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x0, noise = (torch.randn(shape, generator=generator).to(device, dtype) for _ in range(2))
+    alphas_cumprod = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0).to(device)
+    timesteps = torch.randint(0, 1000, (shape[0],), generator=generator).to(device)
+    return x0, noise, timesteps, alphas_cumprod
+
+
+@pytest.mark.parametrize("backend", STEP_BACKENDS)
+@pytest.mark.parametrize("shape", [(1,), (3, 1, 1), (2, 4, 7, 13), (5, 3, 33, 31)], ids=str)
+@pytest.mark.parametrize("dtype, atol", DTYPES, ids=str)
+def test_add_noise_and_velocity(backend, shape, dtype, atol):
+    device = require(backend)
+    x0, noise, timesteps, alphas_cumprod = training_batch(shape, dtype, device)
+    with genfast.use_backend(backend):
+        noisy, velocity = genfast.ops.add_noise(x0, noise, timesteps, alphas_cumprod, velocity=True)
+        alone = genfast.ops.add_noise(x0, noise, timesteps.int(), alphas_cumprod)
+    exact_noisy, exact_velocity = reference_add_noise(x0.double(), noise.double(), timesteps, alphas_cumprod.double(),
+                                                      velocity=True)
+    assert noisy.dtype == velocity.dtype == dtype and noisy.shape == x0.shape
+    assert relative_error(noisy, exact_noisy) <= atol
+    assert relative_error(velocity, exact_velocity) <= atol
+    assert torch.equal(alone, noisy)
+
+
+def test_add_noise_is_diffusers():
+    """The scheduler's add_noise and get_velocity run the fused op and agree with diffusers'."""
+    diffusers = pytest.importorskip("diffusers")
+    ours, theirs = genfast.schedulers.DDPMScheduler(), diffusers.DDPMScheduler()
+    x0, noise, timesteps, _ = training_batch((4, 3, 8, 8), torch.float32, "cpu")
+    assert relative_error(ours.add_noise(x0, noise, timesteps), theirs.add_noise(x0, noise, timesteps).double()) < 1e-6
+    assert relative_error(ours.get_velocity(x0, noise, timesteps),
+                          theirs.get_velocity(x0, noise, timesteps).double()) < 1e-6
+
+
+def test_add_noise_timestep_outside_the_schedule():
+    x0, noise, timesteps, alphas_cumprod = training_batch((2, 3), torch.float32, "cpu")
+    with genfast.use_backend("cpu"), pytest.raises(RuntimeError, match=r"timesteps must lie in \[0, 1000\)"):
+        genfast.ops.add_noise(x0, noise, torch.tensor([5, 1000]), alphas_cumprod)
+
+
+@pytest.mark.parametrize("backend", STEP_BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 1, 1), (2, 4, 7, 13), (5, 3, 33, 31)], ids=str)
+@pytest.mark.parametrize("dtype, atol", DTYPES, ids=str)
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weighted"])
+def test_denoising_loss_and_gradients(backend, shape, dtype, atol, weighted):
+    device = require(backend)
+    generator = torch.Generator().manual_seed(1)
+    model_output, target = (torch.randn(shape, generator=generator).to(device, dtype).requires_grad_()
+                            for _ in range(2))
+    weights = torch.rand(shape[0], generator=generator).to(device).requires_grad_() if weighted else None
+    with genfast.use_backend(backend):
+        loss = genfast.ops.denoising_loss(model_output, target, weights)
+    inputs = [model_output, target] + ([weights] if weighted else [])
+    grads = torch.autograd.grad(loss, inputs, torch.tensor(0.7, device=device))
+    upcast = [t.detach().double().requires_grad_() for t in inputs]
+    exact = reference_loss(*upcast)
+    exact_grads = torch.autograd.grad(exact, upcast, torch.tensor(0.7, dtype=torch.float64, device=device))
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert relative_error(loss, exact) <= 1e-5
+    for name, got, want in zip(["model_output", "target", "weights"], grads, exact_grads):
+        # Gradients are about 2 / numel: the error is relative to their size.
+        scale = want.abs().max().item() or 1.0
+        assert relative_error(got / scale, want / scale) <= atol, name
+
+
+def test_denoising_loss_is_torch_mse_loss():
+    model_output, target = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    with genfast.use_backend("cpu"):
+        loss = genfast.ops.denoising_loss(model_output, target)
+    assert relative_error(loss, torch.nn.functional.mse_loss(model_output.double(), target.double())) <= 1e-6
+
+
+def test_denoising_loss_compiles_without_graph_break():
+    require("cpu")
+    model_output = torch.randn(3, 4, 5, requires_grad=True)
+    target, weights = torch.randn(3, 4, 5), torch.rand(3)
+    compiled = torch.compile(genfast.ops.denoising_loss, fullgraph=True)
+    with genfast.use_backend("cpu"):
+        loss = compiled(model_output, target, weights)
+        loss.backward()
+    exact_input = model_output.detach().double().requires_grad_()
+    exact = reference_loss(exact_input, target.double(), weights.double())
+    exact.backward()
+    assert relative_error(loss, exact) <= 1e-6
+    assert relative_error(model_output.grad, exact_input.grad) <= 1e-6
+
+
+TRAINING_BAD_INPUTS = {
+    "noise of another shape": (lambda x: genfast.ops.add_noise(x, x[:1], torch.tensor([1, 2]), torch.rand(10)),
+                               ValueError, "noise must have shape"),
+    "float timesteps": (lambda x: genfast.ops.add_noise(x, x, torch.tensor([1.0, 2.0]), torch.rand(10)),
+                        TypeError, "timesteps must have dtype"),
+    "a 2-D table": (lambda x: genfast.ops.add_noise(x, x, torch.tensor([1, 2]), torch.rand(10, 1)),
+                    ValueError, "alphas_cumprod must be 1-D"),
+    "target of another dtype": (lambda x: genfast.ops.denoising_loss(x, x.half()), TypeError,
+                                "target must have dtype"),
+    "weights per element": (lambda x: genfast.ops.denoising_loss(x, x, torch.rand(2, 3)), ValueError,
+                            r"weights must have shape \(2,\)"),
+}
+
+
+@pytest.mark.parametrize("case", TRAINING_BAD_INPUTS)
+def test_training_bad_input(case):
+    call, error, message = TRAINING_BAD_INPUTS[case]
+    with pytest.raises(error, match=message):
+        call(torch.randn(2, 3))

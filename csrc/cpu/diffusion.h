@@ -30,4 +30,20 @@ std::vector<at::Tensor> denoise_step(const at::Tensor& sample, const at::Tensor&
 at::Tensor timestep_embedding(const at::Tensor& timesteps, const at::Tensor& frequencies, int64_t embedding_dim,
                               bool flip_sin_to_cos, double scale);
 
+// Training: the noisy batch and optionally the velocity target (genfast/reference/diffusion.py's
+// add_noise). x0 and noise (B, ...) contiguous, float32, float16 or bfloat16; timesteps (B,) int64
+// within alphas_cumprod, a contiguous float32 table. Returns noisy and velocity (or undefined).
+std::vector<at::Tensor> add_noise(const at::Tensor& x0, const at::Tensor& noise, const at::Tensor& timesteps,
+                                  const at::Tensor& alphas_cumprod, bool velocity);
+
+// The denoising loss: model_output and target (B, ...) contiguous, of one dtype; weights (B,)
+// float32 or undefined. Returns the float32 loss (0-d), each sample's mean squared error (B,)
+// and, if want_gradient, the loss's gradient in model_output, 2 weights[b] / (B N) (model_output
+// - target), in its dtype (else an undefined tensor).
+std::vector<at::Tensor> denoising_loss(const at::Tensor& model_output, const at::Tensor& target,
+                                       const std::optional<at::Tensor>& weights, bool want_gradient);
+
+// scale * x for a contiguous float32, float16 or bfloat16 x, into the output cache (memory.h).
+at::Tensor scale(const at::Tensor& x, double scale);
+
 }  // namespace genfast::cpu

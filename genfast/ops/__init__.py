@@ -1,7 +1,9 @@
 """genfast ops: each a torch.library custom op behind a checked Python function."""
 
 from ..reference.diffusion import StepCoefficients
-from .diffusion import denoise_step, timestep_embedding
+from .diffusion import add_noise, denoise_step, denoising_loss, timestep_embedding
 from .norm import group_norm
 
-__all__ = ["StepCoefficients", "denoise_step", "group_norm", "timestep_embedding"]
+__all__ = [
+    "StepCoefficients", "add_noise", "denoise_step", "denoising_loss", "group_norm", "timestep_embedding",
+]

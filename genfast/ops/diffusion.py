@@ -1,5 +1,7 @@
-"""The diffusion ops: one fused sampler step (genfast::denoise_step) and the
-sinusoidal timestep embedding (genfast::timestep_embedding).
+"""The diffusion ops: one fused sampler step (genfast::denoise_step), the
+sinusoidal timestep embedding (genfast::timestep_embedding), and for training
+the noised batch (genfast::add_noise) and the denoising loss
+(genfast::denoising_loss, with its backward).
 
 Each function checks its arguments and picks a backend. denoise_step's eager
 calls run the kernel directly, and under torch.compile or torch.export the
@@ -22,7 +24,8 @@ from ._checks import check_int, check_tensor
 
 _IMPLEMENTED = frozenset({"cpu", "triton"})
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_TIMESTEP_DTYPES = (*_DTYPES, torch.float64, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+_INDEX_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+_TIMESTEP_DTYPES = (*_DTYPES, torch.float64, *_INDEX_DTYPES)
 # The scalar order of the op's `coefficients` argument and of csrc/bindings.cpp,
 # which follows them with clip, min_log, max_log (and guidance).
 _SCALARS = (
@@ -209,3 +212,130 @@ def timestep_embedding(
         return timestep_embedding_op(timesteps.contiguous(), frequencies, *settings, backend)
     frequencies = _frequencies(half, float(downscale_freq_shift), float(max_period), timesteps.device)
     return _embedding_kernel(backend, timesteps.contiguous(), frequencies, *settings)
+
+
+def _training_kernels(backend: str):
+    if backend == "triton":
+        from ..kernels import diffusion
+
+        return diffusion
+    return extension()
+
+
+@torch.library.custom_op("genfast::add_noise", mutates_args=())
+def add_noise_op(
+    original_samples: Tensor, noise: Tensor, timesteps: Tensor, alphas_cumprod: Tensor, velocity: bool, backend: str
+) -> tuple[Tensor, Tensor]:
+    """(noisy, velocity); velocity is empty unless asked for."""
+    noisy, v = _training_kernels(backend).add_noise(original_samples, noise, timesteps, alphas_cumprod, velocity)
+    return noisy, v if v is not None else noisy.new_empty(0)
+
+
+@add_noise_op.register_fake
+def _(original_samples, noise, timesteps, alphas_cumprod, velocity, backend):
+    return torch.empty_like(original_samples), torch.empty_like(original_samples) if velocity else noise.new_empty(0)
+
+
+def add_noise(
+    original_samples: Tensor, noise: Tensor, timesteps: Tensor, alphas_cumprod: Tensor, *, velocity: bool = False
+) -> Tensor | tuple[Tensor, Tensor]:
+    """diffusers' scheduler.add_noise in one pass: per sample a = alphas_cumprod[t],
+    sqrt(a) x0 + sqrt(1 - a) noise; with velocity=True also get_velocity's target
+    sqrt(a) noise - sqrt(1 - a) x0 from the same reads, as (noisy, velocity).
+
+    original_samples, noise: (B, ...) float32, float16 or bfloat16 (math in
+    float32). timesteps: (B,) integers indexing alphas_cumprod, the schedule's
+    1-D table, both on the samples' device. CPU timesteps outside the table are
+    an error; on a GPU, checking would wait for it: the kernel reads nothing
+    there and those samples come out NaN.
+    """
+    check_tensor("original_samples", original_samples, dtypes=_DTYPES, min_dim=1)
+    check_tensor("noise", noise, dtypes=(original_samples.dtype,), shape=tuple(original_samples.shape),
+                 like=original_samples)
+    check_tensor("timesteps", timesteps, dtypes=_INDEX_DTYPES, shape=(original_samples.shape[0],),
+                 like=original_samples)
+    check_tensor("alphas_cumprod", alphas_cumprod, dtypes=(torch.float32, torch.float64), like=original_samples)
+    if alphas_cumprod.dim() != 1:
+        raise ValueError(f"alphas_cumprod must be 1-D, got shape {tuple(alphas_cumprod.shape)}")
+    backend = resolve("add_noise", original_samples.device, _IMPLEMENTED)
+    if backend == "reference" or original_samples.numel() == 0:
+        noisy, v = reference.diffusion.add_noise(original_samples, noise, timesteps, alphas_cumprod, velocity)
+    else:
+        noisy, v = add_noise_op(
+            original_samples.contiguous(), noise.contiguous(), timesteps.long().contiguous(),
+            alphas_cumprod.float().contiguous(), bool(velocity), backend,
+        )
+    return (noisy, v) if velocity else noisy
+
+
+@torch.library.custom_op("genfast::denoising_loss", mutates_args=())
+def denoising_loss_op(
+    model_output: Tensor, target: Tensor, weights: Tensor | None, want_gradient: bool, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, each sample's mean squared error, d loss / d model_output or empty unless want_gradient).
+
+    The gradient comes from the forward's pass over the inputs: backward then
+    scales it, reading one tensor instead of two."""
+    loss, per_sample, gradient = _training_kernels(backend).denoising_loss(model_output, target, weights,
+                                                                           want_gradient)
+    return loss, per_sample, gradient if gradient is not None else model_output.new_empty(0)
+
+
+@denoising_loss_op.register_fake
+def _(model_output, target, weights, want_gradient, backend):
+    return (model_output.new_empty((), dtype=torch.float32),
+            model_output.new_empty(model_output.shape[0], dtype=torch.float32),
+            torch.empty_like(model_output) if want_gradient else model_output.new_empty(0))
+
+
+def _loss_setup_context(ctx, inputs, output):
+    _loss, per_sample, gradient = output
+    ctx.save_for_backward(gradient, per_sample)
+    ctx.backend = inputs[-1]
+    ctx.set_materialize_grads(False)  # else autograd fills a zero tensor for the unused gradient output
+
+
+def _scaled(gradient: Tensor, grad: Tensor, backend: str) -> Tensor:
+    if backend == "cpu" and not torch.compiler.is_compiling():
+        # Into the C++ output cache: a fresh 4 MB tensor from torch pays a page fault per 4 KB (memory.h).
+        return extension().scale(gradient, grad.item())
+    return gradient * grad
+
+
+def _loss_backward(ctx, grad, _grad_per_sample, _grad_gradient):
+    gradient, per_sample = ctx.saved_tensors
+    want_model_output, want_target, want_weights = ctx.needs_input_grad[:3]
+    grad_m = _scaled(gradient, grad, ctx.backend) if want_model_output or want_target else None
+    return (
+        grad_m if want_model_output else None,
+        -grad_m if want_target else None,
+        grad * per_sample / per_sample.shape[0] if want_weights else None,  # d loss / d weights[b]
+        None,
+        None,
+    )
+
+
+denoising_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup_context)
+
+
+def denoising_loss(model_output: Tensor, target: Tensor, weights: Tensor | None = None) -> Tensor:
+    """The diffusion training loss in one pass that also writes its gradient, which backward scales:
+    F.mse_loss(model_output.float(), target.float()), or with per-sample weights
+    (e.g. min-SNR) the mean over samples of weights[b] times that sample's mean
+    squared error, as diffusers' training scripts compute it.
+
+    model_output, target: (B, ...) float32, float16 or bfloat16, one dtype.
+    weights: (B,) float or None. Returns a float32 scalar; differentiable in all three.
+    """
+    check_tensor("model_output", model_output, dtypes=_DTYPES, min_dim=1)
+    check_tensor("target", target, dtypes=(model_output.dtype,), shape=tuple(model_output.shape), like=model_output)
+    if weights is not None:
+        check_tensor("weights", weights, dtypes=(*_DTYPES, torch.float64), shape=(model_output.shape[0],),
+                     like=model_output)
+    backend = resolve("denoising_loss", model_output.device, _IMPLEMENTED)
+    if backend == "reference" or model_output.numel() == 0:
+        return reference.diffusion.denoising_loss(model_output, target, weights)
+    want_gradient = torch.is_grad_enabled() and (model_output.requires_grad or target.requires_grad)
+    weights_float = weights.float().contiguous() if weights is not None else None
+    return denoising_loss_op(model_output.contiguous(), target.contiguous(), weights_float, want_gradient,
+                             backend)[0]

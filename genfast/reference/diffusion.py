@@ -1,5 +1,6 @@
 """The diffusion ops in plain PyTorch: the oracle for their fused kernels and
-the `reference` backend. A sampler step, then the timestep embedding.
+the `reference` backend. A sampler step, the timestep embedding, and the
+training ops: noising a batch and the denoising loss.
 
 Every scheduler family genfast fuses (DDPM, DDIM, Euler, Euler ancestral,
 DPM-Solver++ 2M, LCM, flow matching) updates the sample with the same
@@ -118,3 +119,30 @@ def timestep_embedding(
     halves = [torch.sin(angles), torch.cos(angles)]
     embedding = torch.cat(halves[::-1] if flip_sin_to_cos else halves, dim=-1)
     return torch.nn.functional.pad(embedding, (0, embedding_dim % 2))
+
+
+def add_noise(
+    original_samples: Tensor, noise: Tensor, timesteps: Tensor, alphas_cumprod: Tensor, velocity: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """diffusers' add_noise, and with velocity its get_velocity from the same
+    inputs: with a = alphas_cumprod[timesteps] per sample,
+        noisy = sqrt(a) x0 + sqrt(1 - a) noise,   v = sqrt(a) noise - sqrt(1 - a) x0.
+    Computed in float32 (float64 for float64 samples), returned in x0's dtype."""
+    math_dtype = torch.float64 if original_samples.dtype == torch.float64 else torch.float32
+    alpha = alphas_cumprod.to(original_samples.device, math_dtype)[timesteps]
+    alpha = alpha.reshape(-1, *[1] * (original_samples.dim() - 1))
+    a, b = alpha.sqrt(), (1 - alpha).sqrt()
+    x0, eps = original_samples.to(math_dtype), noise.to(math_dtype)
+    noisy = (a * x0 + b * eps).to(original_samples.dtype)
+    return noisy, (a * eps - b * x0).to(original_samples.dtype) if velocity else None
+
+
+def denoising_loss(model_output: Tensor, target: Tensor, weights: Tensor | None = None) -> Tensor:
+    """The diffusion training loss: the mean over samples of weights[b] times the
+    sample's mean squared error (F.mse_loss without weights; min-SNR weighting
+    with them). A float32 scalar (float64 for float64 inputs)."""
+    math_dtype = torch.float64 if model_output.dtype == torch.float64 else torch.float32
+    per_sample = (model_output.to(math_dtype) - target.to(math_dtype)).square().flatten(1).mean(1)
+    if weights is not None:
+        per_sample = per_sample * weights.to(math_dtype)
+    return per_sample.mean()

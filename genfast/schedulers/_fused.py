@@ -98,3 +98,27 @@ class FusedStepMixin:
                 "diffusers' own step for it",
                 stacklevel=3,
             )
+
+
+class AlphaNoisingMixin:
+    """add_noise and get_velocity of the schedulers with an alphas_cumprod table
+    (DDPM, DDIM, LCM) as one fused pass each, and both from one pass by
+    add_noise_and_velocity, for training loops."""
+
+    def _alphas_on(self, device: torch.device) -> torch.Tensor:
+        tables = self.__dict__.setdefault("_alphas_by_device", {})
+        if device not in tables:
+            tables[device] = self.alphas_cumprod.to(device, torch.float32)
+        return tables[device]
+
+    def add_noise_and_velocity(self, original_samples, noise, timesteps):
+        """(add_noise(...), get_velocity(...)) of the same arguments, reading the inputs once."""
+        return ops.add_noise(original_samples, noise, timesteps.to(original_samples.device),
+                             self._alphas_on(original_samples.device), velocity=True)
+
+    def add_noise(self, original_samples, noise, timesteps):
+        return ops.add_noise(original_samples, noise, timesteps.to(original_samples.device),
+                             self._alphas_on(original_samples.device))
+
+    def get_velocity(self, sample, noise, timesteps):
+        return self.add_noise_and_velocity(sample, noise, timesteps)[1]

@@ -6,10 +6,10 @@ import diffusers
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 
 from . import coefficients
-from ._fused import FusedStepMixin
+from ._fused import AlphaNoisingMixin, FusedStepMixin
 
 
-class DDIMScheduler(FusedStepMixin, diffusers.DDIMScheduler):
+class DDIMScheduler(FusedStepMixin, AlphaNoisingMixin, diffusers.DDIMScheduler):
     """diffusers.DDIMScheduler, its step fused: guidance (given the [uncond,
     cond] model output and guidance_scale), the x0 prediction, clipping and
     the update in one pass. Thresholding runs diffusers' step (with a warning)."""

@@ -6,10 +6,10 @@ import diffusers
 from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 
 from . import coefficients
-from ._fused import FusedStepMixin
+from ._fused import AlphaNoisingMixin, FusedStepMixin
 
 
-class DDPMScheduler(FusedStepMixin, diffusers.DDPMScheduler):
+class DDPMScheduler(FusedStepMixin, AlphaNoisingMixin, diffusers.DDPMScheduler):
     """diffusers.DDPMScheduler, its step fused: guidance (given the [uncond,
     cond] model output and guidance_scale), the x0 prediction, clipping, the
     posterior mean and the noise, a learned variance's included, in one pass.

@@ -6,10 +6,10 @@ import diffusers
 from diffusers.schedulers.scheduling_lcm import LCMSchedulerOutput
 
 from . import coefficients
-from ._fused import FusedStepMixin
+from ._fused import AlphaNoisingMixin, FusedStepMixin
 
 
-class LCMScheduler(FusedStepMixin, diffusers.LCMScheduler):
+class LCMScheduler(FusedStepMixin, AlphaNoisingMixin, diffusers.LCMScheduler):
     """diffusers.LCMScheduler, its step fused: guidance (given the [uncond, cond]
     model output and guidance_scale), the x0 prediction, clipping, the
     consistency boundary condition and the re-noising in one pass.
