@@ -28,6 +28,7 @@ GUIDANCE_SCALE = 7.5
 # name: (scheduler class, its config, step() keyword arguments)
 SCHEDULERS = {
     "ddpm": ("DDPMScheduler", {}, {}),
+    "ddpm fused_noise": ("DDPMScheduler", {"fused_noise": True}, {}),
     "ddim eta=0": ("DDIMScheduler", {}, {}),
     "ddim eta=1": ("DDIMScheduler", {}, {"eta": 1.0}),
     "euler": ("EulerDiscreteScheduler", {}, {}),
@@ -36,7 +37,7 @@ SCHEDULERS = {
     "lcm": ("LCMScheduler", {}, {}),
     "dpm++ 2m": ("DPMSolverMultistepScheduler", {}, {}),
 }
-# The schedulers whose step draws noise, as diffusers draws it.
+# The schedulers whose step reads noise drawn by torch.randn (with fused_noise, the kernel makes it).
 NOISY = {"ddpm", "ddim eta=1", "euler ancestral", "lcm"}
 
 
@@ -72,6 +73,7 @@ def step_case(scheduler: str, guided: bool = False, quick: bool = False) -> Case
 
 CASES = [
     step_case("ddpm", quick=True),
+    step_case("ddpm fused_noise", quick=True),
     step_case("ddim eta=0", quick=True),
     step_case("ddim eta=1"),
     step_case("ddim eta=0", guided=True),
@@ -89,6 +91,8 @@ def _scheduler(library: str, scheduler: str):
 
     class_name, config, _ = SCHEDULERS[scheduler]
     module = genfast.schedulers if library == "genfast" else diffusers
+    if library != "genfast":
+        config = {key: value for key, value in config.items() if key != "fused_noise"}
     instance = getattr(module, class_name)(**config)
     instance.set_timesteps(STEPS)
     instance.is_scale_input_called = True  # pipelines scale the model input each step; not timed here

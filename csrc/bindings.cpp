@@ -124,7 +124,8 @@ std::vector<Tensor> group_norm_backward(const Tensor& dy, const Tensor& x, const
 // out_x0, out_sample, clip, min_log, max_log, guidance (genfast/ops/diffusion.py).
 std::vector<Tensor> denoise_step(const Tensor& sample, const Tensor& model_output, const std::optional<Tensor>& noise,
                                  const std::optional<Tensor>& history, const std::vector<double>& coefficients,
-                                 bool clipped, bool learned_variance, bool guided, bool want_denoised) {
+                                 bool clipped, bool learned_variance, bool guided, bool want_denoised,
+                                 std::optional<int64_t> noise_seed) {
   TORCH_CHECK(coefficients.size() == 14, "coefficients must hold 14 values, got ", coefficients.size());
   TORCH_CHECK(sample.dim() >= 2 && sample.numel() > 0, "sample must be a non-empty (B, C, ...) tensor, got ",
               sample.sizes());
@@ -149,9 +150,12 @@ std::vector<Tensor> denoise_step(const Tensor& sample, const Tensor& model_outpu
   }
   TORCH_CHECK(sample.is_cpu(), "denoise_step: no C++ kernel for ", sample.device(), " tensors (use triton)");
   auto f = [&](int i) { return static_cast<float>(coefficients[i]); };
+  TORCH_CHECK(!(noise && noise_seed), "give noise or noise_seed, not both");
+  TORCH_CHECK(!noise_seed || *noise_seed >= 0, "noise_seed must be >= 0, got ", noise_seed.value_or(0));
   const genfast::cpu::StepCoefficients c{f(0), f(1), f(2),  f(3),  f(4),  f(5),    f(6),    f(7),
                                          f(8), f(9), f(10), f(11), f(12), f(13), clipped, learned_variance,
-                                         guided};
+                                         guided, noise_seed.has_value(),
+                                         static_cast<uint64_t>(noise_seed.value_or(0))};
   return genfast::cpu::denoise_step(sample, model_output, noise, history, c, want_denoised);
 }
 

@@ -18,27 +18,46 @@ _BLOCK = 1024
 
 
 @triton.jit
+def _philox_normal(seed, element):
+    """Standard normals of the elements' fused noise: lane element % 4 of Philox4x32-10 at
+    counter element // 4, Box-Muller on its word pairs."""
+    w0, w1, w2, w3 = tl.randint4x(seed, (element // 4).to(tl.int32))
+    lane = element % 4
+    first = tl.where(lane >= 2, w2, w0).to(tl.uint32, bitcast=True)
+    second = tl.where(lane >= 2, w3, w1).to(tl.uint32, bitcast=True)
+    u0 = ((first >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08  # 2^-24
+    u1 = ((second >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
+    angle = 6.283185307179586 * u1
+    return tl.sqrt(-2.0 * tl.log(u0)) * tl.where(lane % 2 == 0, tl.cos(angle), tl.sin(angle))
+
+
+@triton.jit
 def _denoise_step_kernel(
     x_ptr, m_ptr, noise_ptr, history_ptr, prev_ptr, denoised_ptr,
     N, m_stride, cond_offset, guidance,
     sample_noise, x0_sample, x0_model, clip, prev_x0, prev_sample, prev_model, prev_history, prev_noise,
-    out_x0, out_sample, min_log, max_log,
+    out_x0, out_sample, min_log, max_log, noise_seed,
     GUIDED: tl.constexpr, CLIP: tl.constexpr, HISTORY: tl.constexpr, NOISE: tl.constexpr,
-    LEARNED_VARIANCE: tl.constexpr, DENOISED: tl.constexpr, BLOCK: tl.constexpr,
+    FUSED_NOISE: tl.constexpr, LEARNED_VARIANCE: tl.constexpr, DENOISED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One sampler step over BLOCK elements of sample b = program_id(1).
 
     Fuses Euler's churn, guidance, the x0 prediction, clipping, the update and
-    the denoised output. Reads sample, model_output (both halves when guided, and the
-    variance channels with a learned variance), noise and history when given;
-    writes prev and, if DENOISED, denoised. Math in float32.
+    the denoised output, and with FUSED_NOISE the noise itself (Philox and
+    Box-Muller, genfast/reference/diffusion.py's philox_normal). Reads sample,
+    model_output (both halves when guided, and the variance channels with a
+    learned variance), noise (unless fused) and history when given; writes prev
+    and, if DENOISED, denoised. Math in float32.
     """
     b = tl.program_id(1).to(tl.int64)
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = i < N
     x = tl.load(x_ptr + b * N + i, mask=mask).to(tl.float32)
-    if NOISE:
+    if FUSED_NOISE:
+        noise = _philox_normal(noise_seed, b * N + i)
+    elif NOISE:
         noise = tl.load(noise_ptr + b * N + i, mask=mask).to(tl.float32)
+    if NOISE:
         x += sample_noise * noise  # Euler's churn; sample_noise is 0 otherwise
     m_row = m_ptr + b * m_stride
     m = tl.load(m_row + i, mask=mask).to(tl.float32)
@@ -65,9 +84,10 @@ def _denoise_step_kernel(
         tl.store(denoised_ptr + b * N + i, denoised.to(denoised_ptr.dtype.element_ty), mask=mask)
 
 
-def denoise_step(sample, model_output, c, noise, history, guidance_scale, want_denoised: bool):
+def denoise_step(sample, model_output, c, noise, history, guidance_scale, want_denoised: bool, noise_seed=None):
     """(prev, denoised or None) for contiguous, non-empty inputs that
-    genfast.ops.denoise_step has checked; c is a StepCoefficients."""
+    genfast.ops.denoise_step has checked; c is a StepCoefficients. With
+    noise_seed, the kernel makes the noise."""
     batch, n = sample.shape[0], sample[0].numel()
     m_stride = model_output[0].numel()
     prev = torch.empty_like(sample)
@@ -78,9 +98,10 @@ def denoise_step(sample, model_output, c, noise, history, guidance_scale, want_d
         prev, denoised if want_denoised else prev,
         n, m_stride, batch * m_stride, float(guidance_scale or 0.0),
         c.sample_noise, c.x0_sample, c.x0_model, float(c.clip or 0.0), c.prev_x0, c.prev_sample, c.prev_model,
-        c.prev_history, c.prev_noise, c.out_x0, c.out_sample, min_log, max_log,
+        c.prev_history, c.prev_noise, c.out_x0, c.out_sample, min_log, max_log, noise_seed or 0,
         GUIDED=guidance_scale is not None, CLIP=c.clip is not None, HISTORY=history is not None,
-        NOISE=noise is not None, LEARNED_VARIANCE=c.learned_variance is not None, DENOISED=want_denoised,
+        NOISE=noise is not None or noise_seed is not None, FUSED_NOISE=noise_seed is not None,
+        LEARNED_VARIANCE=c.learned_variance is not None, DENOISED=want_denoised,
         BLOCK=_BLOCK,
     )
     return prev, denoised

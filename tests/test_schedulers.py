@@ -210,7 +210,9 @@ def test_swaps_in_from_a_pipeline_config():
     config = diffusers.DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False).config
     scheduler = genfast.schedulers.DDIMScheduler.from_config(config)
     assert isinstance(scheduler, diffusers.DDIMScheduler)
-    assert dict(scheduler.config) == dict(config)
+    assert dict(scheduler.config) == {**config, "fused_noise": False}
+    fused = genfast.schedulers.DDIMScheduler.from_config(config, fused_noise=True)
+    assert fused.config.fused_noise and genfast.schedulers.DDPMScheduler.from_config(fused.config).config.fused_noise
 
 
 def test_timestep_outside_the_schedule():
@@ -233,3 +235,39 @@ def test_unfused_branch_runs_diffusers_step_and_warns_once(name, config, branch)
     ours_warned = [str(w.message) for w in caught if "genfast.schedulers" in str(w.message)]
     assert len(ours_warned) == 1 and f"{branch} has no fused kernel" in ours_warned[0]
     assert torch.equal(got, run(theirs, torch.float32, "cpu"))
+
+
+NOISY_SCHEDULERS = [
+    ("DDPMScheduler", {}, {}),
+    ("DDIMScheduler", {}, {"eta": 1.0}),
+    ("EulerDiscreteScheduler", {}, {"s_churn": 1.0}),
+    ("EulerAncestralDiscreteScheduler", {}, {}),
+    ("LCMScheduler", {}, {}),
+    ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}, {}),
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, {}),
+]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("name, config, step_kwargs", NOISY_SCHEDULERS, ids=str)
+def test_fused_noise_is_reproducible_and_the_references(name, config, step_kwargs, backend):
+    """fused_noise: the same seed gives the same trajectory, another seed another one, and each
+    backend follows the reference's (the same Philox stream)."""
+    require(backend)
+
+    def trajectory(backend, seed):
+        scheduler = getattr(genfast.schedulers, name)(**config, fused_noise=True)
+        scheduler.set_timesteps(10)
+        sample = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+        generator = torch.Generator().manual_seed(seed)
+        with genfast.use_backend(backend):
+            for t in scheduler.timesteps:
+                model_input = scheduler.scale_model_input(sample, t) if hasattr(scheduler, "scale_model_input") else sample
+                model_output = fake_model(model_input, int(t), SHAPE[1])
+                sample = scheduler.step(model_output, t, sample, generator=generator, **step_kwargs)[0]
+        return sample
+
+    ours = trajectory(backend, 3)
+    assert torch.equal(ours, trajectory(backend, 3))
+    assert relative_error(trajectory(backend, 4), ours.double()) > 0.1
+    assert relative_error(ours, trajectory("reference", 3).double()) <= 1e-4

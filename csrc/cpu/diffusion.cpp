@@ -1,9 +1,10 @@
-// The fused sampler step on CPU. One pass over memory: each task converts a
-// tile of every input to float in L1-sized buffers, runs the formula as a few
-// branch-free loops over the tile (each vectorises; the optional terms decide
-// which loops run, once per tile), and writes the outputs. Reads sample,
-// model_output (both guided halves, the variance channels), noise and history
-// when given; writes prev and optionally denoised.
+// The diffusion ops on CPU. The fused sampler step is one pass over memory: each
+// task converts a tile of every input to float in L1-sized buffers (or makes the
+// tile's fused noise there), runs the formula as a few branch-free loops over
+// the tile (each vectorises; the optional terms decide which loops run, once per
+// tile), and writes the outputs. Reads sample, model_output (both guided halves,
+// the variance channels), noise and history when given; writes prev and
+// optionally denoised. The timestep embedding and the training ops follow.
 #include "diffusion.h"
 
 #include <ATen/Dispatch.h>
@@ -18,6 +19,7 @@
 #include <type_traits>
 
 #include "memory.h"
+#include "philox.h"
 #include "vec_math.h"
 
 namespace genfast::cpu {
@@ -26,6 +28,7 @@ namespace {
 using at::Tensor;
 
 constexpr int64_t kTile = 512;  // elements per task: its 7 float buffers of 2 KB stay in L1
+static_assert(kTile <= kPhiloxMaxCount, "a tile's fused noise is one philox_normal call");
 
 // The tile at `in` as floats: float input is read in place, other types are converted into buf.
 template <typename T>
@@ -76,6 +79,10 @@ void step(const T* x, const T* m, const T* noise, const T* history, T* prev, T* 
       const T* m_row = m + b * m_stride + i0;
       const float* xs = as_float(x + at, x_buf, len);
       const float* ns = noise ? as_float(noise + at, n_buf, len) : nullptr;
+      if (c.fused_noise) {
+        philox_normal(c.noise_seed, at, len, n_buf);
+        ns = n_buf;
+      }
       if (ns && c.sample_noise != 0.f) {  // Euler's churn: x = sample + sample_noise * noise
 #pragma omp simd
         for (int64_t i = 0; i < len; ++i) x_buf[i] = xs[i] + c.sample_noise * ns[i];

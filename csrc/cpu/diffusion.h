@@ -14,6 +14,9 @@ struct StepCoefficients {
   float sample_noise, x0_sample, x0_model, prev_x0, prev_sample, prev_model, prev_history, prev_noise, out_x0, out_sample;
   float clip, min_log, max_log, guidance;
   bool clipped, learned_variance, guided;
+  // With fused noise, the noise is philox_normal(noise_seed) (philox.h), not a tensor.
+  bool fused_noise;
+  uint64_t noise_seed;
 };
 
 // sample (B, ...) contiguous, float32, float16 or bfloat16; model_output of

@@ -34,14 +34,15 @@ _SCALARS = (
 )
 
 
-def _kernel(backend, sample, model_output, noise, history, c, guidance_scale, want_denoised):
+def _kernel(backend, sample, model_output, noise, history, c, guidance_scale, want_denoised, noise_seed):
     if backend == "triton":
         from ..kernels import diffusion
 
-        return diffusion.denoise_step(sample, model_output, c, noise, history, guidance_scale, want_denoised)
+        return diffusion.denoise_step(sample, model_output, c, noise, history, guidance_scale, want_denoised,
+                                      noise_seed)
     return extension().denoise_step(
         sample, model_output, noise, history, _pack(c) + [float(guidance_scale or 0.0)], c.clip is not None,
-        c.learned_variance is not None, guidance_scale is not None, want_denoised,
+        c.learned_variance is not None, guidance_scale is not None, want_denoised, noise_seed,
     )
 
 
@@ -69,17 +70,19 @@ def denoise_step_op(
     learned_variance: bool,
     guidance_scale: float | None,
     want_denoised: bool,
+    noise_seed: int | None,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     """(prev, denoised); denoised is empty unless want_denoised (an op returns tensors)."""
     c = _unpack(coefficients, clipped, learned_variance)
-    prev, denoised = _kernel(backend, sample, model_output, noise, history, c, guidance_scale, want_denoised)
+    prev, denoised = _kernel(backend, sample, model_output, noise, history, c, guidance_scale, want_denoised,
+                             noise_seed)
     return prev, denoised if denoised is not None else sample.new_empty(0)
 
 
 @denoise_step_op.register_fake
 def _(sample, model_output, noise, history, coefficients, clipped, learned_variance, guidance_scale, want_denoised,
-      backend):
+      noise_seed, backend):
     return torch.empty_like(sample), torch.empty_like(sample) if want_denoised else sample.new_empty(0)
 
 
@@ -107,14 +110,18 @@ def denoise_step(
     history: Tensor | None = None,
     guidance_scale: float | None = None,
     return_denoised: bool = True,
+    noise_seed: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """One sampler step in one pass over memory: (prev_sample, denoised).
 
     sample: (B, C, ...) float32, float16 or bfloat16. model_output: sample's
     dtype; (2B, ...) as [uncond, cond] when guidance_scale is given, and 2C
     channels when coefficients.learned_variance is set. noise, history: like
-    sample. Outputs have sample's shape and dtype; denoised is None unless
-    return_denoised. Math in float32.
+    sample. noise_seed (in [0, 2^63), instead of noise): the kernel makes the
+    noise, philox_normal(noise_seed, sample.shape) of genfast/reference/diffusion.py,
+    reproducible per seed and backend but not torch.randn's numbers. Outputs
+    have sample's shape and dtype; denoised is None unless return_denoised.
+    Math in float32.
     """
     check_tensor("sample", sample, dtypes=_DTYPES, min_dim=2)
     check_tensor("model_output", model_output, dtypes=(sample.dtype,), like=sample)
@@ -128,11 +135,16 @@ def denoise_step(
     for name, t in (("noise", noise), ("history", history)):
         if t is not None:
             check_tensor(name, t, dtypes=(sample.dtype,), shape=tuple(sample.shape), like=sample)
+    if noise_seed is not None:
+        if noise is not None:
+            raise ValueError("give noise or noise_seed, not both")
+        if isinstance(noise_seed, bool) or not isinstance(noise_seed, int) or not 0 <= noise_seed < 2**63:
+            raise ValueError(f"noise_seed must be an int in [0, 2^63), got {noise_seed!r}")
 
     backend = resolve("denoise_step", sample.device, _IMPLEMENTED)
     if backend == "reference" or sample.numel() == 0:
         prev, denoised = reference.diffusion.denoise_step(sample, model_output, coefficients, noise, history,
-                                                          guidance_scale)
+                                                          guidance_scale, noise_seed)
         return prev.to(sample.dtype), denoised.to(sample.dtype) if return_denoised else None
     sample, model_output = sample.contiguous(), model_output.contiguous()
     noise = noise.contiguous() if noise is not None else None
@@ -141,10 +153,11 @@ def denoise_step(
     if torch.compiler.is_compiling():
         prev, denoised = denoise_step_op(
             sample, model_output, noise, history, _pack(coefficients), coefficients.clip is not None,
-            coefficients.learned_variance is not None, guidance, return_denoised, backend,
+            coefficients.learned_variance is not None, guidance, return_denoised, noise_seed, backend,
         )
         return prev, denoised if return_denoised else None
-    return _kernel(backend, sample, model_output, noise, history, coefficients, guidance, return_denoised)
+    return _kernel(backend, sample, model_output, noise, history, coefficients, guidance, return_denoised,
+                   noise_seed)
 
 
 @functools.lru_cache(maxsize=64)

@@ -49,6 +49,50 @@ class StepCoefficients:
     learned_variance: tuple[float, float] | None = None
 
 
+_PHILOX_ROUND = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_KEY_STEP = (0x9E3779B9, 0xBB67AE85)
+_LOW32 = 0xFFFFFFFF
+
+
+def _mul_hi_lo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
+    """(high, low) 32 bits of the 64-bit product a * b, for b holding uint32 values in int64
+    (b split in 16-bit halves, so that no product overflows int64)."""
+    low_product = a * (b & 0xFFFF)
+    middle = a * (b >> 16) + (low_product >> 16)
+    return middle >> 16, ((middle & 0xFFFF) << 16) | (low_product & 0xFFFF)
+
+
+def philox4x32(counter: Tensor, seed: int) -> list[Tensor]:
+    """Philox4x32-10 (Salmon et al., 2011) of the counters (counter, 0, 0, 0) under the 64-bit
+    key seed: four uint32 words per counter, in int64 tensors. Triton's tl.randint4x(seed, counter)
+    for int32 counters."""
+    c = [counter & _LOW32, torch.zeros_like(counter), torch.zeros_like(counter), torch.zeros_like(counter)]
+    k = [seed & _LOW32, (seed >> 32) & _LOW32]
+    for _ in range(10):
+        hi_b, lo_b = _mul_hi_lo(_PHILOX_ROUND[1], c[2])
+        hi_a, lo_a = _mul_hi_lo(_PHILOX_ROUND[0], c[0])
+        c = [hi_b ^ c[1] ^ k[0], lo_b, hi_a ^ c[3] ^ k[1], lo_a]
+        k = [(k[0] + _PHILOX_KEY_STEP[0]) & _LOW32, (k[1] + _PHILOX_KEY_STEP[1]) & _LOW32]
+    return c
+
+
+def philox_normal(seed: int, shape: tuple[int, ...], device=None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The standard normal noise of fused_noise: element e of the flattened shape is lane e % 4 of
+    Philox4x32-10 at counter e // 4, its words (w0, w1, w2, w3) paired by Box-Muller,
+        u = ((w >> 8) + 0.5) / 2^24,  r = sqrt(-2 ln u0),  lanes r cos(2 pi u1), r sin(2 pi u1)
+    and likewise from (w2, w3). Reproducible per seed; not torch.randn's numbers."""
+    elements = torch.arange(math.prod(shape), device=device)
+    words = philox4x32(elements // 4, seed)
+    lane = elements % 4
+    pair = lane >= 2
+    first = torch.where(pair, words[2], words[0])
+    second = torch.where(pair, words[3], words[1])
+    u0, u1 = (((w >> 8).to(dtype) + 0.5) / 2**24 for w in (first, second))
+    radius = torch.sqrt(-2 * torch.log(u0))
+    angle = 2 * math.pi * u1
+    return (radius * torch.where(lane % 2 == 0, torch.cos(angle), torch.sin(angle))).reshape(shape)
+
+
 def split_model_output(
     model_output: Tensor, batch: int, channels: int, guidance_scale: float | None, learned_variance: bool
 ) -> tuple[Tensor, Tensor | None]:
@@ -67,9 +111,13 @@ def denoise_step(
     noise: Tensor | None = None,
     history: Tensor | None = None,
     guidance_scale: float | None = None,
+    noise_seed: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(prev_sample, denoised) in float32 (float64 for float64 sample)."""
+    """(prev_sample, denoised) in float32 (float64 for float64 sample). With noise_seed,
+    the noise is philox_normal(noise_seed, sample.shape) instead of the noise tensor."""
     math = torch.float64 if sample.dtype == torch.float64 else torch.float32
+    if noise_seed is not None:
+        noise = philox_normal(noise_seed, tuple(sample.shape), sample.device, math)
     x = sample.to(math)
     if noise is not None:
         x = x + c.sample_noise * noise.to(math)

@@ -1,10 +1,11 @@
-"""What the fused schedulers share: the timesteps on the host, so that step()
-never reads a device tensor; noise drawn as diffusers draws it; the fused
-step and diffusers' output types; one warning for configurations that run
-diffusers' own step."""
+"""What the fused schedulers share: the fused_noise option; the timesteps on
+the host, so that step() never reads a device tensor; noise drawn as diffusers
+draws it, or its seed; the fused step and diffusers' output types; one warning
+for configurations that run diffusers' own step."""
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import torch
@@ -14,7 +15,34 @@ from .. import ops
 
 
 class FusedStepMixin:
-    """Mixed into a diffusers scheduler class, before it."""
+    """Mixed into a diffusers scheduler class, before it.
+
+    Adds the constructor and config argument fused_noise: False draws each
+    step's noise as diffusers does (torch.randn from the generator: the same
+    trajectory for the same seed); True lets the step kernel make it from a
+    seed drawn from the generator (Philox, genfast/reference/diffusion.py's
+    philox_normal): one pass less over memory and no torch.randn, reproducible
+    for the same seed and backend but not diffusers' numbers."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        diffusers_class = next((c for c in cls.__mro__ if c.__module__.startswith("diffusers.")), None)
+        if diffusers_class is None:  # an intermediate mixin, such as the Euler schedulers' shared steps
+            return
+        diffusers_init = diffusers_class.__init__
+
+        def __init__(self, *args, fused_noise: bool = False, **kwargs):
+            diffusers_init(self, *args, **kwargs)
+            self.register_to_config(fused_noise=bool(fused_noise))
+
+        # diffusers takes a scheduler's config keys from its __init__ signature (from_config):
+        # diffusers' parameters, then fused_noise.
+        parameters = list(inspect.signature(diffusers_init).parameters.values())
+        at = len(parameters) - (parameters[-1].kind == inspect.Parameter.VAR_KEYWORD)
+        parameters.insert(at, inspect.Parameter("fused_noise", inspect.Parameter.KEYWORD_ONLY, default=False))
+        __init__.__signature__ = inspect.Signature(parameters)
+        __init__.__doc__ = diffusers_init.__doc__
+        cls.__init__ = __init__
 
     def set_timesteps(self, *args, **kwargs):
         super().set_timesteps(*args, **kwargs)
@@ -69,20 +97,24 @@ class FusedStepMixin:
         index = schedule.index(t)
         return schedule[index + 1] if index + 1 < len(schedule) else -1
 
-    @staticmethod
-    def _draw_noise(sample, model_output, generator):
-        """The step's noise as diffusers draws it (same call, same generator), so a seed gives
-        diffusers' trajectory."""
-        return randn_tensor(sample.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
+    def _draw_noise(self, sample, model_output, generator, dtype=None) -> tuple[torch.Tensor | None, int | None]:
+        """(noise, None) drawn as diffusers draws it (same call, same generator, in dtype, by default
+        model_output's), so a seed gives diffusers' trajectory; with fused_noise, (None, seed) for the
+        kernel to make it."""
+        if self.config.get("fused_noise", False):
+            return None, _noise_seed(generator)
+        noise = randn_tensor(sample.shape, generator=generator, device=model_output.device,
+                             dtype=dtype or model_output.dtype)
+        return noise.to(sample.dtype), None
 
     @staticmethod
     def _fused_step(output_class, sample, model_output, coefficients, noise, guidance_scale, return_dict,
-                    denoised_field: str | None = "pred_original_sample"):
+                    denoised_field: str | None = "pred_original_sample", noise_seed: int | None = None):
         """The step's outputs as diffusers returns them: prev_sample and, under the name
         denoised_field unless it is None, the denoised sample."""
         prev_sample, denoised = ops.denoise_step(
             sample, model_output, coefficients, noise=noise, guidance_scale=guidance_scale,
-            return_denoised=denoised_field is not None,
+            return_denoised=denoised_field is not None, noise_seed=noise_seed,
         )
         outputs = {"prev_sample": prev_sample}
         if denoised_field is not None:
@@ -98,6 +130,19 @@ class FusedStepMixin:
                 "diffusers' own step for it",
                 stacklevel=3,
             )
+
+
+def _noise_seed(generator) -> int:
+    """A seed for fused noise, drawn from the generator (torch's default one for None) without
+    waiting for a GPU."""
+    if isinstance(generator, list):
+        raise ValueError("fused_noise takes one generator, not one per sample")
+    if generator is not None and generator.device.type != "cpu":
+        # A GPU generator's state is its seed and Philox offset, both kept on the host.
+        offset = generator.get_offset()
+        generator.set_offset(offset + 4)
+        return (generator.initial_seed() * 0x9E3779B97F4A7C15 + offset) % 2**63
+    return int(torch.randint(0, 2**63 - 1, (), generator=generator))
 
 
 class AlphaNoisingMixin:

@@ -47,12 +47,16 @@ class DDIMScheduler(FusedStepMixin, AlphaNoisingMixin, diffusers.DDIMScheduler):
             use_clipped_model_output,
             self.config.clip_sample_range if self.config.clip_sample else None,
         )
-        noise = None
+        noise = seed = None
         if eta > 0:
             if variance_noise is not None and generator is not None:
                 raise ValueError(
                     "Cannot pass both generator and variance_noise. Please make sure that either `generator` or"
                     " `variance_noise` stays `None`."
                 )
-            noise = variance_noise if variance_noise is not None else self._draw_noise(sample, model_output, generator)
-        return self._fused_step(DDIMSchedulerOutput, sample, model_output, c, noise, guidance_scale, return_dict)
+            if variance_noise is not None:
+                noise = variance_noise
+            else:
+                noise, seed = self._draw_noise(sample, model_output, generator)
+        return self._fused_step(DDIMSchedulerOutput, sample, model_output, c, noise, guidance_scale, return_dict,
+                                noise_seed=seed)

@@ -36,5 +36,6 @@ class DDPMScheduler(FusedStepMixin, AlphaNoisingMixin, diffusers.DDPMScheduler):
             self.variance_type,
             self.config.clip_sample_range if self.config.clip_sample else None,
         )
-        noise = self._draw_noise(sample, model_output, generator) if t > 0 else None
-        return self._fused_step(DDPMSchedulerOutput, sample, model_output, c, noise, guidance_scale, return_dict)
+        noise, seed = self._draw_noise(sample, model_output, generator) if t > 0 else (None, None)
+        return self._fused_step(DDPMSchedulerOutput, sample, model_output, c, noise, guidance_scale, return_dict,
+                                noise_seed=seed)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import diffusers
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
-from diffusers.utils.torch_utils import randn_tensor
 
 from .. import ops
 from . import coefficients
@@ -61,15 +60,14 @@ class DPMSolverMultistepScheduler(FusedStepMixin, diffusers.DPMSolverMultistepSc
             sigma_before=None if first_order else sigmas[index - 1],
             solver_type=config.solver_type, stochastic=stochastic, flow=config.use_flow_sigmas,
         )
-        noise = None
-        if stochastic:  # diffusers draws it in float32, the dtype it computes in
-            noise = variance_noise
-            if noise is None:
-                noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
-            noise = noise.to(sample.device, sample.dtype)
+        noise = seed = None
+        if stochastic and variance_noise is not None:
+            noise = variance_noise.to(sample.device, sample.dtype)
+        elif stochastic:  # diffusers draws it in float32, the dtype it computes in
+            noise, seed = self._draw_noise(sample, model_output, generator, torch.float32)
         prev_sample, x0 = ops.denoise_step(
             sample, model_output, c, noise=noise, history=None if first_order else self.model_outputs[-1],
-            guidance_scale=guidance_scale,
+            guidance_scale=guidance_scale, noise_seed=seed,
         )
         # The x0 predictions are the solver's history, kept where diffusers keeps them.
         self.model_outputs = [*self.model_outputs[1:], x0]

@@ -9,7 +9,6 @@ from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncest
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
 from diffusers.schedulers.scheduling_euler_discrete import logger as diffusers_logger
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
-from diffusers.utils.torch_utils import randn_tensor
 
 from . import coefficients
 from ._fused import FusedStepMixin
@@ -58,9 +57,9 @@ class EulerDiscreteScheduler(_SigmaStep, diffusers.EulerDiscreteScheduler):
         sigma, sigma_next = self._begin_step(timestep)
         gamma = min(s_churn / (len(self.sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
         c = coefficients.euler(sigma, sigma_next, self.config.prediction_type, gamma, s_noise)
-        noise = self._draw_noise(sample, model_output, generator) if gamma > 0 else None
+        noise, seed = self._draw_noise(sample, model_output, generator) if gamma > 0 else (None, None)
         output = self._fused_step(EulerDiscreteSchedulerOutput, sample, model_output, c, noise, guidance_scale,
-                                  return_dict)
+                                  return_dict, noise_seed=seed)
         self._step_index += 1
         return output
 
@@ -74,9 +73,9 @@ class EulerAncestralDiscreteScheduler(_SigmaStep, diffusers.EulerAncestralDiscre
              guidance_scale: float | None = None):
         sigma, sigma_next = self._begin_step(timestep)
         c = coefficients.euler_ancestral(sigma, sigma_next, self.config.prediction_type)
-        noise = self._draw_noise(sample, model_output, generator)  # drawn at every step, as diffusers does
+        noise, seed = self._draw_noise(sample, model_output, generator)  # at every step, as diffusers does
         output = self._fused_step(EulerAncestralDiscreteSchedulerOutput, sample, model_output, c, noise,
-                                  guidance_scale, return_dict)
+                                  guidance_scale, return_dict, noise_seed=seed)
         self._step_index += 1
         return output
 
@@ -110,12 +109,11 @@ class FlowMatchEulerDiscreteScheduler(_SigmaStep, diffusers.FlowMatchEulerDiscre
         sigma, sigma_next = self._begin_step(timestep)
         stochastic = self.config.stochastic_sampling
         c = coefficients.flow_match_euler(sigma, sigma_next, stochastic)
-        noise = None
+        noise, seed = None, None
         if stochastic:  # diffusers draws it in float32, the dtype it computes in
-            noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
-            noise = noise.to(sample.dtype)
+            noise, seed = self._draw_noise(sample, model_output, generator, torch.float32)
         output = self._fused_step(FlowMatchEulerDiscreteSchedulerOutput, sample, model_output, c, noise,
-                                  guidance_scale, return_dict, denoised_field=None)
+                                  guidance_scale, return_dict, denoised_field=None, noise_seed=seed)
         self._step_index += 1
         return output
 

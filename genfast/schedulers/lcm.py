@@ -43,8 +43,8 @@ class LCMScheduler(FusedStepMixin, AlphaNoisingMixin, diffusers.LCMScheduler):
             self.config.clip_sample_range if self.config.clip_sample else None,
             last,
         )
-        noise = None if last else self._draw_noise(sample, model_output, generator)
+        noise, seed = (None, None) if last else self._draw_noise(sample, model_output, generator)
         output = self._fused_step(LCMSchedulerOutput, sample, model_output, c, noise, guidance_scale, return_dict,
-                                  denoised_field="denoised")
+                                  denoised_field="denoised", noise_seed=seed)
         self._step_index += 1
         return output
