@@ -51,6 +51,7 @@ setup(
         "genfast.ops",
         "genfast.reference",
         "genfast.nn",
+        "genfast.models",
         "genfast.schedulers",
         "genfast.kernels",
         "genfast.benchmarks",

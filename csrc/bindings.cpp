@@ -123,7 +123,8 @@ std::vector<Tensor> group_norm_backward(const Tensor& dy, const Tensor& x, const
 // coefficients: sample_noise, x0_sample, x0_model, prev_x0, prev_sample, prev_model, prev_history, prev_noise,
 // out_x0, out_sample, clip, min_log, max_log, guidance (genfast/ops/diffusion.py).
 std::vector<Tensor> denoise_step(const Tensor& sample, const Tensor& model_output, const std::optional<Tensor>& noise,
-                                 const std::optional<Tensor>& history, const std::vector<double>& coefficients,
+                                 const std::optional<Tensor>& history, const std::optional<Tensor>& threshold,
+                                 const std::vector<double>& coefficients,
                                  bool clipped, bool learned_variance, bool guided, bool want_denoised,
                                  std::optional<int64_t> noise_seed) {
   TORCH_CHECK(coefficients.size() == 14, "coefficients must hold 14 values, got ", coefficients.size());
@@ -148,6 +149,10 @@ std::vector<Tensor> denoise_step(const Tensor& sample, const Tensor& model_outpu
     TORCH_CHECK((*t)->sizes() == sample.sizes(), name, " must have sample's shape ", sample.sizes(), ", got ",
                 (*t)->sizes());
   }
+  if (threshold)
+    TORCH_CHECK(threshold->dim() == 1 && threshold->size(0) == batch && threshold->scalar_type() == at::kFloat &&
+                    threshold->is_contiguous() && threshold->device() == sample.device(),
+                "threshold must be a contiguous float32 (", batch, ",) tensor on sample's device");
   TORCH_CHECK(sample.is_cpu(), "denoise_step: no C++ kernel for ", sample.device(), " tensors (use triton)");
   auto f = [&](int i) { return static_cast<float>(coefficients[i]); };
   TORCH_CHECK(!(noise && noise_seed), "give noise or noise_seed, not both");
@@ -156,7 +161,7 @@ std::vector<Tensor> denoise_step(const Tensor& sample, const Tensor& model_outpu
                                          f(8), f(9), f(10), f(11), f(12), f(13), clipped, learned_variance,
                                          guided, noise_seed.has_value(),
                                          static_cast<uint64_t>(noise_seed.value_or(0))};
-  return genfast::cpu::denoise_step(sample, model_output, noise, history, c, want_denoised);
+  return genfast::cpu::denoise_step(sample, model_output, noise, history, threshold, c, want_denoised);
 }
 
 Tensor timestep_embedding(const Tensor& timesteps, const Tensor& frequencies, int64_t embedding_dim,

@@ -7,8 +7,10 @@
         ...
 """
 
-from . import backends, nn, ops, reference, schedulers
+from . import backends, models, nn, ops, reference, schedulers
 from .backends import get_backend, set_backend, use_backend
 
 __version__ = "0.1.0"
-__all__ = ["backends", "nn", "ops", "reference", "schedulers", "get_backend", "set_backend", "use_backend"]
+__all__ = [
+    "backends", "models", "nn", "ops", "reference", "schedulers", "get_backend", "set_backend", "use_backend",
+]

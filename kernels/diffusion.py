@@ -33,11 +33,11 @@ def _philox_normal(seed, element):
 
 @triton.jit
 def _denoise_step_kernel(
-    x_ptr, m_ptr, noise_ptr, history_ptr, prev_ptr, denoised_ptr,
+    x_ptr, m_ptr, noise_ptr, history_ptr, threshold_ptr, prev_ptr, denoised_ptr,
     N, m_stride, cond_offset, guidance,
     sample_noise, x0_sample, x0_model, clip, prev_x0, prev_sample, prev_model, prev_history, prev_noise,
     out_x0, out_sample, min_log, max_log, noise_seed,
-    GUIDED: tl.constexpr, CLIP: tl.constexpr, HISTORY: tl.constexpr, NOISE: tl.constexpr,
+    GUIDED: tl.constexpr, CLIP: tl.constexpr, THRESHOLD: tl.constexpr, HISTORY: tl.constexpr, NOISE: tl.constexpr,
     FUSED_NOISE: tl.constexpr, LEARNED_VARIANCE: tl.constexpr, DENOISED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One sampler step over BLOCK elements of sample b = program_id(1).
@@ -46,8 +46,9 @@ def _denoise_step_kernel(
     the denoised output, and with FUSED_NOISE the noise itself (Philox and
     Box-Muller, genfast/reference/diffusion.py's philox_normal). Reads sample,
     model_output (both halves when guided, and the variance channels with a
-    learned variance), noise (unless fused) and history when given; writes prev
-    and, if DENOISED, denoised. Math in float32.
+    learned variance), noise (unless fused), history and the sample's
+    dynamic threshold when given; writes prev and, if DENOISED, denoised. Math
+    in float32.
     """
     b = tl.program_id(1).to(tl.int64)
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -66,6 +67,9 @@ def _denoise_step_kernel(
     x0 = x0_sample * x + x0_model * m
     if CLIP:
         x0 = tl.minimum(tl.maximum(x0, -clip), clip)
+    if THRESHOLD:
+        s = tl.load(threshold_ptr + b)
+        x0 = tl.minimum(tl.maximum(x0, -s), s) / s
     prev = prev_x0 * x0 + prev_sample * x + prev_model * m
     if HISTORY:
         prev += prev_history * tl.load(history_ptr + b * N + i, mask=mask).to(tl.float32)
@@ -84,7 +88,8 @@ def _denoise_step_kernel(
         tl.store(denoised_ptr + b * N + i, denoised.to(denoised_ptr.dtype.element_ty), mask=mask)
 
 
-def denoise_step(sample, model_output, c, noise, history, guidance_scale, want_denoised: bool, noise_seed=None):
+def denoise_step(sample, model_output, c, noise, history, guidance_scale, want_denoised: bool, noise_seed=None,
+                 threshold=None):
     """(prev, denoised or None) for contiguous, non-empty inputs that
     genfast.ops.denoise_step has checked; c is a StepCoefficients. With
     noise_seed, the kernel makes the noise."""
@@ -95,11 +100,12 @@ def denoise_step(sample, model_output, c, noise, history, guidance_scale, want_d
     min_log, max_log = c.learned_variance or (0.0, 0.0)
     _denoise_step_kernel[(triton.cdiv(n, _BLOCK), batch)](
         sample, model_output, noise if noise is not None else sample, history if history is not None else sample,
-        prev, denoised if want_denoised else prev,
+        threshold if threshold is not None else sample, prev, denoised if want_denoised else prev,
         n, m_stride, batch * m_stride, float(guidance_scale or 0.0),
         c.sample_noise, c.x0_sample, c.x0_model, float(c.clip or 0.0), c.prev_x0, c.prev_sample, c.prev_model,
         c.prev_history, c.prev_noise, c.out_x0, c.out_sample, min_log, max_log, noise_seed or 0,
-        GUIDED=guidance_scale is not None, CLIP=c.clip is not None, HISTORY=history is not None,
+        GUIDED=guidance_scale is not None, CLIP=c.clip is not None, THRESHOLD=threshold is not None,
+        HISTORY=history is not None,
         NOISE=noise is not None or noise_seed is not None, FUSED_NOISE=noise_seed is not None,
         LEARNED_VARIANCE=c.learned_variance is not None, DENOISED=want_denoised,
         BLOCK=_BLOCK,

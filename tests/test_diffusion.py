@@ -32,13 +32,18 @@ CONFIGS = {
     "history": {"history": True},
     "noise": {"noise": True},
     "learned_variance": {"noise": True, "learned_variance": True},
-    "everything": {"guided": True, "clip": True, "history": True, "noise": True, "learned_variance": True},
+    "threshold": {"threshold": True},
+    "everything": {"guided": True, "clip": True, "history": True, "noise": True, "learned_variance": True,
+                   "threshold": True},
 }
 
 
-def make_step(shape, dtype, device, guided=False, clip=False, history=False, noise=False, learned_variance=False):
+def make_step(shape, dtype, device, guided=False, clip=False, history=False, noise=False, learned_variance=False,
+              threshold=False):
     """Random inputs and coefficients for one step: (args, kwargs) of denoise_step."""
-    generator = torch.Generator().manual_seed(hash((shape, guided, clip, history, noise, learned_variance)) % 2**31)
+    generator = torch.Generator().manual_seed(
+        hash((shape, guided, clip, history, noise, learned_variance, threshold)) % 2**31
+    )
 
     def randn(*size):
         return torch.randn(*size, generator=generator).to(device=device, dtype=dtype)
@@ -62,6 +67,8 @@ def make_step(shape, dtype, device, guided=False, clip=False, history=False, noi
         "noise": randn(*shape) if noise else None,
         "history": randn(*shape) if history else None,
         "guidance_scale": uniform(1, 9) if guided else None,
+        # Dynamic thresholding's bounds lie in [1, sample_max_value].
+        "threshold": (1 + torch.rand(batch, generator=generator)).to(device) if threshold else None,
     }
     return (randn(*shape), model_output, c), kwargs
 
@@ -159,6 +166,7 @@ BAD_INPUTS = {
     "integer sample": (lambda s: {"sample": s.long(), "model_output": s.long()}, TypeError, "sample must have dtype"),
     "model output of another dtype": (lambda s: {"model_output": s.half()}, TypeError, "model_output must have dtype"),
     "noise of another shape": (lambda s: {"noise": torch.randn(2, 4, 5)}, ValueError, "noise must have shape"),
+    "threshold per element": (lambda s: {"threshold": torch.ones(2, 4)}, ValueError, r"threshold must have shape \(2,\)"),
     "coefficients as a dict": (lambda s: {"coefficients": {"prev_sample": 1.0}}, TypeError, "StepCoefficients"),
     "guidance scale as a string": (lambda s: {"guidance_scale": "7.5"}, TypeError, "guidance_scale"),
 }

@@ -65,6 +65,8 @@ DDIM_CHOICES = {
     "beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
     "eta": (0.0, 0.5, 1.0),
     "use_clipped_model_output": (False, True),
+    "thresholding": (False, False, True),
+    "sample_max_value": (1.5, 3.0),
 }
 DDPM_CHOICES = {
     "prediction_type": coefficients.PREDICTION_TYPES,
@@ -72,6 +74,8 @@ DDPM_CHOICES = {
     "timestep_spacing": ("leading", "trailing", "linspace"),
     "beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
     "variance_type": coefficients.DDPM_VARIANCE_TYPES,
+    "thresholding": (False, False, True),
+    "sample_max_value": (1.5, 3.0),
 }
 EULER_CHOICES = {
     "prediction_type": coefficients.PREDICTION_TYPES,
@@ -96,6 +100,8 @@ LCM_CHOICES = {
     "clip_sample": (False, True),
     "beta_schedule": ("linear", "scaled_linear"),
     "timestep_scaling": (10.0, 1.0),
+    "thresholding": (False, True),
+    "sample_max_value": (1.5, 3.0),
 }
 DPM_SOLVER_CHOICES = {
     "prediction_type": coefficients.PREDICTION_TYPES,
@@ -110,6 +116,8 @@ DPM_SOLVER_CHOICES = {
     "beta_schedule": ("linear", "scaled_linear"),
     # Fewer than 15 steps turns lower_order_final on.
     "steps": (STEPS, STEPS, 10),
+    "thresholding": (False, False, True),
+    "sample_max_value": (1.5, 3.0),
 }
 # Keys of a configuration that are not the scheduler's: step() arguments and the step count.
 STEP_ARGUMENTS = {"eta", "use_clipped_model_output", "s_churn"}
@@ -187,6 +195,7 @@ def test_matches_diffusers(name, config, backend, monkeypatch):
 
 @pytest.mark.parametrize("name, config", [
     ("DDIMScheduler", {"eta": 1.0, "clip_sample": True}),
+    ("DDPMScheduler", {"thresholding": True, "sample_max_value": 2.0}),
     ("DDPMScheduler", {"variance_type": "learned_range"}),
     ("EulerAncestralDiscreteScheduler", {}),
     ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}),
@@ -224,7 +233,8 @@ def test_timestep_outside_the_schedule():
 
 
 @pytest.mark.parametrize("name, config, branch", [
-    ("DDIMScheduler", {"thresholding": True, "prediction_type": "sample"}, "thresholding"),
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"},
+     "algorithm_type='dpmsolver'"),
     ("DPMSolverMultistepScheduler", {"solver_order": 3}, "solver_order=3"),
 ], ids=str)
 def test_unfused_branch_runs_diffusers_step_and_warns_once(name, config, branch):

@@ -67,8 +67,8 @@ const float* model_output_tile(const T* row, int64_t cond_offset, const StepCoef
 }
 
 template <typename T>
-void step(const T* x, const T* m, const T* noise, const T* history, T* prev, T* denoised, int64_t batch,
-          int64_t n, int64_t m_stride, const StepCoefficients& c) {
+void step(const T* x, const T* m, const T* noise, const T* history, const float* threshold, T* prev, T* denoised,
+          int64_t batch, int64_t n, int64_t m_stride, const StepCoefficients& c) {
   const int64_t tiles = (n + kTile - 1) / kTile, cond_offset = batch * m_stride;
   const bool need_x0 = denoised || c.prev_x0 != 0.f;  // a flow-matching Euler step has no x0 term
   at::parallel_for(0, batch * tiles, 1, [&](int64_t begin, int64_t end) {
@@ -95,6 +95,11 @@ void step(const T* x, const T* m, const T* noise, const T* history, T* prev, T* 
         if (c.clipped) {
 #pragma omp simd
           for (int64_t i = 0; i < len; ++i) x0[i] = x0[i] < -c.clip ? -c.clip : (x0[i] > c.clip ? c.clip : x0[i]);
+        }
+        if (threshold) {  // dynamic thresholding: clamp to the sample's bound s, then divide by it
+          const float s = threshold[b], inverse = 1.f / s;
+#pragma omp simd
+          for (int64_t i = 0; i < len; ++i) x0[i] = (x0[i] < -s ? -s : (x0[i] > s ? s : x0[i])) * inverse;
         }
 #pragma omp simd
         for (int64_t i = 0; i < len; ++i) p[i] = c.prev_x0 * x0[i] + c.prev_sample * xs[i] + c.prev_model * ms[i];
@@ -164,7 +169,8 @@ const T* data_or_null(const std::optional<Tensor>& t) {
 }  // namespace
 
 std::vector<Tensor> denoise_step(const Tensor& sample, const Tensor& model_output, const std::optional<Tensor>& noise,
-                                 const std::optional<Tensor>& history, const StepCoefficients& c, bool want_denoised) {
+                                 const std::optional<Tensor>& history, const std::optional<Tensor>& threshold,
+                                 const StepCoefficients& c, bool want_denoised) {
   Tensor prev = empty_output_like(sample);
   Tensor denoised = want_denoised ? empty_output_like(sample) : Tensor();
   const int64_t batch = sample.size(0), n = sample.numel() / batch, m_stride = model_output.numel() /
@@ -172,7 +178,8 @@ std::vector<Tensor> denoise_step(const Tensor& sample, const Tensor& model_outpu
   auto run = [&](auto tag) {
     using T = decltype(tag);
     step<T>(sample.const_data_ptr<T>(), model_output.const_data_ptr<T>(), data_or_null<T>(noise),
-            data_or_null<T>(history), prev.mutable_data_ptr<T>(), want_denoised ? denoised.mutable_data_ptr<T>() : nullptr,
+            data_or_null<T>(history), data_or_null<float>(threshold), prev.mutable_data_ptr<T>(),
+            want_denoised ? denoised.mutable_data_ptr<T>() : nullptr,
             batch, n, m_stride, c);
   };
   dispatch_float_types(sample.scalar_type(), "denoise_step", run);

@@ -21,11 +21,13 @@ struct StepCoefficients {
 
 // sample (B, ...) contiguous, float32, float16 or bfloat16; model_output of
 // sample's dtype, contiguous, (B or 2B when guided, C or 2C with a learned
-// variance, ...); noise and history like sample. Returns prev and, if
+// variance, ...); noise and history like sample; threshold (B,) contiguous
+// float32, dynamic thresholding's per-sample bound. Returns prev and, if
 // want_denoised, denoised (else an undefined tensor), both like sample.
 std::vector<at::Tensor> denoise_step(const at::Tensor& sample, const at::Tensor& model_output,
                                      const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& history,
-                                     const StepCoefficients& c, bool want_denoised);
+                                     const std::optional<at::Tensor>& threshold, const StepCoefficients& c,
+                                     bool want_denoised);
 
 // diffusers' sinusoidal timestep embedding (genfast/reference/diffusion.py): timesteps (N,)
 // contiguous, of any real dtype; frequencies (embedding_dim / 2,) contiguous float32. Returns

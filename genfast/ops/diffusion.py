@@ -34,14 +34,14 @@ _SCALARS = (
 )
 
 
-def _kernel(backend, sample, model_output, noise, history, c, guidance_scale, want_denoised, noise_seed):
+def _kernel(backend, sample, model_output, noise, history, threshold, c, guidance_scale, want_denoised, noise_seed):
     if backend == "triton":
         from ..kernels import diffusion
 
         return diffusion.denoise_step(sample, model_output, c, noise, history, guidance_scale, want_denoised,
-                                      noise_seed)
+                                      noise_seed, threshold)
     return extension().denoise_step(
-        sample, model_output, noise, history, _pack(c) + [float(guidance_scale or 0.0)], c.clip is not None,
+        sample, model_output, noise, history, threshold, _pack(c) + [float(guidance_scale or 0.0)], c.clip is not None,
         c.learned_variance is not None, guidance_scale is not None, want_denoised, noise_seed,
     )
 
@@ -65,6 +65,7 @@ def denoise_step_op(
     model_output: Tensor,
     noise: Tensor | None,
     history: Tensor | None,
+    threshold: Tensor | None,
     coefficients: list[float],
     clipped: bool,
     learned_variance: bool,
@@ -75,14 +76,14 @@ def denoise_step_op(
 ) -> tuple[Tensor, Tensor]:
     """(prev, denoised); denoised is empty unless want_denoised (an op returns tensors)."""
     c = _unpack(coefficients, clipped, learned_variance)
-    prev, denoised = _kernel(backend, sample, model_output, noise, history, c, guidance_scale, want_denoised,
-                             noise_seed)
+    prev, denoised = _kernel(backend, sample, model_output, noise, history, threshold, c, guidance_scale,
+                             want_denoised, noise_seed)
     return prev, denoised if denoised is not None else sample.new_empty(0)
 
 
 @denoise_step_op.register_fake
-def _(sample, model_output, noise, history, coefficients, clipped, learned_variance, guidance_scale, want_denoised,
-      noise_seed, backend):
+def _(sample, model_output, noise, history, threshold, coefficients, clipped, learned_variance, guidance_scale,
+      want_denoised, noise_seed, backend):
     return torch.empty_like(sample), torch.empty_like(sample) if want_denoised else sample.new_empty(0)
 
 
@@ -111,6 +112,7 @@ def denoise_step(
     guidance_scale: float | None = None,
     return_denoised: bool = True,
     noise_seed: int | None = None,
+    threshold: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """One sampler step in one pass over memory: (prev_sample, denoised).
 
@@ -119,7 +121,9 @@ def denoise_step(
     channels when coefficients.learned_variance is set. noise, history: like
     sample. noise_seed (in [0, 2^63), instead of noise): the kernel makes the
     noise, philox_normal(noise_seed, sample.shape) of genfast/reference/diffusion.py,
-    reproducible per seed and backend but not torch.randn's numbers. Outputs
+    reproducible per seed and backend but not torch.randn's numbers.
+    threshold: (B,) float32, positive, dynamic thresholding's per-sample bound
+    s_b: x0 = clamp(x0, -s_b, s_b) / s_b (after clip, if both are set). Outputs
     have sample's shape and dtype; denoised is None unless return_denoised.
     Math in float32.
     """
@@ -135,6 +139,8 @@ def denoise_step(
     for name, t in (("noise", noise), ("history", history)):
         if t is not None:
             check_tensor(name, t, dtypes=(sample.dtype,), shape=tuple(sample.shape), like=sample)
+    if threshold is not None:
+        check_tensor("threshold", threshold, dtypes=(torch.float32,), shape=(sample.shape[0],), like=sample)
     if noise_seed is not None:
         if noise is not None:
             raise ValueError("give noise or noise_seed, not both")
@@ -144,20 +150,21 @@ def denoise_step(
     backend = resolve("denoise_step", sample.device, _IMPLEMENTED)
     if backend == "reference" or sample.numel() == 0:
         prev, denoised = reference.diffusion.denoise_step(sample, model_output, coefficients, noise, history,
-                                                          guidance_scale, noise_seed)
+                                                          guidance_scale, noise_seed, threshold)
         return prev.to(sample.dtype), denoised.to(sample.dtype) if return_denoised else None
     sample, model_output = sample.contiguous(), model_output.contiguous()
     noise = noise.contiguous() if noise is not None else None
     history = history.contiguous() if history is not None else None
+    threshold = threshold.contiguous() if threshold is not None else None
     guidance = float(guidance_scale) if guidance_scale is not None else None
     if torch.compiler.is_compiling():
         prev, denoised = denoise_step_op(
-            sample, model_output, noise, history, _pack(coefficients), coefficients.clip is not None,
+            sample, model_output, noise, history, threshold, _pack(coefficients), coefficients.clip is not None,
             coefficients.learned_variance is not None, guidance, return_denoised, noise_seed, backend,
         )
         return prev, denoised if return_denoised else None
-    return _kernel(backend, sample, model_output, noise, history, coefficients, guidance, return_denoised,
-                   noise_seed)
+    return _kernel(backend, sample, model_output, noise, history, threshold, coefficients, guidance,
+                   return_denoised, noise_seed)
 
 
 @functools.lru_cache(maxsize=64)

@@ -12,6 +12,7 @@ the schedule tables (genfast.schedulers does that):
     x        = sample + sample_noise * noise                Euler's churn; else x = sample
     x0       = x0_sample * x + x0_model * m                 the predicted clean sample
     x0       = clamp(x0, -clip, clip)                       when clip is set
+    x0       = clamp(x0, -s_b, s_b) / s_b                   dynamic thresholding, s_b per sample
     prev     = prev_x0 * x0 + prev_sample * x + prev_model * m
                + prev_history * history + std * noise
     denoised = out_x0 * x0 + out_sample * x                 what step() returns beside prev
@@ -112,9 +113,11 @@ def denoise_step(
     history: Tensor | None = None,
     guidance_scale: float | None = None,
     noise_seed: int | None = None,
+    threshold: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(prev_sample, denoised) in float32 (float64 for float64 sample). With noise_seed,
-    the noise is philox_normal(noise_seed, sample.shape) instead of the noise tensor."""
+    the noise is philox_normal(noise_seed, sample.shape) instead of the noise tensor;
+    threshold (B,) holds dynamic thresholding's s_b."""
     math = torch.float64 if sample.dtype == torch.float64 else torch.float32
     if noise_seed is not None:
         noise = philox_normal(noise_seed, tuple(sample.shape), sample.device, math)
@@ -127,6 +130,9 @@ def denoise_step(
     x0 = c.x0_sample * x + c.x0_model * m
     if c.clip is not None:
         x0 = x0.clamp(-c.clip, c.clip)
+    if threshold is not None:
+        s = threshold.to(math).reshape(-1, *[1] * (x0.dim() - 1))
+        x0 = torch.minimum(torch.maximum(x0, -s), s) / s
     prev = c.prev_x0 * x0 + c.prev_sample * x + c.prev_model * m
     if history is not None:
         prev = prev + c.prev_history * history.to(math)

@@ -5,6 +5,7 @@ for configurations that run diffusers' own step."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import warnings
 
@@ -107,14 +108,28 @@ class FusedStepMixin:
                              dtype=dtype or model_output.dtype)
         return noise.to(sample.dtype), None
 
-    @staticmethod
-    def _fused_step(output_class, sample, model_output, coefficients, noise, guidance_scale, return_dict,
+    def _clip(self) -> float | None:
+        """The x0 clipping range of the schedulers that clip: thresholding replaces clipping, as in diffusers."""
+        return self.config.clip_sample_range if self.config.clip_sample and not self.config.thresholding else None
+
+    def _threshold(self, sample, model_output, coefficients, guidance_scale) -> torch.Tensor | None:
+        """With thresholding, its per-sample bound s as diffusers' _threshold_sample works it out, from
+        one extra pass: the step's x0 prediction, then its quantile (the step then clamps and divides)."""
+        if not self.config.get("thresholding", False):  # the Euler schedulers have no such option
+            return None
+        x0_only = dataclasses.replace(coefficients, clip=None, out_x0=1.0, out_sample=0.0)
+        _, x0 = ops.denoise_step(sample, model_output, x0_only, guidance_scale=guidance_scale)
+        s = torch.quantile(x0.float().flatten(1).abs(), self.config.dynamic_thresholding_ratio, dim=1)
+        return s.clamp(1, self.config.sample_max_value)
+
+    def _fused_step(self, output_class, sample, model_output, coefficients, noise, guidance_scale, return_dict,
                     denoised_field: str | None = "pred_original_sample", noise_seed: int | None = None):
         """The step's outputs as diffusers returns them: prev_sample and, under the name
         denoised_field unless it is None, the denoised sample."""
         prev_sample, denoised = ops.denoise_step(
             sample, model_output, coefficients, noise=noise, guidance_scale=guidance_scale,
             return_denoised=denoised_field is not None, noise_seed=noise_seed,
+            threshold=self._threshold(sample, model_output, coefficients, guidance_scale),
         )
         outputs = {"prev_sample": prev_sample}
         if denoised_field is not None:

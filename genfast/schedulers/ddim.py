@@ -12,7 +12,7 @@ from ._fused import AlphaNoisingMixin, FusedStepMixin
 class DDIMScheduler(FusedStepMixin, AlphaNoisingMixin, diffusers.DDIMScheduler):
     """diffusers.DDIMScheduler, its step fused: guidance (given the [uncond,
     cond] model output and guidance_scale), the x0 prediction, clipping and
-    the update in one pass. Thresholding runs diffusers' step (with a warning)."""
+    the update in one pass (dynamic thresholding: one more, for its quantile)."""
 
     def step(
         self,
@@ -26,12 +26,6 @@ class DDIMScheduler(FusedStepMixin, AlphaNoisingMixin, diffusers.DDIMScheduler):
         return_dict: bool = True,
         guidance_scale: float | None = None,
     ):
-        if self.config.thresholding and guidance_scale is None:
-            self._warn_unfused("thresholding")
-            return super().step(model_output, timestep, sample, eta, use_clipped_model_output, generator,
-                                variance_noise, return_dict)
-        if self.config.thresholding:
-            raise ValueError("guidance_scale is fused only without thresholding: guide the model output first")
         if self.num_inference_steps is None:
             raise ValueError(
                 "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
@@ -45,7 +39,7 @@ class DDIMScheduler(FusedStepMixin, AlphaNoisingMixin, diffusers.DDIMScheduler):
             self.config.prediction_type,
             eta,
             use_clipped_model_output,
-            self.config.clip_sample_range if self.config.clip_sample else None,
+            self._clip(),
         )
         noise = seed = None
         if eta > 0:

@@ -12,13 +12,13 @@ from ._fused import AlphaNoisingMixin, FusedStepMixin
 class DDPMScheduler(FusedStepMixin, AlphaNoisingMixin, diffusers.DDPMScheduler):
     """diffusers.DDPMScheduler, its step fused: guidance (given the [uncond,
     cond] model output and guidance_scale), the x0 prediction, clipping, the
-    posterior mean and the noise, a learned variance's included, in one pass.
-    Thresholding and the variance types "learned" and "fixed_large_log" run
-    diffusers' step (with a warning)."""
+    posterior mean and the noise, a learned variance's included, in one pass
+    (dynamic thresholding: one more, for its quantile). The variance types
+    "learned" and "fixed_large_log" run diffusers' step (with a warning)."""
 
     def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True,
              guidance_scale: float | None = None):
-        unfused = "thresholding" if self.config.thresholding else None
+        unfused = None
         if self.variance_type not in coefficients.DDPM_VARIANCE_TYPES:
             unfused = f"variance_type {self.variance_type!r}"
         if unfused and guidance_scale is None:
@@ -34,7 +34,7 @@ class DDPMScheduler(FusedStepMixin, AlphaNoisingMixin, diffusers.DDPMScheduler):
             float(alpha_prod_t_prev),
             self.config.prediction_type,
             self.variance_type,
-            self.config.clip_sample_range if self.config.clip_sample else None,
+            self._clip(),
         )
         noise, seed = self._draw_noise(sample, model_output, generator) if t > 0 else (None, None)
         return self._fused_step(DDPMSchedulerOutput, sample, model_output, c, noise, guidance_scale, return_dict,

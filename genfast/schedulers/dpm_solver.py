@@ -18,9 +18,10 @@ class DPMSolverMultistepScheduler(FusedStepMixin, diffusers.DPMSolverMultistepSc
     [uncond, cond] model output and guidance_scale), the x0 prediction, and the
     first- or second-order update reading the previous step's x0, in one pass.
 
-    DPM-Solver++ and its SDE variant, solver orders 1 and 2, both solver types.
-    Thresholding, a learned variance, order 3 and the deprecated noise-prediction
-    algorithms run diffusers' step (with a warning)."""
+    DPM-Solver++ and its SDE variant, solver orders 1 and 2, both solver types,
+    dynamic thresholding (one more pass, for its quantile). A learned variance,
+    order 3 and the deprecated noise-prediction algorithms run diffusers' step
+    (with a warning)."""
 
     def _unfused_branch(self) -> str | None:
         config = self.config
@@ -28,8 +29,6 @@ class DPMSolverMultistepScheduler(FusedStepMixin, diffusers.DPMSolverMultistepSc
             return f"algorithm_type={config.algorithm_type!r}"
         if config.solver_order > 2:
             return f"solver_order={config.solver_order}"
-        if config.thresholding:
-            return "thresholding"
         if config.variance_type is not None:
             return f"variance_type={config.variance_type!r}"
         return None
@@ -68,6 +67,7 @@ class DPMSolverMultistepScheduler(FusedStepMixin, diffusers.DPMSolverMultistepSc
         prev_sample, x0 = ops.denoise_step(
             sample, model_output, c, noise=noise, history=None if first_order else self.model_outputs[-1],
             guidance_scale=guidance_scale, noise_seed=seed,
+            threshold=self._threshold(sample, model_output, c, guidance_scale),
         )
         # The x0 predictions are the solver's history, kept where diffusers keeps them.
         self.model_outputs = [*self.model_outputs[1:], x0]

@@ -12,16 +12,11 @@ from ._fused import AlphaNoisingMixin, FusedStepMixin
 class LCMScheduler(FusedStepMixin, AlphaNoisingMixin, diffusers.LCMScheduler):
     """diffusers.LCMScheduler, its step fused: guidance (given the [uncond, cond]
     model output and guidance_scale), the x0 prediction, clipping, the
-    consistency boundary condition and the re-noising in one pass.
-    Thresholding runs diffusers' step (with a warning)."""
+    consistency boundary condition and the re-noising in one pass (dynamic
+    thresholding: one more, for its quantile)."""
 
     def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True,
              guidance_scale: float | None = None):
-        if self.config.thresholding and guidance_scale is None:
-            self._warn_unfused("thresholding")
-            return super().step(model_output, timestep, sample, generator, return_dict)
-        if self.config.thresholding:
-            raise ValueError("guidance_scale is fused only without thresholding: guide the model output first")
         if self.num_inference_steps is None:
             raise ValueError(
                 "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
@@ -40,7 +35,7 @@ class LCMScheduler(FusedStepMixin, AlphaNoisingMixin, diffusers.LCMScheduler):
             self.config.prediction_type,
             float(c_skip),
             float(c_out),
-            self.config.clip_sample_range if self.config.clip_sample else None,
+            self._clip(),
             last,
         )
         noise, seed = (None, None) if last else self._draw_noise(sample, model_output, generator)
