@@ -37,7 +37,7 @@ def _model_cost() -> tuple[int, int]:
     return sum(p.numel() * p.element_size() for p in model.parameters()), counter.get_total_flops()
 
 
-def sampling_case(channels_last: bool, quick: bool = False) -> Case:
+def sampling_case(channels_last: bool) -> Case:
     def make_inputs(device: torch.device) -> dict:
         torch.manual_seed(0)
         reference = UNet(**MODEL).eval()
@@ -54,10 +54,10 @@ def sampling_case(channels_last: bool, quick: bool = False) -> Case:
     weight_bytes, flops = _model_cost()
     variant = "channels_last" if channels_last else "contiguous"
     return Case(f"ddim {STEPS} steps guided {'x'.join(map(str, LATENTS))} {variant}", "unet_sampling", "forward",
-                math.prod(LATENTS), make_inputs, STEPS * weight_bytes, STEPS * flops, quick=quick, variant=variant)
+                math.prod(LATENTS), make_inputs, STEPS * weight_bytes, STEPS * flops, variant=variant)
 
 
-CASES = [sampling_case(channels_last=False, quick=True), sampling_case(channels_last=True)]
+CASES = [sampling_case(channels_last=False), sampling_case(channels_last=True)]
 
 
 def _loop(model, scheduler, class_labels, layout):
