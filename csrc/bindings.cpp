@@ -153,6 +153,8 @@ std::vector<Tensor> denoise_step(const Tensor& sample, const Tensor& model_outpu
     TORCH_CHECK(threshold->dim() == 1 && threshold->size(0) == batch && threshold->scalar_type() == at::kFloat &&
                     threshold->is_contiguous() && threshold->device() == sample.device(),
                 "threshold must be a contiguous float32 (", batch, ",) tensor on sample's device");
+  if (threshold && threshold->is_cpu())  // on a GPU, checking would wait for it
+    TORCH_CHECK((*threshold > 0).all().item<bool>(), "threshold must be positive");
   TORCH_CHECK(sample.is_cpu(), "denoise_step: no C++ kernel for ", sample.device(), " tensors (use triton)");
   auto f = [&](int i) { return static_cast<float>(coefficients[i]); };
   TORCH_CHECK(!(noise && noise_seed), "give noise or noise_seed, not both");

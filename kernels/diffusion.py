@@ -201,7 +201,9 @@ def _loss_kernel(m_ptr, t_ptr, weights_ptr, partial_ptr, gradient_ptr, N, gradie
     b = tl.program_id(1).to(tl.int64)
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = i < N
-    diff = tl.load(m_ptr + b * N + i, mask=mask).to(tl.float32) - tl.load(t_ptr + b * N + i, mask=mask).to(tl.float32)
+    # Masked lanes must load 0: they enter the sum.
+    m = tl.load(m_ptr + b * N + i, mask=mask, other=0.0).to(tl.float32)
+    diff = m - tl.load(t_ptr + b * N + i, mask=mask, other=0.0).to(tl.float32)
     tl.store(partial_ptr + b * tl.num_programs(0) + tl.program_id(0), tl.sum(diff * diff, axis=0))
     if GRADIENT:
         scale = gradient_scale * tl.load(weights_ptr + b) if WEIGHTED else gradient_scale

@@ -167,6 +167,7 @@ BAD_INPUTS = {
     "model output of another dtype": (lambda s: {"model_output": s.half()}, TypeError, "model_output must have dtype"),
     "noise of another shape": (lambda s: {"noise": torch.randn(2, 4, 5)}, ValueError, "noise must have shape"),
     "threshold per element": (lambda s: {"threshold": torch.ones(2, 4)}, ValueError, r"threshold must have shape \(2,\)"),
+    "threshold of zero": (lambda s: {"threshold": torch.zeros(2)}, ValueError, "threshold must be positive"),
     "coefficients as a dict": (lambda s: {"coefficients": {"prev_sample": 1.0}}, TypeError, "StepCoefficients"),
     "guidance scale as a string": (lambda s: {"guidance_scale": "7.5"}, TypeError, "guidance_scale"),
 }
@@ -297,6 +298,16 @@ def test_add_noise_is_diffusers():
                           theirs.get_velocity(x0, noise, timesteps).double()) < 1e-6
 
 
+def test_add_noise_broadcasts_one_timestep():
+    """As diffusers' add_noise: one timestep, as () or (1,), noises the whole batch (inpainting pipelines)."""
+    diffusers = pytest.importorskip("diffusers")
+    ours, theirs = genfast.schedulers.DDPMScheduler(), diffusers.DDPMScheduler()
+    x0, noise, _, _ = training_batch((3, 4, 8, 8), torch.float32, "cpu")
+    for timestep in (torch.tensor([10]), torch.tensor(10)):
+        assert relative_error(ours.add_noise(x0, noise, timestep),
+                              theirs.add_noise(x0, noise, timestep).double()) < 1e-6
+
+
 def test_add_noise_timestep_outside_the_schedule():
     x0, noise, timesteps, alphas_cumprod = training_batch((2, 3), torch.float32, "cpu")
     with genfast.use_backend("cpu"), pytest.raises(RuntimeError, match=r"timesteps must lie in \[0, 1000\)"):
@@ -326,6 +337,24 @@ def test_denoising_loss_and_gradients(backend, shape, dtype, atol, weighted):
         # Gradients are about 2 / numel: the error is relative to their size.
         scale = want.abs().max().item() or 1.0
         assert relative_error(got / scale, want / scale) <= atol, name
+
+
+@pytest.mark.parametrize("backend", STEP_BACKENDS)
+def test_denoising_loss_twice_differentiable(backend):
+    """create_graph=True: the gradient is itself differentiable, as torch's is (e.g. for gradient penalties)."""
+    device = require(backend)
+    model_output = torch.randn(3, 4, 5, device=device, requires_grad=True)
+    target, weights = torch.randn(3, 4, 5, device=device), torch.rand(3, device=device)
+    with genfast.use_backend(backend):
+        (grad,) = torch.autograd.grad(genfast.ops.denoising_loss(model_output, target, weights), model_output,
+                                      create_graph=True)
+    (second,) = torch.autograd.grad(grad.square().sum(), model_output)
+    exact_input = model_output.detach().double().requires_grad_()
+    (exact_grad,) = torch.autograd.grad(reference_loss(exact_input, target.double(), weights.double()), exact_input,
+                                        create_graph=True)
+    (exact_second,) = torch.autograd.grad(exact_grad.square().sum(), exact_input)
+    assert relative_error(grad / exact_grad.abs().max(), exact_grad / exact_grad.abs().max()) <= 1e-6
+    assert relative_error(second / exact_second.abs().max(), exact_second / exact_second.abs().max()) <= 1e-6
 
 
 def test_denoising_loss_is_torch_mse_loss():

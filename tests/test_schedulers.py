@@ -224,6 +224,16 @@ def test_swaps_in_from_a_pipeline_config():
     assert fused.config.fused_noise and genfast.schedulers.DDPMScheduler.from_config(fused.config).config.fused_noise
 
 
+def test_subclass_keeps_its_own_init():
+    class Custom(genfast.schedulers.DDIMScheduler):
+        def __init__(self, *args, extra=3, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.extra = extra
+
+    custom = Custom(extra=5, fused_noise=True)
+    assert custom.extra == 5 and custom.config.fused_noise
+
+
 def test_timestep_outside_the_schedule():
     scheduler = genfast.schedulers.DDIMScheduler()
     scheduler.set_timesteps(10)

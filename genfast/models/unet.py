@@ -161,7 +161,8 @@ def sample(
     genfast scheduler takes both halves and guides inside its fused step; any
     other diffusers scheduler gets the guided output, as pipelines give it."""
     device = class_labels.device
-    latents = torch.randn(shape, generator=generator, device=device)
+    # Drawn where the generator lives, as diffusers' randn_tensor does, then moved.
+    latents = torch.randn(shape, generator=generator, device=generator.device if generator else device).to(device)
     scheduler.set_timesteps(num_inference_steps, device=device)
     latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)
     labels = torch.cat([torch.full_like(class_labels, model.num_classes), class_labels])

@@ -141,6 +141,8 @@ def denoise_step(
             check_tensor(name, t, dtypes=(sample.dtype,), shape=tuple(sample.shape), like=sample)
     if threshold is not None:
         check_tensor("threshold", threshold, dtypes=(torch.float32,), shape=(sample.shape[0],), like=sample)
+        if threshold.device.type == "cpu" and not bool((threshold > 0).all()):  # on a GPU it would wait for it
+            raise ValueError(f"threshold must be positive, got {threshold.tolist()}")
     if noise_seed is not None:
         if noise is not None:
             raise ValueError("give noise or noise_seed, not both")
@@ -309,9 +311,10 @@ def _(model_output, target, weights, want_gradient, backend):
 
 
 def _loss_setup_context(ctx, inputs, output):
+    model_output, target, weights, _want_gradient, backend = inputs
     _loss, per_sample, gradient = output
-    ctx.save_for_backward(gradient, per_sample)
-    ctx.backend = inputs[-1]
+    ctx.save_for_backward(gradient, per_sample, model_output, target, weights)
+    ctx.backend = backend
     ctx.set_materialize_grads(False)  # else autograd fills a zero tensor for the unused gradient output
 
 
@@ -323,9 +326,18 @@ def _scaled(gradient: Tensor, grad: Tensor, backend: str) -> Tensor:
 
 
 def _loss_backward(ctx, grad, _grad_per_sample, _grad_gradient):
-    gradient, per_sample = ctx.saved_tensors
+    gradient, per_sample, model_output, target, weights = ctx.saved_tensors
     want_model_output, want_target, want_weights = ctx.needs_input_grad[:3]
-    grad_m = _scaled(gradient, grad, ctx.backend) if want_model_output or want_target else None
+    grad_m = None
+    if torch.is_grad_enabled() and (want_model_output or want_target):
+        # create_graph: the gradient as a differentiable expression of the inputs (the kernel's is not).
+        diff = model_output.float() - target.float()
+        grad_m = (2 / diff.numel()) * grad * diff
+        if weights is not None:
+            grad_m = grad_m * weights.reshape(-1, *[1] * (diff.dim() - 1))
+        grad_m = grad_m.to(model_output.dtype)
+    elif want_model_output or want_target:
+        grad_m = _scaled(gradient, grad, ctx.backend)
     return (
         grad_m if want_model_output else None,
         -grad_m if want_target else None,

@@ -28,7 +28,9 @@ class FusedStepMixin:
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         diffusers_class = next((c for c in cls.__mro__ if c.__module__.startswith("diffusers.")), None)
-        if diffusers_class is None:  # an intermediate mixin, such as the Euler schedulers' shared steps
+        # An intermediate mixin (the Euler schedulers' shared steps) has no diffusers class yet; a
+        # subclass of a genfast scheduler inherits the argument, or defines its own __init__.
+        if diffusers_class is None or "__init__" in cls.__dict__ or hasattr(cls.__init__, "_adds_fused_noise"):
             return
         diffusers_init = diffusers_class.__init__
 
@@ -43,6 +45,7 @@ class FusedStepMixin:
         parameters.insert(at, inspect.Parameter("fused_noise", inspect.Parameter.KEYWORD_ONLY, default=False))
         __init__.__signature__ = inspect.Signature(parameters)
         __init__.__doc__ = diffusers_init.__doc__
+        __init__._adds_fused_noise = True
         cls.__init__ = __init__
 
     def set_timesteps(self, *args, **kwargs):
@@ -171,13 +174,19 @@ class AlphaNoisingMixin:
             tables[device] = self.alphas_cumprod.to(device, torch.float32)
         return tables[device]
 
+    @staticmethod
+    def _per_sample(timesteps, original_samples) -> torch.Tensor:
+        """timesteps as (B,) on the samples' device: diffusers broadcasts one timestep to the batch."""
+        timesteps = torch.as_tensor(timesteps, device=original_samples.device).reshape(-1)
+        return timesteps.expand(original_samples.shape[0]) if timesteps.numel() == 1 else timesteps
+
     def add_noise_and_velocity(self, original_samples, noise, timesteps):
         """(add_noise(...), get_velocity(...)) of the same arguments, reading the inputs once."""
-        return ops.add_noise(original_samples, noise, timesteps.to(original_samples.device),
+        return ops.add_noise(original_samples, noise, self._per_sample(timesteps, original_samples),
                              self._alphas_on(original_samples.device), velocity=True)
 
     def add_noise(self, original_samples, noise, timesteps):
-        return ops.add_noise(original_samples, noise, timesteps.to(original_samples.device),
+        return ops.add_noise(original_samples, noise, self._per_sample(timesteps, original_samples),
                              self._alphas_on(original_samples.device))
 
     def get_velocity(self, sample, noise, timesteps):
