@@ -29,10 +29,11 @@ MODEL = {"channels": (32, 64, 128), "num_classes": 10}
 
 @functools.cache
 def _model_cost() -> tuple[int, int]:
-    """(bytes of weights, flops) of one forward on the guided batch; the loop runs STEPS of them."""
-    model = UNet(**MODEL)
+    """(bytes of weights, flops) of one forward on the guided batch; the loop runs STEPS of them.
+    Counted on the meta device: shapes only, no arithmetic."""
     batch = 2 * LATENTS[0]
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with torch.device("meta"), FlopCounterMode(display=False) as counter, torch.no_grad():
+        model = UNet(**MODEL)
         model(torch.zeros(batch, *LATENTS[1:]), torch.zeros(batch), torch.zeros(batch, dtype=torch.long))
     return sum(p.numel() * p.element_size() for p in model.parameters()), counter.get_total_flops()
 
