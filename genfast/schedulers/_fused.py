@@ -95,6 +95,16 @@ class FusedStepMixin:
             # diffusers' rule: a timestep listed twice starts at its second place.
             self._step_index = indices[1] if len(indices) > 1 else indices[0]
 
+    def _alpha_prod(self, t: int, before_start) -> float:
+        """alphas_cumprod[t] from a host copy (indexing the tensor costs microseconds a step), or
+        before_start (the table's value before t = 0) for negative t."""
+        if t < 0:
+            return float(before_start)
+        table = self.__dict__.get("_host_alphas")
+        if table is None:
+            table = self._host_alphas = self.alphas_cumprod.tolist()
+        return table[t]
+
     def _previous_in_schedule(self, t: int) -> int:
         """The next timestep of the schedule after t, or -1 after the last."""
         schedule = self._schedule()

@@ -32,10 +32,9 @@ class DDIMScheduler(FusedStepMixin, AlphaNoisingMixin, diffusers.DDIMScheduler):
             )
         t = self._host_timestep(timestep)
         prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
-        alpha_prod_t_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
         c = coefficients.ddim(
-            float(self.alphas_cumprod[t]),
-            float(alpha_prod_t_prev),
+            self._alpha_prod(t, None),
+            self._alpha_prod(prev_t, self.final_alpha_cumprod),
             self.config.prediction_type,
             eta,
             use_clipped_model_output,

@@ -28,10 +28,9 @@ class DDPMScheduler(FusedStepMixin, AlphaNoisingMixin, diffusers.DDPMScheduler):
             raise ValueError(f"guidance_scale is fused only without {unfused}: guide the model output first")
         t = self._host_timestep(timestep)
         prev_t = self._previous_in_schedule(t) if self.custom_timesteps or self.num_inference_steps else t - 1
-        alpha_prod_t_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.one
         c = coefficients.ddpm(
-            float(self.alphas_cumprod[t]),
-            float(alpha_prod_t_prev),
+            self._alpha_prod(t, None),
+            self._alpha_prod(prev_t, self.one),
             self.config.prediction_type,
             self.variance_type,
             self._clip(),

@@ -26,12 +26,11 @@ class LCMScheduler(FusedStepMixin, AlphaNoisingMixin, diffusers.LCMScheduler):
         schedule, index = self._schedule(), self.step_index
         t = schedule[index]
         prev_t = schedule[index + 1] if index + 1 < len(schedule) else t
-        alpha_prod_t_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
         c_skip, c_out = self.get_scalings_for_boundary_condition_discrete(t)
         last = index == self.num_inference_steps - 1
         c = coefficients.lcm(
-            float(self.alphas_cumprod[t]),
-            float(alpha_prod_t_prev),
+            self._alpha_prod(t, None),
+            self._alpha_prod(prev_t, self.final_alpha_cumprod),
             self.config.prediction_type,
             float(c_skip),
             float(c_out),
