@@ -32,5 +32,6 @@ timeout 300 python3 -m genfast.cli bench --out "$out" "$@" 2>&1 | tee "$out/benc
 # Host and kernel time per call of the headline cases: where a benchmark's time goes.
 timeout 120 python3 -m genfast.benchmarks.profile --python --providers 'genfast[triton]' 'genfast[cuda]' torch \
   -- 'sd-unet 8x320x64x64' >"$out/profile.txt" 2>&1
-timeout 60 python3 -m genfast.benchmarks.profile --providers 'genfast[triton]' diffusers \
-  -- 'ddim eta=0 16x4x128x128' >>"$out/profile.txt" 2>&1
+# The scheduler steps: one kernel launch each (the issue's count), fused noise included.
+timeout 90 python3 -m genfast.benchmarks.profile --providers 'genfast[triton]' diffusers \
+  -- 'ddim eta=0 16x4x128x128' 'ddpm fused_noise 16x4x128x128' 'dpm++ 2m 16x4x128x128' >>"$out/profile.txt" 2>&1
