@@ -224,6 +224,19 @@ def test_swaps_in_from_a_pipeline_config():
     assert fused.config.fused_noise and genfast.schedulers.DDPMScheduler.from_config(fused.config).config.fused_noise
 
 
+@pytest.mark.parametrize("name, config, model_output_shape, message", [
+    ("DDPMScheduler", {"variance_type": "learned_range"}, (2, 7, 5, 5), "2C channels of a learned variance"),
+    ("DDIMScheduler", {}, (2, 4, 5, 6), r"model_output must have shape \(2, 4, 5, 5\)"),
+    ("EulerDiscreteScheduler", {}, (2, 3, 5, 5), r"model_output must have shape \(2, 4, 5, 5\)"),
+], ids=str)
+def test_step_rejects_model_output_that_does_not_fit(name, config, model_output_shape, message):
+    scheduler = getattr(genfast.schedulers, name)(**config)
+    scheduler.set_timesteps(10)
+    sample = torch.randn(2, 4, 5, 5)
+    with pytest.raises(ValueError, match=message):
+        scheduler.step(torch.randn(model_output_shape), scheduler.timesteps[0], sample)
+
+
 def test_subclass_keeps_its_own_init():
     class Custom(genfast.schedulers.DDIMScheduler):
         def __init__(self, *args, extra=3, **kwargs):
