@@ -18,14 +18,12 @@ class DDPMScheduler(FusedStepMixin, AlphaNoisingMixin, diffusers.DDPMScheduler):
 
     def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True,
              guidance_scale: float | None = None):
-        unfused = None
         if self.variance_type not in coefficients.DDPM_VARIANCE_TYPES:
             unfused = f"variance_type {self.variance_type!r}"
-        if unfused and guidance_scale is None:
+            if guidance_scale is not None:
+                raise ValueError(f"guidance_scale is fused only without {unfused}: guide the model output first")
             self._warn_unfused(unfused)
             return super().step(model_output, timestep, sample, generator, return_dict)
-        if unfused:
-            raise ValueError(f"guidance_scale is fused only without {unfused}: guide the model output first")
         t = self._host_timestep(timestep)
         prev_t = self._previous_in_schedule(t) if self.custom_timesteps or self.num_inference_steps else t - 1
         c = coefficients.ddpm(
