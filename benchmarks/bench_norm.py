@@ -17,7 +17,7 @@ import genfast
 from genfast.reference.activation import activate
 from genfast.reference.norm import group_norm as reference_group_norm
 
-from .harness import Case, Provider, Unsupported, genfast_providers
+from .harness import Case, Provider, Unsupported, cuda_peer, genfast_providers
 
 GROUPS = 32  # what Stable Diffusion uses everywhere
 EPS = 1e-5
@@ -89,14 +89,9 @@ def _reference(x, weight, bias, num_groups, activation):
     return reference_group_norm(x, num_groups, weight, bias, EPS, activation)
 
 
-def _liger(device_type: str) -> Provider:
+def _load_liger():
     """Liger-Kernel's Triton GroupNorm, followed by an eager SiLU (it fuses none)."""
-    if device_type != "cuda":
-        return Provider("liger", None, unavailable="Liger-Kernel's Triton kernels run CUDA tensors only")
-    try:
-        from liger_kernel.ops.group_norm import LigerGroupNormFunction
-    except ImportError as error:
-        return Provider("liger", None, unavailable=f"liger-kernel is not installed ({error})")
+    from liger_kernel.ops.group_norm import LigerGroupNormFunction
 
     def liger(x, weight, bias, num_groups, activation):
         n, c = x.shape[:2]
@@ -104,17 +99,12 @@ def _liger(device_type: str) -> Provider:
         y = LigerGroupNormFunction.apply(x.reshape(n, c, -1), weight, bias, c, num_groups, EPS)
         return activate(y.view(x.shape), activation)
 
-    return Provider("liger", liger)
+    return liger
 
 
-def _apex(device_type: str) -> Provider:
+def _load_apex():
     """NVIDIA apex's fused NHWC GroupNorm + SiLU (apex.contrib.group_norm)."""
-    if device_type != "cuda":
-        return Provider("apex", None, unavailable="apex's group norm runs CUDA tensors only")
-    try:
-        from apex.contrib.group_norm.group_norm import group_norm_nhwc_fprop
-    except ImportError as error:
-        return Provider("apex", None, unavailable=f"apex with its group_norm extension is not installed ({error})")
+    from apex.contrib.group_norm.group_norm import group_norm_nhwc_fprop
 
     def apex(x, weight, bias, num_groups, activation):
         if not x.is_contiguous(memory_format=torch.channels_last):
@@ -124,7 +114,7 @@ def _apex(device_type: str) -> Provider:
         y, _sums = group_norm_nhwc_fprop(x, num_groups, weight, bias, EPS, activation or "", passes)
         return y
 
-    return Provider("apex", apex)
+    return apex
 
 
 def providers(device_type: str) -> list[Provider]:
@@ -133,6 +123,6 @@ def providers(device_type: str) -> list[Provider]:
         Provider("torch", _torch),
         Provider("torch.compile", _torch, compiled=True),
         Provider("reference", _reference),
-        _liger(device_type),
-        _apex(device_type),
+        cuda_peer("liger", device_type, "Liger-Kernel", _load_liger),
+        cuda_peer("apex", device_type, "apex with its group_norm extension", _load_apex),
     ]

@@ -76,8 +76,8 @@ class Provider:
     """One implementation of a family's op."""
 
     name: str
-    fn: Callable[..., torch.Tensor] | None
-    """Takes a case's inputs as keyword arguments and returns the op's output; None when unavailable."""
+    fn: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]] | None
+    """Takes a case's inputs as keyword arguments and returns the op's output (or outputs); None when unavailable."""
     genfast: bool = False
     """A genfast backend: every provider is compared with the fastest of these."""
     compiled: bool = False
@@ -115,6 +115,17 @@ def genfast_providers(fn: Callable[..., torch.Tensor], device_type: str) -> list
     ]
 
 
+def cuda_peer(name: str, device_type: str, what: str, load: Callable[[], Callable[..., Any]]) -> Provider:
+    """A peer library's provider that runs CUDA tensors only. ``load()`` imports the library and
+    returns the provider's fn; where that raises ImportError the provider is reported unavailable."""
+    if device_type != "cuda":
+        return Provider(name, None, unavailable=f"{what} runs CUDA tensors only")
+    try:
+        return Provider(name, load())
+    except ImportError as error:
+        return Provider(name, None, unavailable=f"{what} is not installed ({error})")
+
+
 # ---------------------------------------------------------------- the calls timed
 
 
@@ -131,8 +142,10 @@ def backward(fn: Callable[..., torch.Tensor], inputs: dict[str, Any]) -> Callabl
         for name, value in inputs.items()
     }
     wrt = [value for value in leaves.values() if isinstance(value, torch.Tensor) and value.requires_grad]
-    y = fn(**leaves)
-    return functools.partial(torch.autograd.grad, y, wrt, torch.randn_like(y), retain_graph=True)
+    outputs = fn(**leaves)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    grads = tuple(torch.randn_like(output) for output in outputs)
+    return functools.partial(torch.autograd.grad, outputs, wrt, grads, retain_graph=True)
 
 
 DIRECTIONS = {"forward": forward, "backward": backward}

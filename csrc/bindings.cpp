@@ -2,12 +2,16 @@
 // checks its tensors again (the Python ops already did), so calling genfast._C
 // directly is safe too, then runs the CPU or CUDA kernel for x's device.
 
+#include <ATen/MemoryOverlap.h>
 #include <torch/extension.h>
 
 #include <vector>
 
+#include "cpu/activation.h"
 #include "cpu/diffusion.h"
+#include "cpu/memory.h"
 #include "cpu/norm.h"
+#include "cpu/rotary.h"
 #include "layout.h"
 
 #ifdef GENFAST_WITH_CUDA
@@ -118,6 +122,103 @@ std::vector<Tensor> group_norm_backward(const Tensor& dy, const Tensor& x, const
   }
 #endif
   TORCH_CHECK(false, "group_norm_backward: no kernel for ", x.device(), " tensors in this build");
+}
+
+// Checks x (rows, D) of a float type, contiguous and not empty, and that the (D) parameters and
+// the tensors shaped like x match it.
+void check_layer_norm(const Tensor& x, std::initializer_list<std::pair<const Tensor*, const char*>> like_x,
+                      std::initializer_list<std::pair<const Tensor*, const char*>> params) {
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
+              "x must be float32, float16, bfloat16 or float64, got ", dtype);
+  TORCH_CHECK(x.dim() >= 1 && x.numel() > 0 && x.is_contiguous(), "x must be a contiguous, non-empty tensor, got ",
+              x.sizes());
+  TORCH_CHECK(x.is_cpu(), "layer_norm: no C++ kernel for ", x.device(), " tensors (use triton)");
+  for (const auto& [t, name] : like_x)
+    TORCH_CHECK(t->sizes() == x.sizes() && t->scalar_type() == dtype && t->is_contiguous() && t->is_cpu(), name,
+                " must be a contiguous CPU tensor of x's shape ", x.sizes(), " and dtype ", dtype, ", got ",
+                t->sizes(), " ", t->scalar_type());
+  const int64_t D = x.size(-1);
+  for (const auto& [t, name] : params)
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == D && t->scalar_type() == math_type(x) && t->is_contiguous() &&
+                    t->is_cpu(),
+                name, " must be a contiguous ", math_type(x), " CPU tensor of shape (", D, "), got ", t->sizes(), " ",
+                t->scalar_type());
+}
+
+std::vector<Tensor> layer_norm_forward(const Tensor& x, const std::optional<Tensor>& residual, const Tensor& weight,
+                                       const Tensor& bias, double eps, bool rms) {
+  check_layer_norm(x, {}, {{&weight, "weight"}, {&bias, "bias"}});
+  if (residual) check_layer_norm(x, {{&*residual, "residual"}}, {});
+  TORCH_CHECK(eps >= 0, "eps must be >= 0, got ", eps);
+  return genfast::cpu::layer_norm_forward(x, residual, weight, bias, eps, rms);
+}
+
+std::vector<Tensor> layer_norm_backward(const Tensor& dy, const std::optional<Tensor>& dh, const Tensor& h,
+                                        const Tensor& weight, const Tensor& mean, const Tensor& rstd, bool rms) {
+  check_layer_norm(h, {{&dy, "dy"}}, {{&weight, "weight"}});
+  if (dh) check_layer_norm(h, {{&*dh, "dh"}}, {});
+  const int64_t rows = h.numel() / h.size(-1);
+  for (const auto& [t, name] : {std::pair{&mean, "mean"}, std::pair{&rstd, "rstd"}})
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == rows && t->scalar_type() == math_type(h) && t->is_contiguous(), name,
+                " must be a contiguous ", math_type(h), " tensor of shape (", rows, "), got ", t->sizes());
+  return genfast::cpu::layer_norm_backward(dy, dh, h, weight, mean, rstd, rms);
+}
+
+// x and up: (rows, width) CPU tensors of one float type, the last dimension contiguous.
+void check_activation_input(const Tensor& x, const std::optional<Tensor>& up) {
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
+              "x must be float32, float16, bfloat16 or float64, got ", dtype);
+  TORCH_CHECK(x.is_cpu(), "activation: no C++ kernel for ", x.device(), " tensors (use triton)");
+  for (const auto& [t, name] : {std::pair{&x, "x"}, std::pair{up ? &*up : &x, "up"}}) {
+    TORCH_CHECK(t->dim() == 2 && t->sizes() == x.sizes() && t->scalar_type() == dtype && t->is_cpu(), name,
+                " must be a (rows, width) CPU tensor of x's shape ", x.sizes(), " and dtype ", dtype, ", got ",
+                t->sizes(), " ", t->scalar_type());
+    TORCH_CHECK(t->stride(1) == 1 && (t->size(0) <= 1 || t->stride(0) >= t->size(1)), name,
+                " must have a contiguous last dimension and non-overlapping rows, got strides ", t->strides());
+  }
+}
+
+Tensor activation_forward(const Tensor& x, const std::optional<Tensor>& up, const std::string& activation) {
+  check_activation_input(x, up);
+  return genfast::cpu::activation_forward(x, up, genfast::cpu::activation_kind(activation));
+}
+
+std::vector<Tensor> activation_backward(const Tensor& dy, const Tensor& x, const std::optional<Tensor>& up,
+                                        const std::string& activation) {
+  check_activation_input(x, up);
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type() && dy.is_contiguous() && dy.is_cpu(),
+              "dy must be a contiguous CPU tensor of x's shape ", x.sizes(), " and dtype ", x.scalar_type());
+  return genfast::cpu::activation_backward(dy, x, up, genfast::cpu::activation_kind(activation));
+}
+
+// x and out (B, S, H, D) of one float type on the CPU, last dimension contiguous; cos and sin
+// contiguous (1 or B, S, R) tables in x's math type, R even and at most D.
+Tensor rotary_embedding(const Tensor& x, const Tensor& cos, const Tensor& sin, const std::optional<Tensor>& out_arg,
+                        bool transpose) {
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
+              "x must be float32, float16, bfloat16 or float64, got ", dtype);
+  TORCH_CHECK(x.dim() == 4 && x.is_cpu() && x.stride(3) == 1, "x must be a (B, S, H, D) CPU tensor with a contiguous last "
+              "dimension, got ", x.sizes(), " with strides ", x.strides());
+  // A new output is laid out as x where x is dense (a transposed q stays transposed), else contiguous.
+  const Tensor out = out_arg                            ? *out_arg
+                     : x.is_non_overlapping_and_dense() ? genfast::cpu::empty_output(x.sizes(), x.strides(), x.options())
+                                                        : genfast::cpu::empty_output(x.sizes(), x.options());
+  TORCH_CHECK(out.sizes() == x.sizes() && out.scalar_type() == dtype && out.is_cpu() && out.stride(3) == 1,
+              "out must be a CPU tensor of x's shape ", x.sizes(), " and dtype with a contiguous last dimension");
+  TORCH_CHECK(out.data_ptr() == x.data_ptr() ? out.strides() == x.strides() : at::has_internal_overlap(out) == at::MemOverlap::No,
+              "out must be x itself or a tensor whose elements do not overlap");
+  for (const auto& [t, name] : {std::pair{&cos, "cos"}, std::pair{&sin, "sin"}}) {
+    TORCH_CHECK(t->dim() == 3 && (t->size(0) == 1 || t->size(0) == x.size(0)) && t->size(1) == x.size(1) &&
+                    t->size(2) % 2 == 0 && t->size(2) <= x.size(3) && t->sizes() == cos.sizes() &&
+                    t->scalar_type() == math_type(x) && t->is_contiguous() && t->is_cpu(),
+                name, " must be a contiguous ", math_type(x), " CPU tensor of shape (1 or ", x.size(0), ", ", x.size(1),
+                ", R) with R even and at most ", x.size(3), ", got ", t->sizes(), " ", t->scalar_type());
+  }
+  genfast::cpu::rotary_embedding(x, cos, sin, out, transpose);
+  return out;
 }
 
 // coefficients: sample_noise, x0_sample, x0_model, prev_x0, prev_sample, prev_model, prev_history, prev_noise,
@@ -246,6 +347,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   m.def("group_norm_forward", &group_norm_forward, "GroupNorm + activation forward: (y, mean, rstd)");
   m.def("group_norm_backward", &group_norm_backward, "GroupNorm + activation backward: (dx, dweight, dbias)");
+  m.def("activation_forward", &activation_forward, "act(x) or act(x) * up: y");
+  m.def("activation_backward", &activation_backward, "The activation's backward: (dx, dup or an undefined tensor)");
+  m.def("rotary_embedding", &rotary_embedding, "Rotates x by the (cos, sin) tables into out (which may be x; a new tensor if None); returns out");
+  m.def("layer_norm_forward", &layer_norm_forward, "LayerNorm or RMSNorm (+ residual) forward: (y, h, mean, rstd)");
+  m.def("layer_norm_backward", &layer_norm_backward, "LayerNorm or RMSNorm backward: (dx, dweight, dbias)");
   m.def("denoise_step", &denoise_step, "One fused sampler step: (prev, denoised or an undefined tensor)");
   m.def("timestep_embedding", &timestep_embedding, "diffusers' sinusoidal timestep embedding, float32");
   m.def("add_noise", &add_noise, "Training noise: (noisy, velocity or an undefined tensor)");

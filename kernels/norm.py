@@ -1,7 +1,8 @@
-"""GroupNorm (+ SiLU) Triton kernels and their launchers.
+"""Normalisation Triton kernels and their launchers: GroupNorm (+ SiLU), and
+LayerNorm and RMSNorm (+ residual) over the last dimension.
 
-x is viewed as (N, C, S), S the flattened spatial size, through three strides,
-so one kernel serves channels-first (S-contiguous) and channels-last
+GroupNorm views x as (N, C, S), S the flattened spatial size, through three
+strides, so one kernel serves channels-first (S-contiguous) and channels-last
 (C-contiguous) tensors. One program owns one (sample, group) and walks it in
 [BLOCK_C, BLOCK_S] tiles. Statistics accumulate x - K in float32 (float64 for
 float64 inputs) with K the group's first value, so a large mean cannot cancel
@@ -172,3 +173,124 @@ def group_norm_backward(dy, x, weight, bias, mean, rstd, groups: int, silu: bool
         SILU=silu, BLOCK_C=block_c, BLOCK_S=block_s,
     )
     return dx, sum_dz_xhat.sum(0), sum_dz.sum(0)
+
+
+@triton.jit
+def _layer_norm_forward_kernel(
+    x_ptr, residual_ptr, weight_ptr, bias_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr, D, eps,
+    RMS: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """y = (h - mean) * rstd * weight + bias for one row, h = x (+ residual).
+
+    RMSNorm (RMS) drops the centring and the bias: y = h * rstd * weight, with
+    rstd = 1 / sqrt(mean(h^2) + eps). Fuses the residual add, the statistics
+    (two passes over the row held in registers), the normalisation and the
+    affine. Reads the row of x (and residual), weight, bias; writes y (and h
+    rounded to x's dtype, which is what is normalised), mean and rstd.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    offsets = row * D + cols
+    acc_dtype = mean_ptr.dtype.element_ty
+    h = tl.load(x_ptr + offsets, mask=mask, other=0)
+    if RESIDUAL:
+        h = (h.to(acc_dtype) + tl.load(residual_ptr + offsets, mask=mask, other=0).to(acc_dtype)).to(h.dtype)
+        tl.store(h_ptr + offsets, h, mask=mask)
+    v = h.to(acc_dtype)
+    if RMS:
+        mean = tl.sum(v, axis=0) * 0
+        centred = v
+    else:
+        # Centred on the row's first value (exact for values near it), so a row far from 0
+        # keeps the digits its rounded mean would lose.
+        pivot = tl.sum(tl.where(cols == 0, v, 0), axis=0)
+        d = tl.where(mask, v - pivot, 0)
+        shift = tl.sum(d, axis=0) / D
+        mean = pivot + shift
+        centred = tl.where(mask, d - shift, 0)
+    rstd = 1 / tl.sqrt(tl.sum(centred * centred, axis=0) / D + eps)
+    y = centred * rstd * tl.load(weight_ptr + cols, mask=mask)
+    if not RMS:
+        y += tl.load(bias_ptr + cols, mask=mask)
+    tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + row, mean)
+    tl.store(rstd_ptr + row, rstd)
+
+
+@triton.jit
+def _layer_norm_backward_kernel(
+    dy_ptr, dh_ptr, h_ptr, weight_ptr, mean_ptr, rstd_ptr, dx_ptr, partials_ptr, rows, D, rows_per_program,
+    RMS: tl.constexpr, DH: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ dh), g = dy * weight, for a block of rows.
+
+    RMSNorm has no mean(g) term. Reads the rows of dy, h (and dh), weight and
+    the rows' statistics; writes dx and this program's sums of dy * xhat and
+    dy over its rows into partials[program, 0 or 1, :], which the launcher
+    reduces into the weight and bias gradients.
+    """
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    acc_dtype = mean_ptr.dtype.element_ty
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0)
+    dweight = tl.zeros([BLOCK_D], acc_dtype)
+    dbias = tl.zeros([BLOCK_D], acc_dtype)
+    first = pid * rows_per_program
+    row_start = first.to(tl.int64) * D
+    for row in range(first, tl.minimum(first + rows_per_program, rows)):
+        offsets = row_start + cols
+        row_start += D
+        mean = tl.load(mean_ptr + row)
+        rstd = tl.load(rstd_ptr + row)
+        xhat = tl.where(mask, (tl.load(h_ptr + offsets, mask=mask, other=0).to(acc_dtype) - mean) * rstd, 0)
+        dy = tl.load(dy_ptr + offsets, mask=mask, other=0).to(acc_dtype)
+        g = dy * weight
+        dx = g - xhat * (tl.sum(g * xhat, axis=0) / D)
+        if not RMS:
+            dx -= tl.sum(g, axis=0) / D
+        dx *= rstd
+        if DH:
+            dx += tl.load(dh_ptr + offsets, mask=mask, other=0).to(acc_dtype)
+        tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        dweight += dy * xhat
+        dbias += dy
+    tl.store(partials_ptr + pid * 2 * D + cols, dweight, mask=mask)
+    tl.store(partials_ptr + (pid * 2 + 1) * D + cols, dbias, mask=mask)
+
+
+def layer_norm_forward(x, residual, weight, bias, eps: float, rms: bool):
+    """(y, h or None, mean, rstd) for a contiguous, non-empty (rows, D) x; weight,
+    bias and the statistics are in x's math dtype."""
+    rows, D = x.shape
+    y = torch.empty_like(x)
+    h = None if residual is None else torch.empty_like(x)
+    mean = x.new_empty(rows, dtype=weight.dtype)
+    rstd = torch.empty_like(mean)
+    _layer_norm_forward_kernel[(rows,)](
+        x, residual, weight, bias, y, h, mean, rstd, D, eps,
+        RMS=rms, RESIDUAL=residual is not None, BLOCK_D=triton.next_power_of_2(D),
+    )
+    return y, h, mean, rstd
+
+
+def _backward_programs(rows: int, device: torch.device) -> int:
+    """Programs for the backward: a few per SM on a GPU, each summing its own weight-gradient rows."""
+    if device.type != "cuda":
+        return min(rows, 4)
+    return min(rows, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def layer_norm_backward(dy, dh, h, weight, mean, rstd, rms: bool):
+    """(dx, dweight, dbias); dy and dh are contiguous like h."""
+    rows, D = h.shape
+    programs = _backward_programs(rows, h.device)
+    rows_per_program = triton.cdiv(rows, programs)
+    dx = torch.empty_like(h)
+    partials = h.new_empty((programs, 2, D), dtype=weight.dtype)
+    _layer_norm_backward_kernel[(programs,)](
+        dy, dh, h, weight, mean, rstd, dx, partials, rows, D, rows_per_program,
+        RMS=rms, DH=dh is not None, BLOCK_D=triton.next_power_of_2(D),
+    )
+    return dx, partials[:, 0].sum(0), partials[:, 1].sum(0)  # not views of one tensor: outputs may not alias

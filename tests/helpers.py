@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import genfast
 from genfast.backends import unavailable_reason
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
@@ -34,3 +35,22 @@ def assert_close_to_reference(out, ref64, torch_out, atol: float, what: str) -> 
     bound = 2 * relative_error(torch_out, ref64) + atol
     assert error <= bound, f"{what}: error {error:.3g} > bound {bound:.3g}"
 
+
+
+def assert_compiles_like_eager(module: torch.nn.Module, x: torch.Tensor, compiler: str) -> None:
+    """torch.compile(fullgraph=True) of a module holding genfast layers (no graph break) gives
+    eager's output and input gradient, on the cpu backend."""
+    require("cpu")
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True, backend=compiler)
+    x = x.detach().requires_grad_()
+    with genfast.use_backend("cpu"):
+        out = compiled(x)
+        out.square().sum().backward()
+    grad = x.grad.clone()
+    x.grad = None
+    with genfast.use_backend("cpu"):
+        expected = module(x)
+        expected.square().sum().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, x.grad, rtol=1e-4, atol=1e-4)

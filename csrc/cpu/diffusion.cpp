@@ -18,6 +18,7 @@
 #include <cmath>
 #include <type_traits>
 
+#include "dispatch.h"
 #include "memory.h"
 #include "philox.h"
 #include "vec_math.h"
@@ -39,17 +40,6 @@ const float* as_float(const T* in, float* buf, int64_t n) {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(in[i]);
     return buf;
-  }
-}
-
-// Writes a tile of results: float outputs stream past the cache (memory.h), the others convert.
-template <typename T>
-void write(T* out, const float* values, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    store_streaming(out, values, n);
-  } else {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(values[i]);
   }
 }
 
@@ -125,40 +115,15 @@ void step(const T* x, const T* m, const T* noise, const T* history, const float*
           for (int64_t i = 0; i < len; ++i) p[i] += c.prev_noise * ns[i];
         }
       }
-      write(prev + at, p, len);
+      write_streaming(prev + at, p, len);
       if (denoised) {
 #pragma omp simd
         for (int64_t i = 0; i < len; ++i) buf[i] = c.out_x0 * x0[i] + c.out_sample * xs[i];
-        write(denoised + at, buf, len);
+        write_streaming(denoised + at, buf, len);
       }
     }
     store_fence();
   });
-}
-
-// Calls run(T{}) for the element type T of a float32, float16 or bfloat16 tensor.
-template <typename Run>
-void dispatch_float_types(at::ScalarType dtype, const char* op, Run&& run) {
-  switch (dtype) {
-    case at::kFloat: run(float{}); break;
-    case at::kHalf: run(c10::Half{}); break;
-    case at::kBFloat16: run(c10::BFloat16{}); break;
-    default: TORCH_CHECK(false, op, " takes float32, float16 or bfloat16 tensors, got ", dtype);
-  }
-}
-
-// sum (a[i] - b[i])^2 in float lanes. Not an omp simd reduction: GCC 12 left that loop scalar in
-// one instantiation of denoising_loss (.GOMP_SIMD_LANE "clobbers memory"), 5x slower.
-inline float squared_distance(const float* a, const float* b, int64_t n) {
-  constexpr int64_t kLanes = 16;
-  float lanes[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int64_t k = 0; k < kLanes; ++k) lanes[k] += (a[i + k] - b[i + k]) * (a[i + k] - b[i + k]);
-  float sum = 0.f;
-  for (; i < n; ++i) sum += (a[i] - b[i]) * (a[i] - b[i]);
-  for (int64_t k = 0; k < kLanes; ++k) sum += lanes[k];
-  return sum;
 }
 
 template <typename T>
@@ -237,11 +202,11 @@ std::vector<Tensor> add_noise(const Tensor& x0, const Tensor& noise, const Tenso
         const float* e = as_float(ns + at, n_buf, len);
 #pragma omp simd
         for (int64_t i = 0; i < len; ++i) out[i] = a * x[i] + s * e[i];
-        write(noisy_out + at, out, len);
+        write_streaming(noisy_out + at, out, len);
         if (v_out) {
 #pragma omp simd
           for (int64_t i = 0; i < len; ++i) out[i] = a * e[i] - s * x[i];
-          write(v_out + at, out, len);
+          write_streaming(v_out + at, out, len);
         }
       }
       store_fence();
@@ -272,12 +237,12 @@ std::vector<Tensor> denoising_loss(const Tensor& model_output, const Tensor& tar
         const int64_t b = task / tiles, i0 = task % tiles * kTile, len = std::min(kTile, n - i0), at = b * n + i0;
         const float* m = as_float(ms + at, m_buf, len);
         const float* t = as_float(ts + at, t_buf, len);
-        tile_sums[task] = squared_distance(m, t, len);
+        tile_sums[task] = lane_sum<float>(len, [&](int64_t i) { return (m[i] - t[i]) * (m[i] - t[i]); });
         if (grad) {
           const float scale = w ? gradient_scale * w[b] : gradient_scale;
 #pragma omp simd
           for (int64_t i = 0; i < len; ++i) diff[i] = scale * (m[i] - t[i]);
-          write(grad + at, diff, len);
+          write_streaming(grad + at, diff, len);
         }
       }
       store_fence();
@@ -312,7 +277,7 @@ Tensor scale(const Tensor& x, double scale) {
         const float* values = as_float(in + i0, buf, len);
 #pragma omp simd
         for (int64_t i = 0; i < len; ++i) scaled[i] = s * values[i];
-        write(result + i0, scaled, len);
+        write_streaming(result + i0, scaled, len);
       }
       store_fence();
     });

@@ -11,14 +11,18 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty_like.h>
+#include <ATen/ops/empty_strided.h>
+#include <c10/util/strides.h>
+#include <c10/util/accumulate.h>
 #include <ATen/ops/from_blob.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdlib>
 #include <deque>
 #include <mutex>
 #include <new>
+#include <type_traits>
 
 #ifdef __linux__
 #include <sys/mman.h>
@@ -90,27 +94,50 @@ class OutputCache {
   size_t cached_bytes_ = 0;
 };
 
-// An uninitialised tensor shaped, strided and typed like the dense x, for a kernel to overwrite.
-inline at::Tensor empty_output_like(const at::Tensor& x) {
-  const size_t bytes = x.nbytes();
-  if (bytes < OutputCache::kMinBytes) return at::empty_like(x);
+// An uninitialised tensor of these sizes, strides (dense) and options, for a kernel to overwrite.
+inline at::Tensor empty_output(at::IntArrayRef sizes, at::IntArrayRef strides, const at::TensorOptions& options) {
+  const size_t bytes = c10::multiply_integers(sizes) * options.dtype().itemsize();
+  if (bytes < OutputCache::kMinBytes) return at::empty_strided(sizes, strides, options);
   const size_t rounded = (bytes + OutputCache::kHugePage - 1) / OutputCache::kHugePage * OutputCache::kHugePage;
   void* block = OutputCache::instance().take(rounded);
   return at::from_blob(
-      block, x.sizes(), x.strides(), [rounded](void* used) { OutputCache::instance().give(used, rounded); },
-      x.options());
+      block, sizes, strides, [rounded](void* used) { OutputCache::instance().give(used, rounded); }, options);
+}
+
+// Shaped, strided and typed like the dense x.
+inline at::Tensor empty_output_like(const at::Tensor& x) { return empty_output(x.sizes(), x.strides(), x.options()); }
+
+// Contiguous.
+inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return empty_output(sizes, c10::contiguous_strides(sizes), options);
 }
 
 // Copies n floats from an L1 buffer to an output with non-temporal stores where the target has
-// them (AVX) and dst is 32-byte aligned: an ordinary store first reads the line it writes into
-// the cache, a third of a copy's memory traffic. A thread calls store_fence() after its last one.
+// them (AVX): an ordinary store first reads the line it writes into the cache, a third of a
+// copy's memory traffic. The stores start at dst's first 32-byte boundary. A thread calls
+// store_fence() after its last one.
 inline void store_streaming(float* dst, const float* src, int64_t n) {
   int64_t i = 0;
 #ifdef __AVX__
-  if (reinterpret_cast<uintptr_t>(dst) % 32 == 0)
+  const int64_t head = static_cast<int64_t>((32 - reinterpret_cast<uintptr_t>(dst) % 32) % 32);
+  if (head % sizeof(float) == 0) {
+    for (; i < std::min(n, head / int64_t(sizeof(float))); ++i) dst[i] = src[i];
     for (; i + 8 <= n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+  }
 #endif
   for (; i < n; ++i) dst[i] = src[i];
+}
+
+// Writes n results computed in float (or double): float outputs stream past the cache, the others
+// convert as they store.
+template <typename T, typename acc_t>
+void write_streaming(T* out, const acc_t* values, int64_t n) {
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<acc_t, float>) {
+    store_streaming(out, values, n);
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(values[i]);
+  }
 }
 
 inline void store_fence() {

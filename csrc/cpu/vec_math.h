@@ -5,16 +5,22 @@
 #include <cmath>
 #include <cstdint>
 
+// Inlined always: a call in a loop body keeps the loop scalar, and GCC's heuristics stop
+// inlining these once a loop calls a few of them.
+#define GENFAST_VECTOR_INLINE inline __attribute__((always_inline))
+
 namespace genfast::cpu {
 
 // e^x for float: x = n*ln2 + r with |r| <= ln2/2, e^r from Cephes' degree-6
 // polynomial (max error about 1 ulp), 2^n assembled in the exponent bits. The
-// clamp keeps 2^n a normal float (so e^x saturates near 0 and 2e38); it is
-// written with comparisons, which vectorise where fminf/fmaxf stay libm calls,
-// and which let NaN through to the result.
-inline float exp_fast(float x) {
-  x = x < -87.3f ? -87.3f : x;
-  x = x > 88.3f ? 88.3f : x;
+// clamp keeps n in [-127, 128], whose exponent bits are those of 0 and of +inf,
+// so the result goes to 0 below -87.3 (libm's subnormals are flushed) and to
+// +inf above 88.38 (libm's, within 2x of FLT_MAX, from 88.72) with no extra
+// select. It is written with comparisons, which vectorise where fminf/fmaxf
+// stay libm calls, and which let NaN through.
+GENFAST_VECTOR_INLINE float exp_fast(float x) {
+  x = x < -88.0f ? -88.0f : x;
+  x = x > 88.8f ? 88.8f : x;
   // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer.
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = std::fma(n, -0.693359375f, x);
@@ -31,12 +37,28 @@ inline float exp_fast(float x) {
 }
 
 // Double inputs take libm: they are for checking, not speed.
-inline double exp_fast(double x) { return std::exp(x); }
+GENFAST_VECTOR_INLINE double exp_fast(double x) { return std::exp(x); }
+
+// erf x, Abramowitz and Stegun 7.1.26: 1 - t (a1 + t (a2 + ...)) e^-x^2 with t = 1 / (1 + p |x|),
+// absolute error under 1.5e-7, sign restored last.
+GENFAST_VECTOR_INLINE float erf_fast(float x) {
+  const float a = x < 0.f ? -x : x;
+  const float t = 1.f / std::fma(0.3275911f, a, 1.f);
+  float p = 1.061405429f;
+  p = std::fma(p, t, -1.453152027f);
+  p = std::fma(p, t, 1.421413741f);
+  p = std::fma(p, t, -0.284496736f);
+  p = std::fma(p, t, 0.254829592f);
+  const float e = 1.f - p * t * exp_fast(-a * a);
+  return x < 0.f ? -e : e;
+}
+
+GENFAST_VECTOR_INLINE double erf_fast(double x) { return std::erf(x); }
 
 // ln x for positive normal floats: x = m 2^e with m in [sqrt(1/2), sqrt(2)), then
 // ln m = 2 atanh(t), t = (m - 1) / (m + 1), |t| <= 0.172, by its series to t^9
 // (error under 1e-9).
-inline float log_fast(float x) {
+GENFAST_VECTOR_INLINE float log_fast(float x) {
   const int32_t bits = __builtin_bit_cast(int32_t, x);
   float e = static_cast<float>(((bits >> 23) & 0xff) - 127);
   float m = __builtin_bit_cast(float, (bits & 0x7fffff) | 0x3f800000);
@@ -55,7 +77,7 @@ inline float log_fast(float x) {
 // sin and cos of 2 pi x for x in [0, 1): the nearest quarter turn q / 4 taken out leaves
 // |phi| <= pi / 4, where Taylor series to phi^9 and phi^8 are within 3e-8; the quarter turns
 // then swap and negate them.
-inline void sincos_turns(float x, float& sine, float& cosine) {
+GENFAST_VECTOR_INLINE void sincos_turns(float x, float& sine, float& cosine) {
   const int32_t q = static_cast<int32_t>(4.f * x + 0.5f);
   const float phi = 6.28318531f * (x - 0.25f * static_cast<float>(q)), p2 = phi * phi;
   float s = std::fma(p2, 2.75573192e-6f, -1.98412698e-4f);

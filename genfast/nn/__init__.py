@@ -1,6 +1,7 @@
 """Drop-in replacements for torch.nn modules, with the same constructor and state_dict."""
 
+from .activation import GELU, SiLU
 from .diffusion import Timesteps
-from .norm import GroupNorm
+from .norm import GroupNorm, LayerNorm, RMSNorm
 
-__all__ = ["GroupNorm", "Timesteps"]
+__all__ = ["GELU", "GroupNorm", "LayerNorm", "RMSNorm", "SiLU", "Timesteps"]

@@ -30,3 +30,21 @@ class GroupNorm(nn.GroupNorm):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation!r}"
+
+
+class LayerNorm(nn.LayerNorm):
+    """torch.nn.LayerNorm, whose forward can also add a residual first.
+
+    ``norm(x)`` is torch's; ``norm(x, residual)`` returns (norm(x + residual),
+    x + residual) in one pass. Parameters and state_dict are torch's.
+    """
+
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None):
+        return ops.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, residual)
+
+
+class RMSNorm(nn.RMSNorm):
+    """torch.nn.RMSNorm, whose forward can also add a residual first (as LayerNorm's)."""
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        return ops.rms_norm(x, self.normalized_shape, self.weight, self.eps, residual)

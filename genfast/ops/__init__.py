@@ -1,9 +1,12 @@
 """genfast ops: each a torch.library custom op behind a checked Python function."""
 
 from ..reference.diffusion import StepCoefficients
+from .activation import geglu, gelu, silu, swiglu
 from .diffusion import add_noise, denoise_step, denoising_loss, timestep_embedding
-from .norm import group_norm
+from .norm import group_norm, layer_norm, rms_norm
+from .rotary import apply_rotary_pos_emb
 
 __all__ = [
-    "StepCoefficients", "add_noise", "denoise_step", "denoising_loss", "group_norm", "timestep_embedding",
+    "StepCoefficients", "add_noise", "apply_rotary_pos_emb", "denoise_step", "denoising_loss", "geglu", "gelu", "group_norm", "layer_norm",
+    "rms_norm", "silu", "swiglu", "timestep_embedding",
 ]

@@ -1,36 +1,40 @@
-"""GroupNorm with an optional fused activation, as the custom op genfast::group_norm.
+"""The normalisation ops: GroupNorm with an optional fused activation
+(genfast::group_norm), and LayerNorm and RMSNorm with an optional fused
+residual add (genfast::layer_norm).
 
-group_norm() checks its arguments and picks a backend. Under torch.compile or
-torch.export it calls the op, which the graph holds as a single node with a
-fake implementation; eager calls run the same kernels and backward formula
-through an autograd.Function, skipping the custom op's dispatch.
+Each function checks its arguments and picks a backend. Under torch.compile or
+torch.export it calls the custom op, which the graph holds as a single node
+with a fake implementation; eager calls run the same kernels and backward
+formula through an autograd.Function (_autograd.py).
 """
 
 from __future__ import annotations
+
+import functools
+import math
+import numbers
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from .. import reference
 from ..backends import extension, resolve
+from ._autograd import eager_function
 from ._checks import check_choice, check_int, check_tensor, dense, like_layout
 
 ACTIVATIONS = (None, "silu")
 _IMPLEMENTED = frozenset({"cpu", "cuda", "triton"})
+_LAYER_NORM_IMPLEMENTED = frozenset({"cpu", "triton"})
 
 
-def _triton():
-    from ..kernels import norm
+def _kernels(backend: str):
+    """The backend's kernels: genfast.kernels.norm (triton) or the extension (cpu, cuda)."""
+    if backend == "triton":
+        from ..kernels import norm
 
-    return norm
-
-
-def _forward_kernel(backend: str):
-    return _triton().group_norm_forward if backend == "triton" else extension().group_norm_forward
-
-
-def _backward_kernel(backend: str):
-    return _triton().group_norm_backward if backend == "triton" else extension().group_norm_backward
+        return norm
+    return extension()
 
 
 def _forward(
@@ -41,7 +45,7 @@ def _forward(
     x must be dense (channels-first or channels-last); weight, bias and the
     statistics are in x's math dtype: float64 for float64 x, else float32.
     """
-    return _forward_kernel(backend)(x, weight, bias, num_groups, eps, activation == "silu")
+    return _kernels(backend).group_norm_forward(x, weight, bias, num_groups, eps, activation == "silu")
 
 
 def _backward(
@@ -56,7 +60,7 @@ def _backward(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns dx (x's layout) and the weight and bias gradients (their dtype)."""
-    return _backward_kernel(backend)(like_layout(dy, x), x, weight, bias, mean, rstd, num_groups, activation == "silu")
+    return _kernels(backend).group_norm_backward(like_layout(dy, x), x, weight, bias, mean, rstd, num_groups, activation == "silu")
 
 
 group_norm_op = torch.library.custom_op("genfast::group_norm", _forward, mutates_args=())
@@ -81,32 +85,20 @@ def _setup_context(ctx, inputs, output):
     ctx.num_groups, ctx.activation, ctx.backend = num_groups, activation, backend
 
 
-def _differentiate(ctx, dy, backward):
+def _differentiate(ctx, dy, _dmean, _drstd, backward):
+    if dy is None:
+        return (None,) * 7
     x, weight, bias, mean, rstd = ctx.saved_tensors
     dx, dweight, dbias = backward(dy, x, weight, bias, mean, rstd, ctx.num_groups, ctx.activation, ctx.backend)
     return dx, dweight, dbias, None, None, None, None
 
 
 group_norm_op.register_autograd(
-    lambda ctx, dy, _dmean, _drstd: _differentiate(ctx, dy, group_norm_backward_op), setup_context=_setup_context
+    functools.partial(_differentiate, backward=group_norm_backward_op), setup_context=_setup_context
 )
-
-
-class _GroupNormFunction(torch.autograd.Function):
-    """The eager path: group_norm_op's kernels and autograd without its
-    dispatch. On the H100 machine's host this cut the time per call from 93 to
-    44 us forward and from 344 to 150 us backward, where the GPU kernels of an
-    SD-sized input take 35 and 80 us."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _forward(*inputs)
-        _setup_context(ctx, inputs, output)
-        return output[0]
-
-    @staticmethod
-    def backward(ctx, dy):
-        return _differentiate(ctx, dy, _backward)
+_GroupNormFunction = eager_function(
+    _forward, _setup_context, functools.partial(_differentiate, backward=_backward), non_differentiable=(1, 2)
+)
 
 
 def _as_math(param: Tensor, math_dtype: torch.dtype) -> Tensor:
@@ -150,4 +142,173 @@ def group_norm(
     bias = _as_math(bias, math_dtype) if bias is not None else x.new_zeros(channels, dtype=math_dtype)
     args = (dense(x), weight, bias, num_groups, float(eps), activation, backend)
     # torch.compile and torch.export must see the custom op in their graph.
-    return group_norm_op(*args)[0] if torch.compiler.is_compiling() else _GroupNormFunction.apply(*args)
+    return group_norm_op(*args)[0] if torch.compiler.is_compiling() else _GroupNormFunction.call(*args)[0]
+
+
+def _layer_norm_forward(
+    x: Tensor, residual: Tensor | None, weight: Tensor, bias: Tensor, eps: float, rms: bool, backend: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns y, h = x + residual (an empty tensor without a residual) and the per-row mean and rstd.
+
+    x and residual are contiguous (rows, D); weight, bias and the statistics are
+    in x's math dtype. RMSNorm's mean is 0 and its bias is not read.
+    """
+    y, h, mean, rstd = _kernels(backend).layer_norm_forward(x, residual, weight, bias, eps, rms)
+    return y, x.new_empty(0) if h is None else h, mean, rstd
+
+
+def _layer_norm_backward(
+    dy: Tensor, dh: Tensor | None, h: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, rms: bool, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns dh_total = d/dh + dh (the gradient of both x and residual) and the weight and bias gradients."""
+    return _kernels(backend).layer_norm_backward(dy, dh, h, weight, mean, rstd, rms)
+
+
+layer_norm_op = torch.library.custom_op("genfast::layer_norm", _layer_norm_forward, mutates_args=())
+layer_norm_backward_op = torch.library.custom_op(
+    "genfast::layer_norm_backward", _layer_norm_backward, mutates_args=()
+)
+
+
+@layer_norm_op.register_fake
+def _(x, residual, weight, bias, eps, rms, backend):
+    stats = weight.new_empty(x.shape[0])
+    return torch.empty_like(x), x.new_empty(0) if residual is None else torch.empty_like(x), stats, stats.clone()
+
+
+@layer_norm_backward_op.register_fake
+def _(dy, dh, h, weight, mean, rstd, rms, backend):
+    return torch.empty_like(h), torch.empty_like(weight), torch.empty_like(weight)
+
+
+def _layer_norm_setup_context(ctx, inputs, output):
+    x, residual, weight, _bias, _eps, rms, backend = inputs
+    _y, h, mean, rstd = output
+    ctx.save_for_backward(x if residual is None else h, weight, mean, rstd)
+    ctx.has_residual, ctx.rms, ctx.backend = residual is not None, rms, backend
+
+
+def _layer_norm_differentiate(ctx, dy, dh, _dmean, _drstd, backward):
+    dh = dh if ctx.has_residual else None
+    if dy is None and dh is None:
+        return (None,) * 7
+    h, weight, mean, rstd = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros_like(h)
+    dx, dweight, dbias = backward(dy.contiguous(), dh if dh is None else dh.contiguous(), h, weight, mean, rstd,
+                                  ctx.rms, ctx.backend)
+    return dx, dx if ctx.has_residual else None, dweight, None if ctx.rms else dbias, None, None, None
+
+
+layer_norm_op.register_autograd(
+    functools.partial(_layer_norm_differentiate, backward=layer_norm_backward_op),
+    setup_context=_layer_norm_setup_context,
+)
+_LayerNormFunction = eager_function(
+    _layer_norm_forward,
+    _layer_norm_setup_context,
+    functools.partial(_layer_norm_differentiate, backward=_layer_norm_backward),
+    non_differentiable=(2, 3),
+)
+
+
+def _normalized_size(x: Tensor, normalized_shape: int | Sequence[int]) -> tuple[tuple[int, ...], int]:
+    """normalized_shape as a tuple, checked against x's trailing dimensions, and its element count."""
+    if isinstance(normalized_shape, numbers.Integral):
+        normalized_shape = (normalized_shape,)
+    shape = tuple(normalized_shape) if isinstance(normalized_shape, (tuple, list)) else ()
+    if not shape or any(isinstance(n, bool) or not isinstance(n, numbers.Integral) for n in shape):
+        raise TypeError(f"normalized_shape must be an int or a non-empty sequence of ints, got {normalized_shape!r}")
+    if len(shape) > x.dim() or tuple(x.shape[x.dim() - len(shape):]) != shape:
+        raise ValueError(
+            f"normalized_shape {shape} must match the last dimensions of x, whose shape is {tuple(x.shape)}"
+        )
+    return shape, math.prod(shape)
+
+
+def _normalize(
+    x: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float | None,
+    residual: Tensor | None,
+    rms: bool,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """layer_norm and rms_norm: checks, then the backend's kernel or the reference."""
+    check_tensor("x", x, min_dim=1)
+    shape, size = _normalized_size(x, normalized_shape)
+    for name, param in (("weight", weight), ("bias", bias)):
+        if param is not None:
+            check_tensor(name, param, shape=shape, like=x)
+    if residual is not None:
+        check_tensor("residual", residual, shape=tuple(x.shape), like=x)
+        if residual.dtype != x.dtype:
+            raise TypeError(f"residual must have x's dtype {x.dtype}, got {residual.dtype}")
+    if eps is None:
+        eps = torch.finfo(x.dtype).eps
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or eps < 0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+
+    backend = resolve("rms_norm" if rms else "layer_norm", x.device, _LAYER_NORM_IMPLEMENTED)
+    if backend == "reference" or x.numel() == 0:
+        if rms:
+            return reference.norm.rms_norm(x, shape, weight, eps, residual)
+        return reference.norm.layer_norm(x, shape, weight, bias, eps, residual)
+    math_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+
+    def flat(param: Tensor | None, fill: float) -> Tensor:
+        if param is None:
+            return torch.full((size,), fill, dtype=math_dtype, device=x.device)
+        return _as_math(param if param.dim() == 1 else param.reshape(size), math_dtype).contiguous()
+
+    def rows(t: Tensor) -> Tensor:  # (rows, size), contiguous; views cost microseconds each
+        return t.contiguous() if t.dim() == 2 else t.reshape(-1, size).contiguous()
+
+    args = (
+        rows(x),
+        None if residual is None else rows(residual),
+        flat(weight, 1.0),
+        flat(bias, 0.0),
+        float(eps),
+        rms,
+        backend,
+    )
+    y, h, *_ = layer_norm_op(*args) if torch.compiler.is_compiling() else _LayerNormFunction.call(*args)
+    if x.dim() != 2:
+        y, h = y.view(x.shape), h if residual is None else h.view(x.shape)
+    return y if residual is None else (y, h)
+
+
+def layer_norm(
+    x: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    residual: Tensor | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """``torch.nn.functional.layer_norm``, with an optional residual added first, in one pass.
+
+    Normalises over the last dimensions, ``normalized_shape``; weight and bias
+    have that shape or are None. With ``residual`` (x's shape and dtype)
+    normalises h = x + residual and returns (y, h): a pre-norm block's
+    ``h = h + attn(...); y = norm(h)`` in one read of each input. x:
+    fp32, fp16, bf16 or fp64, any strides (others than contiguous are copied).
+    """
+    return _normalize(x, normalized_shape, weight, bias, eps, residual, rms=False)
+
+
+def rms_norm(
+    x: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None = None,
+    eps: float | None = None,
+    residual: Tensor | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """``torch.nn.functional.rms_norm``, with an optional residual added first, in one pass.
+
+    Arguments and the residual's output as in layer_norm; eps None means
+    torch.finfo(x.dtype).eps, as in torch.
+    """
+    return _normalize(x, normalized_shape, weight, None, eps, residual, rms=True)

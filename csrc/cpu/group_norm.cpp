@@ -310,7 +310,7 @@ std::vector<Tensor> group_norm_forward(const Tensor& x, const Tensor& weight, co
   const bool channels_last = is_channels_last(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "group_norm_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    dispatch_activation(silu, [&]<typename Act>() {
+    dispatch_activation(silu ? ActivationKind::kSiLU : ActivationKind::kIdentity, [&]<typename Act>() {
       auto run = channels_last ? forward_channels_last<Act, scalar_t, acc_t>
                                : forward_channels_first<Act, scalar_t, acc_t>;
       run(x.const_data_ptr<scalar_t>(), weight.const_data_ptr<acc_t>(), bias.const_data_ptr<acc_t>(),
@@ -329,7 +329,7 @@ std::vector<Tensor> group_norm_backward(const Tensor& dy, const Tensor& x, const
   const bool channels_last = is_channels_last(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "group_norm_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    dispatch_activation(silu, [&]<typename Act>() {
+    dispatch_activation(silu ? ActivationKind::kSiLU : ActivationKind::kIdentity, [&]<typename Act>() {
       auto run = channels_last ? backward_channels_last<Act, scalar_t, acc_t>
                                : backward_channels_first<Act, scalar_t, acc_t>;
       run(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), weight.const_data_ptr<acc_t>(),
