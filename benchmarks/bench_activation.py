@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import genfast
 from genfast.reference.activation import activate, gated
 
-from .harness import Case, Provider, genfast_providers
+from .harness import Case, Provider, op_providers
 
 # source: (shape of the activation's output, activation, gated)
 CASES_BY_SOURCE = {
@@ -71,9 +71,4 @@ def _reference(gate, up, activation):
 
 
 def providers(device_type: str) -> list[Provider]:
-    return [
-        *genfast_providers(_genfast, device_type),
-        Provider("torch", _torch),
-        Provider("torch.compile", _torch, compiled=True),
-        Provider("reference", _reference),
-    ]
+    return op_providers(device_type, _genfast, _torch, _reference)

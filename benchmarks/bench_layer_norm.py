@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import genfast
 from genfast.reference import norm as reference
 
-from .harness import Case, Provider, cuda_peer, genfast_providers
+from .harness import Case, Provider, cuda_peer, op_providers
 
 EPS = 1e-5
 SHAPES = {"gpt2-small": (4, 512, 768), "llama-7b": (1, 2048, 4096)}
@@ -98,9 +98,6 @@ def _load_liger():
 
 def providers(device_type: str) -> list[Provider]:
     return [
-        *genfast_providers(_genfast, device_type),
-        Provider("torch", _torch),
-        Provider("torch.compile", _torch, compiled=True),
-        Provider("reference", _reference),
+        *op_providers(device_type, _genfast, _torch, _reference),
         cuda_peer("liger", device_type, "Liger-Kernel", _load_liger),
     ]

@@ -17,7 +17,7 @@ import genfast
 from genfast.reference.activation import activate
 from genfast.reference.norm import group_norm as reference_group_norm
 
-from .harness import Case, Provider, Unsupported, cuda_peer, genfast_providers
+from .harness import Case, Provider, Unsupported, cuda_peer, op_providers
 
 GROUPS = 32  # what Stable Diffusion uses everywhere
 EPS = 1e-5
@@ -119,10 +119,7 @@ def _load_apex():
 
 def providers(device_type: str) -> list[Provider]:
     return [
-        *genfast_providers(_genfast, device_type),
-        Provider("torch", _torch),
-        Provider("torch.compile", _torch, compiled=True),
-        Provider("reference", _reference),
+        *op_providers(device_type, _genfast, _torch, _reference),
         cuda_peer("liger", device_type, "Liger-Kernel", _load_liger),
         cuda_peer("apex", device_type, "apex with its group_norm extension", _load_apex),
     ]

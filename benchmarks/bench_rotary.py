@@ -11,7 +11,7 @@ import torch
 import genfast
 from genfast.reference.rotary import apply_rotary_pos_emb as reference_rope
 
-from .harness import Case, Provider, genfast_providers
+from .harness import Case, Provider, op_providers
 
 # source: (B, S, query heads, key heads, head size)
 SHAPES = {"llama-7b": (1, 2048, 32, 32, 128), "llama-3-8b gqa": (4, 512, 32, 8, 128)}
@@ -46,8 +46,5 @@ def _torch(q, k, cos_sin):
 
 
 def providers(device_type: str) -> list[Provider]:
-    return [
-        *genfast_providers(_genfast, device_type),
-        Provider("torch", _torch),
-        Provider("torch.compile", _torch, compiled=True),
-    ]
+    # torch's eager provider is genfast's reference, transformers' formula: no separate reference.
+    return op_providers(device_type, _genfast, _torch)

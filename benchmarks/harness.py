@@ -115,6 +115,22 @@ def genfast_providers(fn: Callable[..., torch.Tensor], device_type: str) -> list
     ]
 
 
+def op_providers(
+    device_type: str,
+    genfast_fn: Callable[..., Any],
+    torch_fn: Callable[..., Any],
+    reference_fn: Callable[..., Any] | None = None,
+) -> list[Provider]:
+    """An op's usual providers: genfast per native backend, what users run today in eager torch,
+    torch.compile of that, and (where it differs from torch's) genfast's plain-PyTorch reference."""
+    providers = [
+        *genfast_providers(genfast_fn, device_type),
+        Provider("torch", torch_fn),
+        Provider("torch.compile", torch_fn, compiled=True),
+    ]
+    return providers if reference_fn is None else [*providers, Provider("reference", reference_fn)]
+
+
 def cuda_peer(name: str, device_type: str, what: str, load: Callable[[], Callable[..., Any]]) -> Provider:
     """A peer library's provider that runs CUDA tensors only. ``load()`` imports the library and
     returns the provider's fn; where that raises ImportError the provider is reported unavailable."""
