@@ -22,6 +22,13 @@ def require(backend: str) -> str:
     return device
 
 
+def interpreted(backend: str) -> bool:
+    """Whether backend runs in Triton's interpreter here, a few hundred times slower than
+    compiled code: gradcheck then takes its fast mode (random projections of the Jacobian,
+    one backward instead of one per output element) to stay within CI's time."""
+    return backend == "triton" and device_for(backend) == "cpu"
+
+
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """max |out - ref| / max(1, max |ref|), the error measure of DESIGN.md."""
     scale = max(1.0, ref.abs().max().item()) if ref.numel() else 1.0
