@@ -5,9 +5,11 @@
 #include <ATen/MemoryOverlap.h>
 #include <torch/extension.h>
 
+#include <cmath>
 #include <vector>
 
 #include "cpu/activation.h"
+#include "cpu/attention.h"
 #include "cpu/diffusion.h"
 #include "cpu/memory.h"
 #include "cpu/norm.h"
@@ -336,6 +338,70 @@ Tensor scale(const Tensor& x, double scale) {
   return genfast::cpu::scale(x, scale);
 }
 
+// q (B, H, S_q, D), k (B, H_k, S_k, D), v (B, H_k, S_k, D_v): CPU tensors of one float type,
+// last dimension contiguous, H_k dividing H; mask expanded to (B, H, S_q, S_k), bool or the
+// math type; alibi_slopes expanded to (B, H) in the math type.
+genfast::cpu::AttentionProblem attention_problem(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                 const std::optional<Tensor>& mask,
+                                                 const std::optional<Tensor>& alibi_slopes, double scale,
+                                                 double softcap, int64_t window_left, int64_t window_right) {
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
+              "query must be float32, float16, bfloat16 or float64, got ", dtype);
+  for (const auto& [t, name] : {std::pair{&q, "query"}, std::pair{&k, "key"}, std::pair{&v, "value"}})
+    TORCH_CHECK(t->dim() == 4 && t->scalar_type() == dtype && t->is_cpu() && (t->size(3) <= 1 || t->stride(3) == 1),
+                name, " must be a (B, H, S, D) CPU tensor of query's dtype with a contiguous last dimension, got ",
+                t->sizes(), " ", t->scalar_type(), " with strides ", t->strides());
+  const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), Hk = k.size(1), Sk = k.size(2);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B && k.size(3) == q.size(3) && v.size(1) == Hk && v.size(2) == Sk,
+              "key and value must match query's batch, key query's head size, and value key's heads and length; "
+              "got query ", q.sizes(), ", key ", k.sizes(), ", value ", v.sizes());
+  TORCH_CHECK(Hk > 0 && H % Hk == 0, "key's ", Hk, " heads must divide query's ", H);
+  const auto math = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  if (mask)
+    TORCH_CHECK(mask->sizes() == at::IntArrayRef({B, H, Sq, Sk}) && mask->is_cpu() &&
+                    (mask->scalar_type() == at::kBool || mask->scalar_type() == math),
+                "attn_mask must be expanded to (", B, ", ", H, ", ", Sq, ", ", Sk, "), bool or ", math, ", got ",
+                mask->sizes(), " ", mask->scalar_type());
+  if (alibi_slopes)
+    TORCH_CHECK(alibi_slopes->sizes() == at::IntArrayRef({B, H}) && alibi_slopes->scalar_type() == math &&
+                    alibi_slopes->is_cpu(),
+                "alibi_slopes must be expanded to (", B, ", ", H, ") in ", math, ", got ", alibi_slopes->sizes(), " ",
+                alibi_slopes->scalar_type());
+  TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
+  TORCH_CHECK(softcap >= 0, "softcap must be >= 0 (0 for none), got ", softcap);
+  TORCH_CHECK(window_left >= -1 && window_right >= -1, "window bounds must be >= -1 (-1 for none), got (",
+              window_left, ", ", window_right, ")");
+  return {q, k, v, mask, alibi_slopes, scale, softcap, window_left, window_right};
+}
+
+std::vector<Tensor> attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
+                                      const std::optional<Tensor>& mask, const std::optional<Tensor>& alibi_slopes,
+                                      double scale, double softcap, int64_t window_left, int64_t window_right) {
+  return genfast::cpu::attention_forward(
+      attention_problem(q, k, v, mask, alibi_slopes, scale, softcap, window_left, window_right));
+}
+
+std::vector<Tensor> attention_backward(const Tensor& q, const Tensor& k, const Tensor& v,
+                                       const std::optional<Tensor>& mask, const std::optional<Tensor>& alibi_slopes,
+                                       double scale, double softcap, int64_t window_left, int64_t window_right,
+                                       const Tensor& out, const Tensor& lse, const Tensor& dout, bool mask_grad) {
+  auto problem = attention_problem(q, k, v, mask, alibi_slopes, scale, softcap, window_left, window_right);
+  const std::vector<int64_t> out_shape{q.size(0), q.size(1), q.size(2), v.size(3)};
+  for (const auto& [t, name] : {std::pair{&out, "out"}, std::pair{&dout, "dout"}})
+    TORCH_CHECK(t->sizes() == at::IntArrayRef(out_shape) && t->scalar_type() == q.scalar_type() && t->is_cpu() &&
+                    (t->size(3) <= 1 || t->stride(3) == 1),
+                name, " must be a CPU tensor of shape ", at::IntArrayRef(out_shape), " in query's dtype with a "
+                "contiguous last dimension, got ", t->sizes(), " ", t->scalar_type());
+  const auto math = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(lse.sizes() == q.sizes().slice(0, 3) && lse.scalar_type() == math && lse.is_contiguous() &&
+                  lse.is_cpu(),
+              "lse must be a contiguous ", math, " CPU tensor of shape ", q.sizes().slice(0, 3), ", got ",
+              lse.sizes(), " ", lse.scalar_type());
+  TORCH_CHECK(!mask_grad || (mask && mask->scalar_type() != at::kBool), "mask_grad needs an additive float mask");
+  return genfast::cpu::attention_backward(problem, out, lse, dout, mask_grad);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -357,5 +423,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_noise", &add_noise, "Training noise: (noisy, velocity or an undefined tensor)");
   m.def("denoising_loss", &denoising_loss,
         "The denoising loss: (loss, per-sample mean squared errors, gradient or an undefined tensor)");
+  m.def("attention_forward", &attention_forward, "Scaled dot-product attention: (out, lse)");
+  m.def("attention_backward", &attention_backward,
+        "Scaled dot-product attention's backward: (dq, dk, dv, dmask or an undefined tensor)");
   m.def("scale", &scale, "scale * x, for the denoising loss's backward");
 }

@@ -1,0 +1,496 @@
+// Attention on the CPU, tiled as FlashAttention does on a GPU: 64 x 64 tiles of scores stay
+// in cache, the softmax is online, and tiles that causality or the window mask out entirely
+// are never computed (a causal forward does about half the work of a full one). The matrix
+// products are tile_matmul's register tiles. fp16 and bf16 inputs are computed from fp32
+// copies of q, k and v.
+//
+// Forward: a task is one block of 64 queries of one head; it streams the keys that block
+// sees. Backward: a task is one key head of one batch element; per block of its keys it
+// streams the queries of every query head that reads it, so the key and value gradients
+// accumulate in cache and the query gradients in a buffer the task owns: no atomics and a
+// result independent of the thread count.
+
+#include "attention.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#include "dispatch.h"
+#include "tile_matmul.h"
+#include "vec_math.h"
+
+namespace genfast::cpu {
+namespace {
+
+constexpr int64_t kBlockQ = 64, kBlockK = 64;
+
+// The rows of a (B, H, S, X) tensor whose last dimension is contiguous.
+template <typename Pointer>
+struct Rows {
+  Pointer data;
+  int64_t batch, head, row;
+  Pointer at(int64_t b, int64_t h, int64_t s) const { return data + b * batch + h * head + s * row; }
+};
+
+template <typename T>
+Rows<const T*> rows_of(const at::Tensor& t) {
+  return {t.const_data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+template <typename T>
+Rows<T*> mutable_rows_of(const at::Tensor& t) {
+  return {t.mutable_data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// tanh x = 1 - 2 / (e^2x + 1): exact at both ends (e^2x = 0 or inf); near 0 its absolute
+// error is about 1e-7, which a softcap of c scales to c * 1e-7 on a score.
+template <typename T>
+GENFAST_VECTOR_INLINE T tanh_fast(T x) {
+  return T(1) - T(2) / (exp_fast(T(2) * x) + T(1));
+}
+
+template <typename T>
+struct Problem {
+  static constexpr T kMinusInf = -std::numeric_limits<T>::infinity();
+
+  Rows<const T*> q, k, v;
+  int64_t batch, heads, kv_heads, queries, keys, dim, value_dim;
+  T scale, softcap;
+  int64_t left, right;
+  const bool* bool_mask = nullptr;
+  const T* float_mask = nullptr;
+  int64_t mask_stride[4] = {};
+  const T* slopes = nullptr;
+  int64_t slope_stride[2] = {};
+
+  Problem(const AttentionProblem& p, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_)
+      : q(rows_of<T>(q_)),
+        k(rows_of<T>(k_)),
+        v(rows_of<T>(v_)),
+        batch(q_.size(0)),
+        heads(q_.size(1)),
+        kv_heads(k_.size(1)),
+        queries(q_.size(2)),
+        keys(k_.size(2)),
+        dim(q_.size(3)),
+        value_dim(v_.size(3)),
+        scale(static_cast<T>(p.scale)),
+        softcap(static_cast<T>(p.softcap)),
+        left(p.window_left),
+        right(p.window_right) {
+    if (p.mask) {
+      const at::Tensor& mask = *p.mask;
+      if (mask.scalar_type() == at::kBool) {
+        bool_mask = mask.const_data_ptr<bool>();
+      } else {
+        float_mask = mask.const_data_ptr<T>();
+      }
+      for (int d = 0; d < 4; ++d) mask_stride[d] = mask.stride(d);
+    }
+    if (p.alibi_slopes) {
+      slopes = p.alibi_slopes->const_data_ptr<T>();
+      slope_stride[0] = p.alibi_slopes->stride(0);
+      slope_stride[1] = p.alibi_slopes->stride(1);
+    }
+  }
+
+  int64_t group() const { return heads / kv_heads; }
+
+  // The keys [first, last) that some query of [i0, i1) sees.
+  std::pair<int64_t, int64_t> key_range(int64_t i0, int64_t i1) const {
+    const int64_t first = left >= 0 ? std::max<int64_t>(0, i0 - left) : 0;
+    const int64_t last = right >= 0 ? std::min(keys, i1 + right) : keys;
+    return {first, std::max(first, last)};
+  }
+
+  // The queries [first, last) that see some key of [j0, j1).
+  std::pair<int64_t, int64_t> query_range(int64_t j0, int64_t j1) const {
+    const int64_t first = right >= 0 ? std::max<int64_t>(0, j0 - right) : 0;
+    const int64_t last = left >= 0 ? std::min(queries, j1 + left) : queries;
+    return {first, std::max(first, last)};
+  }
+
+  // Turns the products s = (scale q_i) . k_j of queries [i0, i0 + m) and keys [j0, j0 + n) of
+  // head (b, h), in place (row stride lds), into the scores of genfast/reference/attention.py.
+  // capped, where given, receives the softcapped scores (the backward's chain rule).
+  void finish_scores(int64_t b, int64_t h, int64_t i0, int64_t m, int64_t j0, int64_t n, T* s, int64_t lds,
+                     T* capped) const {
+    const T slope = slopes ? slopes[b * slope_stride[0] + h * slope_stride[1]] : T(0);
+    for (int64_t r = 0; r < m; ++r) {
+      T* row = s + r * lds;
+      const int64_t i = i0 + r;
+      if (softcap > 0) {
+        const T inverse_cap = T(1) / softcap, cap = softcap;
+#pragma omp simd
+        for (int64_t c = 0; c < n; ++c) row[c] = cap * tanh_fast(row[c] * inverse_cap);
+        if (capped) std::copy(row, row + n, capped + r * lds);
+      }
+      if (slopes) {
+        const T distance0 = static_cast<T>(i - j0);
+#pragma omp simd
+        for (int64_t c = 0; c < n; ++c) {
+          const T distance = distance0 - static_cast<T>(c);
+          row[c] -= slope * (distance < 0 ? -distance : distance);
+        }
+      }
+      const int64_t mask_offset = b * mask_stride[0] + h * mask_stride[1] + i * mask_stride[2] + j0 * mask_stride[3];
+      if (bool_mask) {
+        const bool* keep = bool_mask + mask_offset;
+        for (int64_t c = 0; c < n; ++c) row[c] = keep[c * mask_stride[3]] ? row[c] : kMinusInf;
+      } else if (float_mask) {
+        const T* add = float_mask + mask_offset;
+        for (int64_t c = 0; c < n; ++c) row[c] += add[c * mask_stride[3]];
+      }
+      // Keys j0 + c outside [i - left, i + right] are masked; a tile inside the band skips this.
+      const int64_t lo = left >= 0 ? i - left - j0 : 0, hi = right >= 0 ? i + right - j0 : n - 1;
+      if (lo > 0 || hi < n - 1) {
+#pragma omp simd
+        for (int64_t c = 0; c < n; ++c) row[c] = (c < lo || c > hi) ? kMinusInf : row[c];
+      }
+    }
+  }
+};
+
+// The maximum and the sum of row[0, n), n a multiple of kTileColumns<T>, in vector registers:
+// GCC left the scalar forms of these reductions scalar, and they cost a third of the forward.
+template <typename T>
+T padded_row_max(const T* row, int64_t n) {
+  constexpr int64_t kLanes = kVectorBytes / sizeof(T);
+  Vector<T> high, low;
+  std::memcpy(&high, row, sizeof(high));
+  std::memcpy(&low, row + kLanes, sizeof(low));
+  for (int64_t c = 2 * kLanes; c < n; c += 2 * kLanes) {
+    Vector<T> x, y;
+    std::memcpy(&x, row + c, sizeof(x));
+    std::memcpy(&y, row + c + kLanes, sizeof(y));
+    high = x > high ? x : high;
+    low = y > low ? y : low;
+  }
+  high = low > high ? low : high;
+  T result = high[0];
+  for (int64_t k = 1; k < kLanes; ++k) result = high[k] > result ? high[k] : result;
+  return result;
+}
+
+template <typename T>
+T padded_row_sum(const T* row, int64_t n) {
+  constexpr int64_t kLanes = kVectorBytes / sizeof(T);
+  Vector<T> high{}, low{};
+  for (int64_t c = 0; c < n; c += 2 * kLanes) {
+    Vector<T> x, y;
+    std::memcpy(&x, row + c, sizeof(x));
+    std::memcpy(&y, row + c + kLanes, sizeof(y));
+    high += x;
+    low += y;
+  }
+  high += low;
+  T result = 0;
+  for (int64_t k = 0; k < kLanes; ++k) result += high[k];
+  return result;
+}
+
+// rows x cols of src (row stride ld) as a tile_matmul B operand: src itself where cols fills
+// whole tile columns, else a copy in buffer with the row padded by zeros. Returns the
+// pointer and its row stride.
+template <typename T>
+std::pair<const T*, int64_t> b_operand(const T* src, int64_t rows, int64_t cols, int64_t ld, T* buffer) {
+  const int64_t width = padded_columns<T>(cols);
+  if (width == cols) return {src, ld};
+  for (int64_t r = 0; r < rows; ++r) {
+    std::copy(src + r * ld, src + r * ld + cols, buffer + r * width);
+    std::fill(buffer + r * width + cols, buffer + (r + 1) * width, T(0));
+  }
+  return {buffer, width};
+}
+
+// scale times queries [i0, i0 + m) of head (b, h), into buffer (m x padded_columns(dim), zero
+// padded): the A operand of the score products and, in the backward, the B operand of dk.
+template <typename T>
+void scaled_queries(const Problem<T>& p, int64_t b, int64_t h, int64_t i0, int64_t m, T* buffer) {
+  const int64_t width = padded_columns<T>(p.dim);
+  for (int64_t r = 0; r < m; ++r) {
+    const T* src = p.q.at(b, h, i0 + r);
+    T* dst = buffer + r * width;
+    const T scale = p.scale;
+#pragma omp simd
+    for (int64_t c = 0; c < p.dim; ++c) dst[c] = scale * src[c];
+    std::fill(dst + p.dim, dst + width, T(0));
+  }
+}
+
+// One task of the forward: queries [i0, i0 + m) of head (b, h) into out and lse.
+template <typename T>
+struct ForwardBlock {
+  const Problem<T>& p;
+  Rows<const T*> keys_t;
+  std::vector<T> queries, scores, acc, values, row_max, row_sum;
+
+  ForwardBlock(const Problem<T>& problem, Rows<const T*> keys_transposed)
+      : p(problem),
+        keys_t(keys_transposed),
+        queries(kBlockQ * padded_columns<T>(problem.dim)),
+        scores(kBlockQ * padded_columns<T>(kBlockK)),
+        acc(kBlockQ * padded_columns<T>(problem.value_dim)),
+        values(kBlockK * padded_columns<T>(problem.value_dim)),
+        row_max(kBlockQ),
+        row_sum(kBlockQ) {}
+
+  void run(int64_t b, int64_t h, int64_t i0, Rows<T*> out, T* lse) {
+    const int64_t m = std::min(kBlockQ, p.queries - i0), kv_head = h / p.group();
+    const int64_t d_width = padded_columns<T>(p.dim), dv_width = padded_columns<T>(p.value_dim);
+    scaled_queries(p, b, h, i0, m, queries.data());
+    std::fill(acc.begin(), acc.begin() + m * dv_width, T(0));
+    std::fill(row_max.begin(), row_max.end(), Problem<T>::kMinusInf);
+    std::fill(row_sum.begin(), row_sum.end(), T(0));
+
+    const auto [first, last] = p.key_range(i0, i0 + m);
+    for (int64_t j0 = first; j0 < last; j0 += kBlockK) {
+      const int64_t n = std::min(kBlockK, last - j0), width = padded_columns<T>(n);
+      tile_matmul<false>(m, width, p.dim, queries.data(), d_width, 1, keys_t.at(b, kv_head, 0) + j0, keys_t.row,
+                         scores.data(), width);
+      p.finish_scores(b, h, i0, m, j0, n, scores.data(), width, nullptr);
+      for (int64_t r = 0; r < m; ++r) {
+        T* row = scores.data() + r * width;
+        // The padding columns take no weight.
+        std::fill(row + n, row + width, Problem<T>::kMinusInf);
+        const T new_max = std::max(row_max[r], padded_row_max(row, width));
+        // Until a row sees a key, its maximum is -inf: subtracting 0 keeps every exp at 0.
+        const T base = new_max == Problem<T>::kMinusInf ? T(0) : new_max;
+#pragma omp simd
+        for (int64_t c = 0; c < width; ++c) row[c] = exp_fast(row[c] - base);
+        const T rescale = exp_fast(row_max[r] - base);
+        row_sum[r] = row_sum[r] * rescale + padded_row_sum(row, width);
+        row_max[r] = new_max;
+        if (rescale != T(1)) {
+          T* acc_row = acc.data() + r * dv_width;
+#pragma omp simd
+          for (int64_t c = 0; c < dv_width; ++c) acc_row[c] *= rescale;
+        }
+      }
+      const auto [v, ldv] = b_operand(p.v.at(b, kv_head, j0), n, p.value_dim, p.v.row, values.data());
+      tile_matmul<true>(m, dv_width, n, scores.data(), width, 1, v, ldv, acc.data(), dv_width);
+    }
+    for (int64_t r = 0; r < m; ++r) {
+      const T inverse = row_sum[r] > 0 ? T(1) / row_sum[r] : T(0);
+      T* dst = out.at(b, h, i0 + r);
+      const T* src = acc.data() + r * dv_width;
+#pragma omp simd
+      for (int64_t c = 0; c < p.value_dim; ++c) dst[c] = src[c] * inverse;
+      lse[r] = row_sum[r] > 0 ? row_max[r] + std::log(row_sum[r]) : Problem<T>::kMinusInf;
+    }
+  }
+};
+
+// One task of the backward: every key block of key head (b, kv_head).
+template <typename T>
+struct BackwardHead {
+  const Problem<T>& p;
+  Rows<const T*> keys_t, values_t, out, dout;
+  const T* lse;
+  Rows<T*> dq, dk, dv, dmask;
+  int64_t d_width, dv_width;
+  std::vector<T> dq_acc, delta, queries, probs, dprobs, capped, dk_acc, dv_acc, dout_pack, k_pack;
+
+  BackwardHead(const Problem<T>& problem, Rows<const T*> keys_transposed, Rows<const T*> values_transposed,
+               Rows<const T*> out_, Rows<const T*> dout_, const T* lse_, Rows<T*> dq_, Rows<T*> dk_, Rows<T*> dv_,
+               Rows<T*> dmask_)
+      : p(problem),
+        keys_t(keys_transposed),
+        values_t(values_transposed),
+        out(out_),
+        dout(dout_),
+        lse(lse_),
+        dq(dq_),
+        dk(dk_),
+        dv(dv_),
+        dmask(dmask_),
+        d_width(padded_columns<T>(problem.dim)),
+        dv_width(padded_columns<T>(problem.value_dim)),
+        dq_acc(problem.group() * problem.queries * d_width),
+        delta(problem.group() * problem.queries),
+        queries(kBlockQ * d_width),
+        probs(kBlockQ * padded_columns<T>(kBlockK)),
+        dprobs(kBlockQ * padded_columns<T>(kBlockK)),
+        capped(problem.softcap > 0 ? kBlockQ * padded_columns<T>(kBlockK) : 0),
+        dk_acc(kBlockK * d_width),
+        dv_acc(kBlockK * dv_width),
+        dout_pack(kBlockQ * dv_width),
+        k_pack(kBlockK * d_width) {}
+
+  void run(int64_t b, int64_t kv_head) {
+    const int64_t group = p.group();
+    std::fill(dq_acc.begin(), dq_acc.end(), T(0));
+    // delta_i = dO_i . O_i, the softmax backward's row term.
+    for (int64_t g = 0; g < group; ++g)
+      for (int64_t i = 0; i < p.queries; ++i) {
+        const T* o = out.at(b, kv_head * group + g, i);
+        const T* d = dout.at(b, kv_head * group + g, i);
+        delta[g * p.queries + i] = lane_sum<T>(p.value_dim, [&](int64_t c) { return o[c] * d[c]; });
+      }
+    for (int64_t j0 = 0; j0 < p.keys; j0 += kBlockK) key_block(b, kv_head, j0);
+    // The scores' scale, applied once to the accumulated dS k.
+    const T scale = p.scale;
+    for (int64_t g = 0; g < group; ++g)
+      for (int64_t i = 0; i < p.queries; ++i) {
+        const T* src = dq_acc.data() + (g * p.queries + i) * d_width;
+        T* dst = dq.at(b, kv_head * group + g, i);
+#pragma omp simd
+        for (int64_t c = 0; c < p.dim; ++c) dst[c] = scale * src[c];
+      }
+  }
+
+  void key_block(int64_t b, int64_t kv_head, int64_t j0) {
+    const int64_t n = std::min(kBlockK, p.keys - j0), width = padded_columns<T>(n);
+    const auto [k, ldk] = b_operand(p.k.at(b, kv_head, j0), n, p.dim, p.k.row, k_pack.data());
+    std::fill(dk_acc.begin(), dk_acc.end(), T(0));
+    std::fill(dv_acc.begin(), dv_acc.end(), T(0));
+    const auto [first, last] = p.query_range(j0, j0 + n);
+    for (int64_t g = 0; g < p.group(); ++g) {
+      const int64_t h = kv_head * p.group() + g;
+      for (int64_t i0 = first; i0 < last; i0 += kBlockQ) {
+        const int64_t m = std::min(kBlockQ, last - i0);
+        const T* d_o = dout.at(b, h, i0);
+        T* P = probs.data();
+        T* dS = dprobs.data();
+        scaled_queries(p, b, h, i0, m, queries.data());
+        tile_matmul<false>(m, width, p.dim, queries.data(), d_width, 1, keys_t.at(b, kv_head, 0) + j0, keys_t.row,
+                           P, width);
+        p.finish_scores(b, h, i0, m, j0, n, P, width, capped.empty() ? nullptr : capped.data());
+        for (int64_t r = 0; r < m; ++r) {
+          // A row that saw no key has lse -inf and zero weights: subtracting +inf keeps them 0.
+          const T row_lse = lse[(b * p.heads + h) * p.queries + i0 + r];
+          const T base = row_lse == Problem<T>::kMinusInf ? -row_lse : row_lse;
+          T* row = P + r * width;
+#pragma omp simd
+          for (int64_t c = 0; c < n; ++c) row[c] = exp_fast(row[c] - base);
+        }
+        const auto [d_o_op, ld_do] = b_operand(d_o, m, p.value_dim, dout.row, dout_pack.data());
+        tile_matmul<true>(n, dv_width, m, P, 1, width, d_o_op, ld_do, dv_acc.data(), dv_width);
+        tile_matmul<false>(m, width, p.value_dim, d_o, dout.row, 1, values_t.at(b, kv_head, 0) + j0, values_t.row,
+                           dS, width);
+        for (int64_t r = 0; r < m; ++r) {
+          const T row_delta = delta[g * p.queries + i0 + r];
+          const T* prob = P + r * width;
+          T* ds = dS + r * width;
+#pragma omp simd
+          for (int64_t c = 0; c < n; ++c) ds[c] = prob[c] * (ds[c] - row_delta);
+          if (dmask.data) std::copy(ds, ds + n, dmask.at(b, h, i0 + r) + j0);
+          if (!capped.empty()) {
+            // d/ds of c tanh(s / c) is 1 - tanh^2.
+            const T* cap_row = capped.data() + r * width;
+            const T inverse_cap = T(1) / p.softcap;
+#pragma omp simd
+            for (int64_t c = 0; c < n; ++c) {
+              const T t = cap_row[c] * inverse_cap;
+              ds[c] *= T(1) - t * t;
+            }
+          }
+        }
+        // dk += dS^T (scale q): the scale is the scores'; dq's is applied once, in run().
+        tile_matmul<true>(n, d_width, m, dS, 1, width, queries.data(), d_width, dk_acc.data(), d_width);
+        tile_matmul<true>(m, d_width, n, dS, width, 1, k, ldk, dq_acc.data() + (g * p.queries + i0) * d_width,
+                          d_width);
+      }
+    }
+    for (int64_t c = 0; c < n; ++c) {
+      std::copy(dk_acc.data() + c * d_width, dk_acc.data() + c * d_width + p.dim, dk.at(b, kv_head, j0 + c));
+      std::copy(dv_acc.data() + c * dv_width, dv_acc.data() + c * dv_width + p.value_dim, dv.at(b, kv_head, j0 + c));
+    }
+  }
+};
+
+// t (B, H, S, X) transposed to (B, H, X, S + kTileColumns), the last columns zero: the B operand
+// of products with keys [j0, j0 + n) of any n <= S - j0 reads its padded width from column j0.
+at::Tensor transposed_rows(const at::Tensor& t) {
+  const int64_t S = t.size(2), pad = t.scalar_type() == at::kDouble ? kTileColumns<double> : kTileColumns<float>;
+  at::Tensor result = at::empty({t.size(0), t.size(1), t.size(3), S + pad}, t.options());
+  result.narrow(3, S, pad).zero_();
+  result.narrow(3, 0, S).copy_(t.transpose(2, 3));
+  return result;
+}
+
+// Calls run(T{}) with T the math type of a tensor of math type `type`.
+template <typename Run>
+void dispatch_math_type(at::ScalarType type, Run&& run) {
+  if (type == at::kDouble) {
+    run(double{});
+  } else {
+    run(float{});
+  }
+}
+
+at::ScalarType math_type(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor as_math(const at::Tensor& t) {
+  return t.scalar_type() == math_type(t) ? t : t.to(math_type(t));
+}
+
+// The block of queries task t computes, in an order that interleaves cheap and costly blocks
+// (first, last, second, ...): under causality the cost grows with the block index, and
+// at::parallel_for hands each thread a contiguous range of tasks.
+int64_t interleaved_block(int64_t t, int64_t blocks) {
+  return t % 2 == 0 ? t / 2 : blocks - 1 - t / 2;
+}
+
+}  // namespace
+
+std::vector<at::Tensor> attention_forward(const AttentionProblem& problem) {
+  const at::Tensor q = as_math(problem.q), k = as_math(problem.k), v = as_math(problem.v);
+  const int64_t B = q.size(0), H = q.size(1), S = q.size(2);
+  at::Tensor out = at::empty({B, H, S, v.size(3)}, q.options());
+  at::Tensor lse = at::empty({B, H, S}, q.options());
+  const int64_t blocks = (S + kBlockQ - 1) / kBlockQ;
+  const at::Tensor keys_t = transposed_rows(k);
+  dispatch_math_type(q.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const Problem<T> p(problem, q, k, v);
+    const Rows<T*> out_rows = mutable_rows_of<T>(out);
+    T* lse_data = lse.mutable_data_ptr<T>();
+    at::parallel_for(0, B * H * blocks, 1, [&](int64_t begin, int64_t end) {
+      ForwardBlock<T> block(p, rows_of<T>(keys_t));
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t bh = t / blocks, i0 = interleaved_block(t % blocks, blocks) * kBlockQ;
+        block.run(bh / H, bh % H, i0, out_rows, lse_data + bh * S + i0);
+      }
+    });
+  });
+  return {out.to(problem.q.scalar_type()), lse};
+}
+
+std::vector<at::Tensor> attention_backward(const AttentionProblem& problem, const at::Tensor& out,
+                                           const at::Tensor& lse, const at::Tensor& dout, bool mask_grad) {
+  const at::Tensor q = as_math(problem.q), k = as_math(problem.k), v = as_math(problem.v);
+  const at::Tensor out_math = as_math(out), dout_math = as_math(dout);
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  at::Tensor dmask;
+  if (mask_grad) dmask = at::zeros({q.size(0), q.size(1), q.size(2), k.size(2)}, q.options());
+  const int64_t B = q.size(0), kv_heads = k.size(1);
+  const at::Tensor keys_t = transposed_rows(k), values_t = transposed_rows(v);
+  dispatch_math_type(q.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const Problem<T> p(problem, q, k, v);
+    const Rows<T*> no_mask{nullptr, 0, 0, 0};
+    at::parallel_for(0, B * kv_heads, 1, [&](int64_t begin, int64_t end) {
+      BackwardHead<T> head(p, rows_of<T>(keys_t), rows_of<T>(values_t), rows_of<T>(out_math), rows_of<T>(dout_math), lse.const_data_ptr<T>(),
+                           mutable_rows_of<T>(dq), mutable_rows_of<T>(dk), mutable_rows_of<T>(dv),
+                           mask_grad ? mutable_rows_of<T>(dmask) : no_mask);
+      for (int64_t t = begin; t < end; ++t) head.run(t / kv_heads, t % kv_heads);
+    });
+  });
+  const auto dtype = problem.q.scalar_type();
+  return {dq.to(dtype), dk.to(dtype), dv.to(dtype), dmask};
+}
+
+}  // namespace genfast::cpu

@@ -1,0 +1,33 @@
+// Scaled dot-product attention's CPU kernels (attention.cpp), flash-attention style; the
+// formula: genfast/reference/attention.py. Callers check the arguments (csrc/bindings.cpp).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <vector>
+
+namespace genfast::cpu {
+
+// One attention problem. q (B, H, S_q, D), k (B, H_k, S_k, D) and v (B, H_k, S_k, D_v) of
+// one float type, any strides but a contiguous last dimension; query head h reads key head
+// h / (H / H_k). mask, expanded to (B, H, S_q, S_k): bool (keep where true) or q's math type
+// (added). alibi_slopes, expanded to (B, H), in the math type. softcap 0 is none. Query i
+// sees keys i - window_left ..= i + window_right, -1 for no bound: causal is window_right 0.
+struct AttentionProblem {
+  at::Tensor q, k, v;
+  std::optional<at::Tensor> mask, alibi_slopes;
+  double scale = 1.0, softcap = 0.0;
+  int64_t window_left = -1, window_right = -1;
+};
+
+// Returns the output (B, H, S_q, D_v) in q's dtype and the log-sum-exp of each row's scores
+// (B, H, S_q) in the math type, -inf for a row with no key left (its output is zero).
+std::vector<at::Tensor> attention_forward(const AttentionProblem& problem);
+
+// Returns dq, dk, dv (contiguous, in q's dtype) and, with mask_grad, the gradient of an
+// additive mask, (B, H, S_q, S_k) in the math type: the caller sums it over broadcast axes.
+std::vector<at::Tensor> attention_backward(const AttentionProblem& problem, const at::Tensor& out,
+                                           const at::Tensor& lse, const at::Tensor& dout, bool mask_grad);
+
+}  // namespace genfast::cpu

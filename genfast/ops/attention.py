@@ -1,0 +1,244 @@
+"""Scaled dot-product attention (genfast::scaled_dot_product_attention), drop-in for
+``torch.nn.functional.scaled_dot_product_attention`` and flash-attention style on
+every backend: no (S_q, S_k) matrix is stored, and tiles that causality or a
+sliding window mask out entirely are skipped. The formula, with what the op adds
+to torch's (sliding window, ALiBi, logit softcap): genfast/reference/attention.py.
+
+The forward saves each row's log-sum-exp; the backward recomputes the scores tile
+by tile from it. A float attn_mask that requires grad gets its gradient.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ..backends import extension, resolve
+from ._autograd import eager_function
+from ._checks import FLOAT_DTYPES, check_tensor
+
+_IMPLEMENTED = frozenset({"cpu"})
+
+
+def _kernels(backend: str):
+    return extension()
+
+
+def _forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    alibi_slopes: Tensor | None,
+    scale: float,
+    softcap: float,
+    window_left: int,
+    window_right: int,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """Returns the output (B, H, S_q, D_v) in q's dtype and the rows' log-sum-exp (B, H, S_q)
+    in the math type. q, k, v: (B, H or H_k, S, D) with a contiguous last dimension; mask
+    expanded to (B, H, S_q, S_k), bool or the math type; alibi_slopes expanded to (B, H);
+    softcap 0 and window bounds -1 mean none."""
+    out, lse = _kernels(backend).attention_forward(
+        q, k, v, mask, alibi_slopes, scale, softcap, window_left, window_right
+    )
+    return out, lse
+
+
+def _backward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    alibi_slopes: Tensor | None,
+    scale: float,
+    softcap: float,
+    window_left: int,
+    window_right: int,
+    out: Tensor,
+    lse: Tensor,
+    dout: Tensor,
+    mask_grad: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns dq, dk, dv and the (B, H, S_q, S_k) gradient of an additive mask (empty
+    without mask_grad)."""
+    dq, dk, dv, dmask = _kernels(backend).attention_backward(
+        q, k, v, mask, alibi_slopes, scale, softcap, window_left, window_right, out, lse, dout, mask_grad
+    )
+    return dq, dk, dv, q.new_empty(0) if dmask is None else dmask
+
+
+attention_op = torch.library.custom_op("genfast::scaled_dot_product_attention", _forward, mutates_args=())
+attention_backward_op = torch.library.custom_op(
+    "genfast::scaled_dot_product_attention_backward", _backward, mutates_args=()
+)
+
+
+def _math_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+@attention_op.register_fake
+def _(q, k, v, mask, alibi_slopes, scale, softcap, window_left, window_right, backend):
+    return q.new_empty((*q.shape[:3], v.shape[3])), q.new_empty(q.shape[:3], dtype=_math_dtype(q))
+
+
+@attention_backward_op.register_fake
+def _(q, k, v, mask, alibi_slopes, scale, softcap, window_left, window_right, out, lse, dout, mask_grad, backend):
+    dmask = q.new_empty((*q.shape[:3], k.shape[2]), dtype=_math_dtype(q)) if mask_grad else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, alibi_slopes, *settings, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, mask, alibi_slopes, out, lse)
+    ctx.settings, ctx.backend = settings, backend
+
+
+def _differentiate(ctx, dout, _dlse, backward):
+    if dout is None:
+        return (None,) * 10
+    q, k, v, mask, alibi_slopes, out, lse = ctx.saved_tensors
+    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+    mask_grad = ctx.needs_input_grad[3]
+    dq, dk, dv, dmask = backward(q, k, v, mask, alibi_slopes, *ctx.settings, out, lse, dout, mask_grad, ctx.backend)
+    return dq, dk, dv, dmask if mask_grad else None, None, None, None, None, None, None
+
+
+attention_op.register_autograd(
+    functools.partial(_differentiate, backward=attention_backward_op), setup_context=_setup_context
+)
+_AttentionFunction = eager_function(
+    _forward, _setup_context, functools.partial(_differentiate, backward=_backward), non_differentiable=(1,)
+)
+
+
+def _as_4d(t: Tensor) -> Tensor:
+    """(..., H, S, D) as (batch, H, S, D), the kernels' layout; (S, D) as (1, 1, S, D)."""
+    if t.dim() == 4:
+        return t
+    if t.dim() == 2:
+        return t[None, None]
+    return t.reshape(-1, *t.shape[-3:])
+
+
+def _check_window(window_size) -> tuple[int, int] | None:
+    if window_size is None:
+        return None
+    if (
+        not isinstance(window_size, (tuple, list))
+        or len(window_size) != 2
+        or any(isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < -1 for w in window_size)
+    ):
+        raise ValueError(f"window_size must be a pair of ints >= -1 (left, right), -1 for no bound; got {window_size!r}")
+    return int(window_size[0]), int(window_size[1])
+
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    *,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    window_size: tuple[int, int] | None = None,
+    alibi_slopes: Tensor | None = None,
+    softcap: float | None = None,
+) -> Tensor:
+    """``torch.nn.functional.scaled_dot_product_attention``, flash-attention style.
+
+    query (..., H, S_q, E), key (..., H_k, S_k, E), value (..., H_k, S_k, E_v); fp32,
+    fp16, bf16 or fp64. attn_mask: bool (True keeps a pair) or float (added to the
+    scores), broadcastable to (..., H, S_q, S_k); its gradient is returned when it
+    requires one. is_causal masks key j > query i (aligned at the top left, as torch).
+    enable_gqa lets H_k divide H. Beyond torch: window_size=(left, right) keeps keys
+    i - left ..= i + right (-1: no bound), alibi_slopes (H,) or (..., H) subtracts
+    slope * |i - j|, softcap c replaces a score s by c * tanh(s / c) before the mask.
+    dropout_p > 0 runs the reference (the kernels do not drop out).
+    """
+    check_tensor("query", query, min_dim=2)
+    check_tensor("key", key, min_dim=2, like=query)
+    check_tensor("value", value, min_dim=2, like=query)
+    if not query.dtype == key.dtype == value.dtype:
+        raise TypeError(
+            f"query, key and value must have one dtype, got {query.dtype}, {key.dtype} and {value.dtype}"
+        )
+    if not query.dim() == key.dim() == value.dim() or len({query.shape[:-3], key.shape[:-3], value.shape[:-3]}) > 1:
+        raise ValueError(
+            "query, key and value must have the same leading (batch) dimensions, got "
+            f"{tuple(query.shape)}, {tuple(key.shape)} and {tuple(value.shape)}"
+        )
+    if key.shape[-1] != query.shape[-1]:
+        raise ValueError(f"key's head size {key.shape[-1]} must equal query's {query.shape[-1]}")
+    if value.shape[-2] != key.shape[-2] or (value.dim() > 2 and value.shape[-3] != key.shape[-3]):
+        raise ValueError(f"value {tuple(value.shape)} must have key's heads and length, key {tuple(key.shape)}")
+    heads, kv_heads = (query.shape[-3], key.shape[-3]) if query.dim() > 2 else (1, 1)
+    if kv_heads != heads and not (enable_gqa and heads % kv_heads == 0):
+        raise ValueError(
+            f"key's {kv_heads} heads must equal query's {heads}"
+            + ("" if enable_gqa else ", or divide them with enable_gqa=True")
+        )
+    queries, keys = query.shape[-2], key.shape[-2]
+    if attn_mask is not None:
+        check_tensor("attn_mask", attn_mask, dtypes=(torch.bool, *FLOAT_DTYPES), like=query)
+        try:
+            torch.broadcast_shapes(attn_mask.shape, (*query.shape[:-1], keys))
+        except RuntimeError:
+            raise ValueError(
+                f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to the scores' "
+                f"{(*query.shape[:-1], keys)}"
+            ) from None
+        if is_causal:
+            raise ValueError("attn_mask and is_causal=True cannot be given together (as in torch)")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0 <= dropout_p < 1:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite float or None, got {scale!r}")
+    window = _check_window(window_size)
+    if alibi_slopes is not None:
+        check_tensor("alibi_slopes", alibi_slopes, like=query)
+        if alibi_slopes.shape not in ((heads,), (*query.shape[:-3], heads)):
+            raise ValueError(
+                f"alibi_slopes must have shape ({heads},) or {(*query.shape[:-3], heads)}, got {tuple(alibi_slopes.shape)}"
+            )
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not softcap > 0):
+        raise ValueError(f"softcap must be a positive float or None, got {softcap!r}")
+
+    backend = resolve("scaled_dot_product_attention", query.device, _IMPLEMENTED)
+    if backend == "reference" or dropout_p > 0 or query.numel() == 0 or key.numel() == 0 or value.numel() == 0:
+        return reference.attention.scaled_dot_product_attention(
+            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window, alibi_slopes, softcap
+        )
+
+    math_dtype = _math_dtype(query)
+    q, k, v = (_as_4d(t if t.stride(-1) == 1 else t.contiguous()) for t in (query, key, value))
+    batch = q.shape[0]
+    mask = None
+    if attn_mask is not None:
+        mask = attn_mask if attn_mask.dtype == torch.bool else attn_mask.to(math_dtype)
+        mask = _as_4d(mask.expand(*query.shape[:-1], keys)).expand(batch, heads, queries, keys)
+    slopes = None
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(math_dtype).reshape(-1, heads).expand(batch, heads)
+    left, right = window if window is not None else (-1, -1)
+    if is_causal:
+        right = 0 if right < 0 else min(right, 0)
+    args = (
+        q, k, v, mask, slopes,
+        1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale),
+        0.0 if softcap is None else float(softcap),
+        left, right, backend,
+    )
+    out, _ = attention_op(*args) if torch.compiler.is_compiling() else _AttentionFunction.call(*args)
+    return out.view(*query.shape[:-1], value.shape[-1])

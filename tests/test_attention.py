@@ -1,0 +1,271 @@
+"""genfast.ops.scaled_dot_product_attention against the float64 reference, and against
+torch's own scaled_dot_product_attention in the same dtype (FlashAttention's error rule)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_close_to_reference, assert_compiles_like_eager, interpreted, require
+
+import genfast
+from genfast.backends import extension
+from genfast.reference import attention as reference
+
+# The backends with attention kernels; Triton's are not written yet.
+BACKENDS = ("reference", "cpu")
+
+# dtype and the absolute term of the error rule (DESIGN.md's tolerance table).
+DTYPES = [(torch.float32, 1e-5), (torch.float64, 1e-10), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)]
+
+SHAPES = [  # (B, H, H_k, S_q, S_k, E, E_v)
+    (1, 1, 1, 1, 1, 16, 16),  # one query, one key
+    (2, 3, 3, 7, 7, 16, 16),  # odd S
+    (2, 4, 2, 67, 67, 32, 32),  # GQA, a prime S over two tiles
+    (1, 2, 2, 130, 65, 64, 64),  # more queries than keys
+    (1, 2, 2, 65, 130, 64, 64),  # more keys than queries
+    (1, 2, 1, 29, 29, 24, 40),  # E not a tile width, E_v != E, one KV head
+    (1, 1, 1, 37, 37, 128, 128),
+    (1, 1, 1, 17, 70, 256, 256),
+]
+
+EXTRAS = {  # name: keyword arguments beyond torch's (those a float mask cannot express come last)
+    "window": {"window_size": (5, 3)},
+    "window_left": {"window_size": (20, -1), "is_causal": True},
+    "alibi": {"alibi_slopes": "per_head"},
+    "alibi_batched": {"alibi_slopes": "per_batch"},
+    "softcap": {"softcap": 3.0},
+    "everything": {"window_size": (40, 10), "alibi_slopes": "per_head", "softcap": 5.0, "scale": 0.3},
+}
+
+
+def make_inputs(shape, dtype, device, layout="contiguous"):
+    B, H, H_k, S_q, S_k, E, E_v = shape
+
+    def one(heads, length, size):
+        if layout == "transposed":  # a model's (B, S, H, D) projection seen as (B, H, S, D)
+            return torch.randn(B, length, heads, size, device=device).transpose(1, 2).to(dtype)
+        return torch.randn(B, heads, length, size, device=device).to(dtype)
+
+    return one(H, S_q, E), one(H_k, S_k, E), one(H_k, S_k, E_v)
+
+
+def resolve_extras(extras, shape, device):
+    """EXTRAS' placeholders as tensors."""
+    B, H = shape[0], shape[1]
+    extras = dict(extras)
+    if extras.get("alibi_slopes") == "per_head":
+        extras["alibi_slopes"] = torch.rand(H, device=device)
+    elif extras.get("alibi_slopes") == "per_batch":
+        extras["alibi_slopes"] = torch.rand(B, H, device=device)
+    return extras
+
+
+def torch_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, **extras):
+    """PyTorch's own attention in the inputs' dtype: F.scaled_dot_product_attention, or for
+    what it cannot express, the reference's formula run in that dtype."""
+    if extras:
+        s = reference.scores(q, k, attn_mask, is_causal, scale, enable_gqa, **extras)
+        weights = torch.softmax(s, -1).masked_fill(s.isneginf().all(-1, keepdim=True), 0)
+        if enable_gqa:
+            v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
+        return weights @ v
+    return F.scaled_dot_product_attention(q, k, v, attn_mask, 0.0, is_causal, scale=scale, enable_gqa=enable_gqa)
+
+
+def check(backend, shape, dtype, atol, layout="contiguous", mask=None, **kwargs):
+    """Output and the gradients of q, k, v (and of a float mask that requires one)."""
+    device = require(backend)
+    q, k, v = make_inputs(shape, dtype, device, layout)
+    kwargs = resolve_extras(kwargs, shape, device)
+    kwargs.setdefault("enable_gqa", shape[1] != shape[2])
+    mask_grad = mask is not None and mask.dtype != torch.bool and mask.requires_grad
+    dout = torch.randn(*q.shape[:-1], v.shape[-1], device=device)
+
+    def run(fn, cast):
+        leaves = [t.detach().to(cast).requires_grad_() for t in (q, k, v)]
+        m = None if mask is None else mask.detach() if mask.dtype == torch.bool else mask.detach().to(cast)
+        if mask_grad:
+            m.requires_grad_()
+            leaves.append(m)
+        extras = {key: value.to(cast) if isinstance(value, torch.Tensor) else value for key, value in kwargs.items()}
+        out = fn(*leaves[:3], attn_mask=m, **extras)
+        return out, torch.autograd.grad((out * dout.to(cast)).sum(), leaves)
+
+    with genfast.use_backend(backend):
+        out, grads = run(genfast.ops.scaled_dot_product_attention, dtype)
+    ref, ref_grads = run(reference.scaled_dot_product_attention, torch.float64)
+    torch_out, torch_grads = run(torch_attention, dtype)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert_close_to_reference(out, ref, torch_out, atol, "out")
+    for name, grad, ref_grad, torch_grad in zip(("dq", "dk", "dv", "dmask"), grads, ref_grads, torch_grads):
+        assert grad.shape == ref_grad.shape
+        assert_close_to_reference(grad, ref_grad, torch_grad, atol, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_reference_fp32(backend, shape, is_causal):
+    check(backend, shape, torch.float32, 1e-5, is_causal=is_causal)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, atol", DTYPES, ids=str)
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_dtypes(backend, dtype, atol, is_causal):
+    check(backend, SHAPES[2], dtype, atol, is_causal=is_causal)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_transposed_layout(backend):
+    """q, k, v as views of (B, S, H, D) projections, read in place."""
+    check(backend, SHAPES[3], torch.float32, 1e-5, layout="transposed", is_causal=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["bool", "float", "float_grad"])
+@pytest.mark.parametrize("mask_shape", ["full", "broadcast"])
+def test_masks(backend, kind, mask_shape):
+    B, H, _, S_q, S_k, _, _ = shape = SHAPES[3]
+    size = (B, H, S_q, S_k) if mask_shape == "full" else (1, H, 1, S_k)
+    if kind == "bool":
+        mask = torch.rand(size) > 0.3
+    else:
+        mask = torch.randn(size).requires_grad_(kind == "float_grad")
+    check(backend, shape, torch.float32, 1e-5, mask=mask.to(require(backend)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", EXTRAS, ids=str)
+@pytest.mark.parametrize("shape", [SHAPES[2], SHAPES[5]], ids=str)
+def test_extras(backend, name, shape):
+    """Sliding window, ALiBi and softcap, alone and together."""
+    check(backend, shape, torch.float32, 1e-5, **EXTRAS[name])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, atol", DTYPES[2:], ids=str)
+def test_extras_low_precision(backend, dtype, atol):
+    check(backend, SHAPES[2], dtype, atol, **EXTRAS["everything"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_without_keys_are_zero(backend):
+    """A query every key is masked from gets zeros and no gradient, as in torch."""
+    device = require(backend)
+    q, k, v = (t.requires_grad_() for t in make_inputs(SHAPES[2], torch.float32, device))
+    mask = torch.rand(q.shape[2], k.shape[2], device=device) > 0.5
+    mask[3] = False
+    with genfast.use_backend(backend):
+        out = genfast.ops.scaled_dot_product_attention(q, k, v, mask, enable_gqa=True)
+        out.sum().backward()
+    assert out[:, :, 3].eq(0).all() and q.grad[:, :, 3].eq(0).all()
+    assert out.isfinite().all() and k.grad.isfinite().all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_propagates(backend):
+    device = require(backend)
+    q, k, v = make_inputs(SHAPES[1], torch.float32, device)
+    q[0, 0, 2, 0] = math.nan
+    with genfast.use_backend(backend):
+        out = genfast.ops.scaled_dot_product_attention(q, k, v)
+    assert out[0, 0, 2].isnan().all() and out[1].isfinite().all()
+
+
+@pytest.mark.parametrize("backend", ["cpu"])
+def test_gradcheck(backend):
+    """Every input that has a gradient, in float64: q, k, v and an additive mask, with ALiBi and
+    a softcap in the chain."""
+    device = require(backend)
+    q, k, v = (t.double().requires_grad_() for t in make_inputs((1, 2, 1, 5, 7, 6, 4), torch.float64, device))
+    mask = torch.randn(1, 1, 5, 7, dtype=torch.float64, device=device, requires_grad=True)
+    slopes = torch.rand(2, dtype=torch.float64, device=device)
+
+    def attention(q, k, v, mask):
+        return genfast.ops.scaled_dot_product_attention(
+            q, k, v, mask, enable_gqa=True, window_size=(3, 2), alibi_slopes=slopes, softcap=2.0
+        )
+
+    with genfast.use_backend(backend):
+        assert torch.autograd.gradcheck(attention, (q, k, v, mask), fast_mode=interpreted(backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shapes_beyond_four_dimensions(backend):
+    """Any leading dimensions, as torch: (S, E) and (N, A, H, S, E)."""
+    device = require(backend)
+    for shape in ((9, 16), (2, 3, 4, 9, 16)):
+        q, k, v = (torch.randn(shape, device=device) for _ in range(3))
+        with genfast.use_backend(backend):
+            out = genfast.ops.scaled_dot_product_attention(q, k, v, is_causal=True)
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty(backend):
+    device = require(backend)
+    q, k, v = (torch.randn(2, 3, 0, 16, device=device) for _ in range(3))
+    with genfast.use_backend(backend):
+        assert genfast.ops.scaled_dot_product_attention(q, k, v).shape == (2, 3, 0, 16)
+
+
+def test_dropout_runs_the_reference():
+    """The kernels do not drop out: dropout_p > 0 runs the reference, same seed, same result."""
+    q, k, v = make_inputs(SHAPES[2], torch.float32, "cpu")
+    torch.manual_seed(0)
+    out = genfast.ops.scaled_dot_product_attention(q, k, v, dropout_p=0.5, enable_gqa=True)
+    torch.manual_seed(0)
+    expected = reference.scaled_dot_product_attention(q, k, v, dropout_p=0.5, enable_gqa=True)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+BAD_INPUTS = [  # (what, changes to the arguments, error type, message fragment)
+    ("integer query", {"query": lambda a: a["query"].long()}, TypeError, "query must have dtype"),
+    ("mixed dtypes", {"key": lambda a: a["key"].double()}, TypeError, "one dtype"),
+    ("head sizes", {"key": lambda a: a["key"][..., :8]}, ValueError, "head size"),
+    ("value length", {"value": lambda a: a["value"][:, :, :3]}, ValueError, "value"),
+    ("gqa off", {"key": lambda a: a["key"][:, :2], "value": lambda a: a["value"][:, :2]}, ValueError, "enable_gqa"),
+    ("mask shape", {"attn_mask": lambda a: torch.ones(5, 3, dtype=torch.bool)}, ValueError, "broadcast"),
+    ("mask dtype", {"attn_mask": lambda a: torch.ones(7, 7, dtype=torch.int32)}, TypeError, "attn_mask"),
+    ("mask and causal", {"attn_mask": lambda a: torch.ones(7, 7, dtype=torch.bool), "is_causal": lambda a: True},
+     ValueError, "is_causal"),
+    ("dropout", {"dropout_p": lambda a: 1.5}, ValueError, "dropout_p"),
+    ("window", {"window_size": lambda a: (3, -2)}, ValueError, "window_size"),
+    ("softcap", {"softcap": lambda a: -1.0}, ValueError, "softcap"),
+    ("alibi", {"alibi_slopes": lambda a: torch.ones(5)}, ValueError, "alibi_slopes"),
+]
+
+
+@pytest.mark.parametrize("what, changes, error, fragment", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input(what, changes, error, fragment):
+    q, k, v = make_inputs(SHAPES[1], torch.float32, "cpu")
+    args = {"query": q, "key": k, "value": v}
+    args.update({name: change(args) for name, change in changes.items()})
+    with pytest.raises(error, match=fragment):
+        genfast.ops.scaled_dot_product_attention(**args)
+
+
+def test_extension_checks_its_arguments():
+    """torch.ops-level callers get TORCH_CHECK errors, not out-of-bounds reads."""
+    require("cpu")
+    q, k, v = make_inputs(SHAPES[2], torch.float32, "cpu")
+    ext = extension()
+    with pytest.raises(RuntimeError, match="heads must divide"):
+        ext.attention_forward(q, torch.randn(2, 3, 67, 32), torch.randn(2, 3, 67, 32), None, None, 1.0, 0.0, -1, -1)
+    with pytest.raises(RuntimeError, match="attn_mask must be expanded"):
+        ext.attention_forward(q, k, v, torch.ones(67, 67, dtype=torch.bool), None, 1.0, 0.0, -1, -1)
+    with pytest.raises(RuntimeError, match="contiguous last dimension"):
+        ext.attention_forward(q.transpose(2, 3), k, v, None, None, 1.0, 0.0, -1, -1)
+
+
+class _CausalSelfAttention(torch.nn.Module):
+    def forward(self, x):
+        q, k, v = x.chunk(3, dim=-1)
+        return genfast.ops.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compiles(compiler):
+    assert_compiles_like_eager(_CausalSelfAttention(), torch.randn(2, 2, 19, 48), compiler)
