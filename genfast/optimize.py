@@ -20,6 +20,7 @@ _SWAPS: dict[type[nn.Module], tuple[type[nn.Module], dict[str, object]]] = {
     nn.RMSNorm: (genfast_nn.RMSNorm, {}),
     nn.GELU: (genfast_nn.GELU, {}),
     nn.SiLU: (genfast_nn.SiLU, {}),
+    nn.MultiheadAttention: (genfast_nn.MultiheadAttention, {}),
 }
 
 

@@ -269,3 +269,92 @@ class _CausalSelfAttention(torch.nn.Module):
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 def test_compiles(compiler):
     assert_compiles_like_eager(_CausalSelfAttention(), torch.randn(2, 2, 19, 48), compiler)
+
+
+MHA_CONFIGS = [  # (constructor keyword arguments, self-attention)
+    ({"batch_first": True}, True),
+    ({"batch_first": False}, True),
+    ({"batch_first": True, "bias": False}, False),
+    ({"batch_first": True, "kdim": 12, "vdim": 20}, False),
+]
+
+
+def _mha_pair(kwargs):
+    torch.manual_seed(0)
+    theirs = torch.nn.MultiheadAttention(24, 4, **kwargs)
+    ours = genfast.nn.MultiheadAttention(24, 4, **kwargs)
+    ours.load_state_dict(theirs.state_dict())
+    return theirs, ours
+
+
+def _mha_inputs(kwargs, self_attention, batch=3, queries=11, keys=11):
+    def one(length, size):
+        shape = (batch, length, size) if kwargs.get("batch_first") else (length, batch, size)
+        return torch.randn(shape, requires_grad=True)
+
+    query = one(queries, 24)
+    if self_attention:
+        return query, query, query
+    return query, one(keys, kwargs.get("kdim", 24)), one(keys, kwargs.get("vdim", 24))
+
+
+MHA_MASKS = {  # name: (key_padding_mask, attn_mask, is_causal) for batch 3, 11 queries, 11 keys
+    "none": lambda: (None, None, False),
+    "padding": lambda: (torch.arange(11).expand(3, 11) >= torch.tensor([[11], [7], [3]]), None, False),
+    "bool mask": lambda: (None, torch.rand(11, 11) > 0.7, False),
+    "float mask per head": lambda: (None, torch.randn(3 * 4, 11, 11), False),
+    "causal hint": lambda: (None, torch.ones(11, 11, dtype=torch.bool).triu(1), True),
+    "causal hint with padding": lambda: (
+        torch.arange(11).expand(3, 11) >= torch.tensor([[11], [7], [3]]),
+        torch.ones(11, 11, dtype=torch.bool).triu(1),
+        True,
+    ),
+}
+
+
+@pytest.mark.parametrize("config", MHA_CONFIGS, ids=str)
+@pytest.mark.parametrize("masks", MHA_MASKS, ids=str)
+def test_multihead_attention_matches_torch(config, masks):
+    """Outputs and every gradient equal torch's module's, from the same state_dict."""
+    kwargs, self_attention = config
+    theirs, ours = _mha_pair(kwargs)
+    inputs = _mha_inputs(kwargs, self_attention)
+    key_padding_mask, attn_mask, is_causal = MHA_MASKS[masks]()
+    results = []
+    for module in (theirs, ours):
+        out, weights = module(*inputs, key_padding_mask=key_padding_mask, need_weights=False, attn_mask=attn_mask,
+                              is_causal=is_causal)
+        assert weights is None
+        leaves = [*dict.fromkeys(inputs), *module.parameters()]
+        results.append((out, torch.autograd.grad(out.square().sum(), leaves)))
+    (expected, expected_grads), (out, grads) = results
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_multihead_attention_unbatched_and_weights():
+    theirs, ours = _mha_pair({})
+    x = torch.randn(7, 24)
+    torch.testing.assert_close(ours(x, x, x, need_weights=False)[0], theirs(x, x, x, need_weights=False)[0],
+                               rtol=1e-5, atol=1e-5)
+    out, weights = ours(x, x, x)  # need_weights=True: torch's path, which returns the weights
+    expected, expected_weights = theirs(x, x, x)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(weights, expected_weights)
+
+
+def test_multihead_attention_causal_hint_needs_a_mask():
+    _, ours = _mha_pair({"batch_first": True})
+    x = torch.randn(2, 5, 24)
+    with pytest.raises(RuntimeError, match="Need attn_mask"):
+        ours(x, x, x, need_weights=False, is_causal=True)
+
+
+def test_optimize_swaps_multihead_attention():
+    layer = torch.nn.TransformerEncoderLayer(24, 4, dim_feedforward=32, dropout=0.0, batch_first=True)
+    x = torch.randn(2, 9, 24)
+    expected = layer(x)
+    swapped = genfast.optimize(layer)
+    assert swapped["self_attn"] is torch.nn.MultiheadAttention and type(layer.self_attn) is genfast.nn.MultiheadAttention
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
