@@ -1,10 +1,10 @@
-// Attention on the CPU, tiled as FlashAttention does on a GPU: 64 x 64 tiles of scores stay
+// Attention on the CPU, tiled as FlashAttention does on a GPU: 128 x 64 tiles of scores stay
 // in cache, the softmax is online, and tiles that causality or the window mask out entirely
 // are never computed (a causal forward does about half the work of a full one). The matrix
 // products are tile_matmul's register tiles. fp16 and bf16 inputs are computed from fp32
 // copies of q, k and v.
 //
-// Forward: a task is one block of 64 queries of one head; it streams the keys that block
+// Forward: a task is one block of 128 queries of one head; it streams the keys that block
 // sees. Backward: a task is one key head of one batch element; per block of its keys it
 // streams the queries of every query head that reads it, so the key and value gradients
 // accumulate in cache and the query gradients in a buffer the task owns: no atomics and a
@@ -30,7 +30,7 @@
 namespace genfast::cpu {
 namespace {
 
-constexpr int64_t kBlockQ = 64, kBlockK = 64;
+constexpr int64_t kBlockQ = 128, kBlockK = 64;
 
 // The rows of a (B, H, S, X) tensor whose last dimension is contiguous.
 template <typename Pointer>
@@ -252,9 +252,10 @@ struct ForwardBlock {
     std::fill(row_sum.begin(), row_sum.end(), T(0));
 
     const auto [first, last] = p.key_range(i0, i0 + m);
-    for (int64_t j0 = first; j0 < last; j0 += kBlockK) {
+    // Blocks start on the transposed keys' block boundaries; the band masks the keys before first.
+    for (int64_t j0 = first / kBlockK * kBlockK; j0 < last; j0 += kBlockK) {
       const int64_t n = std::min(kBlockK, last - j0), width = padded_columns<T>(n);
-      tile_matmul<false>(m, width, p.dim, queries.data(), d_width, 1, keys_t.at(b, kv_head, 0) + j0, keys_t.row,
+      tile_matmul<false>(m, width, p.dim, queries.data(), d_width, 1, keys_t.at(b, kv_head, j0 / kBlockK), kBlockK,
                          scores.data(), width);
       p.finish_scores(b, h, i0, m, j0, n, scores.data(), width, nullptr);
       for (int64_t r = 0; r < m; ++r) {
@@ -361,7 +362,7 @@ struct BackwardHead {
         T* P = probs.data();
         T* dS = dprobs.data();
         scaled_queries(p, b, h, i0, m, queries.data());
-        tile_matmul<false>(m, width, p.dim, queries.data(), d_width, 1, keys_t.at(b, kv_head, 0) + j0, keys_t.row,
+        tile_matmul<false>(m, width, p.dim, queries.data(), d_width, 1, keys_t.at(b, kv_head, j0 / kBlockK), kBlockK,
                            P, width);
         p.finish_scores(b, h, i0, m, j0, n, P, width, capped.empty() ? nullptr : capped.data());
         for (int64_t r = 0; r < m; ++r) {
@@ -374,7 +375,7 @@ struct BackwardHead {
         }
         const auto [d_o_op, ld_do] = b_operand(d_o, m, p.value_dim, dout.row, dout_pack.data());
         tile_matmul<true>(n, dv_width, m, P, 1, width, d_o_op, ld_do, dv_acc.data(), dv_width);
-        tile_matmul<false>(m, width, p.value_dim, d_o, dout.row, 1, values_t.at(b, kv_head, 0) + j0, values_t.row,
+        tile_matmul<false>(m, width, p.value_dim, d_o, dout.row, 1, values_t.at(b, kv_head, j0 / kBlockK), kBlockK,
                            dS, width);
         for (int64_t r = 0; r < m; ++r) {
           const T row_delta = delta[g * p.queries + i0 + r];
@@ -407,14 +408,14 @@ struct BackwardHead {
   }
 };
 
-// t (B, H, S, X) transposed to (B, H, X, S + kTileColumns), the last columns zero: the B operand
-// of products with keys [j0, j0 + n) of any n <= S - j0 reads its padded width from column j0.
-at::Tensor transposed_rows(const at::Tensor& t) {
-  const int64_t S = t.size(2), pad = t.scalar_type() == at::kDouble ? kTileColumns<double> : kTileColumns<float>;
-  at::Tensor result = at::empty({t.size(0), t.size(1), t.size(3), S + pad}, t.options());
-  result.narrow(3, S, pad).zero_();
-  result.narrow(3, 0, S).copy_(t.transpose(2, 3));
-  return result;
+// t (B, H, S, X) as (B, H, blocks, X, kBlockK): each block of kBlockK rows transposed and
+// contiguous, the last zero-padded: one block is the B operand of the products with the keys
+// (or values) of that block.
+at::Tensor blocked_transpose(const at::Tensor& t) {
+  const int64_t S = t.size(2), blocks = (S + kBlockK - 1) / kBlockK;
+  at::Tensor padded = at::zeros({t.size(0), t.size(1), blocks * kBlockK, t.size(3)}, t.options());
+  padded.narrow(2, 0, S).copy_(t);
+  return padded.view({t.size(0), t.size(1), blocks, kBlockK, t.size(3)}).transpose(3, 4).contiguous();
 }
 
 // Calls run(T{}) with T the math type of a tensor of math type `type`.
@@ -450,7 +451,7 @@ std::vector<at::Tensor> attention_forward(const AttentionProblem& problem) {
   at::Tensor out = at::empty({B, H, S, v.size(3)}, q.options());
   at::Tensor lse = at::empty({B, H, S}, q.options());
   const int64_t blocks = (S + kBlockQ - 1) / kBlockQ;
-  const at::Tensor keys_t = transposed_rows(k);
+  const at::Tensor keys_t = blocked_transpose(k);
   dispatch_math_type(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const Problem<T> p(problem, q, k, v);
@@ -477,7 +478,7 @@ std::vector<at::Tensor> attention_backward(const AttentionProblem& problem, cons
   at::Tensor dmask;
   if (mask_grad) dmask = at::zeros({q.size(0), q.size(1), q.size(2), k.size(2)}, q.options());
   const int64_t B = q.size(0), kv_heads = k.size(1);
-  const at::Tensor keys_t = transposed_rows(k), values_t = transposed_rows(v);
+  const at::Tensor keys_t = blocked_transpose(k), values_t = blocked_transpose(v);
   dispatch_math_type(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const Problem<T> p(problem, q, k, v);
