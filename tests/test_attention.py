@@ -12,8 +12,8 @@ import genfast
 from genfast.backends import extension
 from genfast.reference import attention as reference
 
-# The backends with attention kernels; Triton's are not written yet.
-BACKENDS = ("reference", "cpu")
+# The backends with attention kernels (no CUDA C++ one).
+BACKENDS = ("reference", "cpu", "triton")
 
 # dtype and the absolute term of the error rule (DESIGN.md's tolerance table).
 DTYPES = [(torch.float32, 1e-5), (torch.float64, 1e-10), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)]
@@ -174,7 +174,7 @@ def test_nan_propagates(backend):
     assert out[0, 0, 2].isnan().all() and out[1].isfinite().all()
 
 
-@pytest.mark.parametrize("backend", ["cpu"])
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_gradcheck(backend):
     """Every input that has a gradient, in float64: q, k, v and an additive mask, with ALiBi and
     a softcap in the chain."""

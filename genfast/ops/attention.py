@@ -1,6 +1,6 @@
 """Scaled dot-product attention (genfast::scaled_dot_product_attention), drop-in for
 ``torch.nn.functional.scaled_dot_product_attention`` and flash-attention style on
-every backend: no (S_q, S_k) matrix is stored, and tiles that causality or a
+every backend (C++ for CPU tensors, Triton): no (S_q, S_k) matrix is stored, and tiles that causality or a
 sliding window mask out entirely are skipped. The formula, with what the op adds
 to torch's (sliding window, ALiBi, logit softcap): genfast/reference/attention.py.
 
@@ -22,10 +22,15 @@ from ..backends import extension, resolve
 from ._autograd import eager_function
 from ._checks import FLOAT_DTYPES, check_tensor
 
-_IMPLEMENTED = frozenset({"cpu"})
+_IMPLEMENTED = frozenset({"cpu", "triton"})
 
 
 def _kernels(backend: str):
+    """The backend's kernels: genfast.kernels.attention (triton) or the extension (cpu)."""
+    if backend == "triton":
+        from ..kernels import attention
+
+        return attention
     return extension()
 
 

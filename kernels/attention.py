@@ -1,0 +1,311 @@
+"""Scaled dot-product attention as Triton kernels, FlashAttention-2 style, and their
+launchers. The formula: genfast/reference/attention.py; the arguments:
+csrc/cpu/attention.h, whose forward and backward these compute too.
+
+The forward keeps a block of queries on chip and streams the keys that block sees,
+with an online softmax; it writes the output and each row's log-sum-exp. The
+backward recomputes the scores from the log-sum-exp: one kernel per block of keys
+accumulates dk and dv over the queries of every query head that reads them (and
+writes the mask's gradient), another per block of queries accumulates dq. Neither
+uses atomics, so results do not depend on scheduling.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tanh(x):
+    # exact at both ends: exp(2x) is 0 or inf there
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _scores(
+    q, k_t, rows, cols, S_Q, S_K, scale, softcap, slope, mask_rows, mask_stride_j, window_left, window_right,
+    MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The scores of queries `rows` and keys `cols`, -inf where masked out, and the softcapped
+    products (the backward's chain rule). q (M, D) and k_t (D, N) as loaded (zero-padded);
+    mask_rows points at each row's mask entries (MASK_KIND 0: none, 1: bool keep, 2: added)."""
+    s = tl.dot(q, k_t, input_precision=PRECISION) * scale
+    if HAS_SOFTCAP:
+        s = softcap * _tanh(s / softcap)
+    capped = s
+    i = rows[:, None]
+    j = cols[None, :]
+    if HAS_ALIBI:
+        s -= slope * tl.abs(i - j).to(s.dtype)
+    inside = (i < S_Q) & (j < S_K)
+    if MASK_KIND == 1:
+        keep = tl.load(mask_rows[:, None] + j.to(tl.int64) * mask_stride_j, mask=inside, other=0)
+        s = tl.where(keep != 0, s, float("-inf"))
+    if MASK_KIND == 2:
+        s += tl.load(mask_rows[:, None] + j.to(tl.int64) * mask_stride_j, mask=inside, other=0.0).to(s.dtype)
+    valid = (j < S_K) & ((window_left < 0) | (j >= i - window_left)) & ((window_right < 0) | (j <= i + window_right))
+    return tl.where(valid, s, float("-inf")), capped
+
+
+@triton.jit
+def _attention_forward_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, mask_ptr, slopes_ptr,
+    q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, o_sb, o_sh, o_ss,
+    mask_sb, mask_sh, mask_si, mask_sj, slope_sb, slope_sh,
+    H, GROUP, S_Q, S_K, D, DV, scale, softcap, window_left, window_right,
+    MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    """out = softmax(scores) v and lse = log sum exp(scores) for BLOCK_M queries of one head.
+
+    Reads the block's queries once, and every key and value row that one of them sees
+    (tiles beyond the causal edge or the window are not visited); writes out's rows in
+    out's dtype and lse in the math dtype (lse_ptr's), accumulating in it.
+    """
+    compute = lse_ptr.dtype.element_ty
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    kv = h // GROUP
+    i0 = tl.program_id(0) * BLOCK_M
+    rows = i0 + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    value_dims = tl.arange(0, BLOCK_DV)
+    q = tl.load(q_ptr + b * q_sb + h * q_sh + rows[:, None].to(tl.int64) * q_ss + dims[None, :],
+                mask=(rows[:, None] < S_Q) & (dims[None, :] < D), other=0.0)
+    if UPCAST:
+        q = q.to(compute)
+    slope = tl.load(slopes_ptr + b * slope_sb + h * slope_sh).to(compute)
+    mask_rows = mask_ptr + b * mask_sb + h * mask_sh + rows.to(tl.int64) * mask_si
+
+    row_max = tl.full((BLOCK_M,), float("-inf"), compute)
+    row_sum = tl.zeros((BLOCK_M,), compute)
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), compute)
+    first = tl.where(window_left < 0, 0, tl.maximum(i0 - window_left, 0))
+    last = tl.where(window_right < 0, S_K, tl.minimum(tl.minimum(i0 + BLOCK_M, S_Q) + window_right, S_K))
+    for j0 in range(first // BLOCK_N * BLOCK_N, last, BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        k_t = tl.load(k_ptr + b * k_sb + kv * k_sh + cols[None, :].to(tl.int64) * k_ss + dims[:, None],
+                      mask=(cols[None, :] < S_K) & (dims[:, None] < D), other=0.0)
+        v = tl.load(v_ptr + b * v_sb + kv * v_sh + cols[:, None].to(tl.int64) * v_ss + value_dims[None, :],
+                    mask=(cols[:, None] < S_K) & (value_dims[None, :] < DV), other=0.0)
+        if UPCAST:
+            k_t = k_t.to(compute)
+            v = v.to(compute)
+        s, _ = _scores(q, k_t, rows, cols, S_Q, S_K, scale, softcap, slope, mask_rows, mask_sj, window_left,
+                       window_right, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, PRECISION)
+        new_max = tl.maximum(row_max, tl.max(s, 1))
+        # Until a row sees a key its maximum is -inf: subtracting 0 keeps every exp at 0.
+        base = tl.where(new_max == float("-inf"), 0.0, new_max)
+        p = tl.exp(s - base[:, None])
+        rescale = tl.exp(row_max - base)
+        row_sum = row_sum * rescale + tl.sum(p, 1)
+        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        row_max = new_max
+    seen = row_sum > 0
+    out = acc / tl.where(seen, row_sum, 1.0)[:, None]
+    tl.store(out_ptr + b * o_sb + h * o_sh + rows[:, None].to(tl.int64) * o_ss + value_dims[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < S_Q) & (value_dims[None, :] < DV))
+    lse = tl.where(seen, row_max + tl.log(tl.where(seen, row_sum, 1.0)), float("-inf"))
+    tl.store(lse_ptr + bh.to(tl.int64) * S_Q + rows, lse, mask=rows < S_Q)
+
+
+@triton.jit
+def _attention_backward_kv_kernel(
+    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dmask_ptr, mask_ptr, slopes_ptr,
+    q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, do_sb, do_sh, do_ss,
+    mask_sb, mask_sh, mask_si, mask_sj, slope_sb, slope_sh,
+    H, GROUP, S_Q, S_K, D, DV, scale, softcap, window_left, window_right,
+    MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, MASK_GRAD: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """dk and dv of BLOCK_N keys of one key head, summed over the GROUP query heads that read it:
+    dv = sum P^T dO, dk = scale sum dS^T q with dS = P (dO v^T - delta). Reads the block's keys
+    and values once and the queries, output gradients, lse and delta of every query that sees
+    them; writes dk and dv (contiguous) and, with MASK_GRAD, dS into dmask (contiguous)."""
+    compute = lse_ptr.dtype.element_ty
+    bk = tl.program_id(1)
+    H_K = H // GROUP
+    b = (bk // H_K).to(tl.int64)
+    kv = (bk % H_K).to(tl.int64)
+    j0 = tl.program_id(0) * BLOCK_N
+    cols = j0 + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    value_dims = tl.arange(0, BLOCK_DV)
+    key_rows = (cols[:, None] < S_K)
+    k = tl.load(k_ptr + b * k_sb + kv * k_sh + cols[:, None].to(tl.int64) * k_ss + dims[None, :],
+                mask=key_rows & (dims[None, :] < D), other=0.0)
+    v = tl.load(v_ptr + b * v_sb + kv * v_sh + cols[:, None].to(tl.int64) * v_ss + value_dims[None, :],
+                mask=key_rows & (value_dims[None, :] < DV), other=0.0)
+    if UPCAST:
+        k = k.to(compute)
+        v = v.to(compute)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), compute)
+    dv = tl.zeros((BLOCK_N, BLOCK_DV), compute)
+    first = tl.where(window_right < 0, 0, tl.maximum(j0 - window_right, 0))
+    last = tl.where(window_left < 0, S_Q, tl.minimum(tl.minimum(j0 + BLOCK_N, S_K) + window_left, S_Q))
+    for g in range(GROUP):
+        h = kv * GROUP + g
+        slope = tl.load(slopes_ptr + b * slope_sb + h * slope_sh).to(compute)
+        for i0 in range(first // BLOCK_M * BLOCK_M, last, BLOCK_M):
+            rows = i0 + tl.arange(0, BLOCK_M)
+            in_rows = rows < S_Q
+            q = tl.load(q_ptr + b * q_sb + h * q_sh + rows[:, None].to(tl.int64) * q_ss + dims[None, :],
+                        mask=in_rows[:, None] & (dims[None, :] < D), other=0.0)
+            d_o = tl.load(dout_ptr + b * do_sb + h * do_sh + rows[:, None].to(tl.int64) * do_ss + value_dims[None, :],
+                          mask=in_rows[:, None] & (value_dims[None, :] < DV), other=0.0)
+            if UPCAST:
+                q = q.to(compute)
+                d_o = d_o.to(compute)
+            row_stats = (b * H + h) * S_Q + rows
+            lse = tl.load(lse_ptr + row_stats, mask=in_rows, other=float("-inf"))
+            delta = tl.load(delta_ptr + row_stats, mask=in_rows, other=0.0)
+            mask_rows = mask_ptr + b * mask_sb + h * mask_sh + rows.to(tl.int64) * mask_si
+            s, capped = _scores(q, tl.trans(k), rows, cols, S_Q, S_K, scale, softcap, slope, mask_rows, mask_sj,
+                                window_left, window_right, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, PRECISION)
+            # A row that saw no key has lse -inf and zero weights: subtracting +inf keeps them 0.
+            p = tl.exp(s - tl.where(lse == float("-inf"), float("inf"), lse)[:, None])
+            dv += tl.dot(tl.trans(p.to(d_o.dtype)), d_o, input_precision=PRECISION)
+            dp = tl.dot(d_o, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            if MASK_GRAD:
+                tl.store(dmask_ptr + row_stats[:, None].to(tl.int64) * S_K + cols[None, :], ds,
+                         mask=in_rows[:, None] & (cols[None, :] < S_K))
+            if HAS_SOFTCAP:
+                t = capped / softcap
+                ds = ds * (1.0 - t * t)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    out_rows = (b * H_K + kv) * S_K + cols[:, None].to(tl.int64)
+    tl.store(dk_ptr + out_rows * D + dims[None, :], (dk * scale).to(dk_ptr.dtype.element_ty),
+             mask=key_rows & (dims[None, :] < D))
+    tl.store(dv_ptr + out_rows * DV + value_dims[None, :], dv.to(dv_ptr.dtype.element_ty),
+             mask=key_rows & (value_dims[None, :] < DV))
+
+
+@triton.jit
+def _attention_backward_q_kernel(
+    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, mask_ptr, slopes_ptr,
+    q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, do_sb, do_sh, do_ss,
+    mask_sb, mask_sh, mask_si, mask_sj, slope_sb, slope_sh,
+    H, GROUP, S_Q, S_K, D, DV, scale, softcap, window_left, window_right,
+    MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    """dq = scale sum dS k for BLOCK_M queries of one head. Reads the block's queries and output
+    gradients once and every key and value row they see; writes dq (contiguous)."""
+    compute = lse_ptr.dtype.element_ty
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    kv = h // GROUP
+    i0 = tl.program_id(0) * BLOCK_M
+    rows = i0 + tl.arange(0, BLOCK_M)
+    in_rows = rows < S_Q
+    dims = tl.arange(0, BLOCK_D)
+    value_dims = tl.arange(0, BLOCK_DV)
+    q = tl.load(q_ptr + b * q_sb + h * q_sh + rows[:, None].to(tl.int64) * q_ss + dims[None, :],
+                mask=in_rows[:, None] & (dims[None, :] < D), other=0.0)
+    d_o = tl.load(dout_ptr + b * do_sb + h * do_sh + rows[:, None].to(tl.int64) * do_ss + value_dims[None, :],
+                  mask=in_rows[:, None] & (value_dims[None, :] < DV), other=0.0)
+    if UPCAST:
+        q = q.to(compute)
+        d_o = d_o.to(compute)
+    row_stats = bh.to(tl.int64) * S_Q + rows
+    lse = tl.load(lse_ptr + row_stats, mask=in_rows, other=float("-inf"))
+    base = tl.where(lse == float("-inf"), float("inf"), lse)
+    delta = tl.load(delta_ptr + row_stats, mask=in_rows, other=0.0)
+    slope = tl.load(slopes_ptr + b * slope_sb + h * slope_sh).to(compute)
+    mask_rows = mask_ptr + b * mask_sb + h * mask_sh + rows.to(tl.int64) * mask_si
+    dq = tl.zeros((BLOCK_M, BLOCK_D), compute)
+    first = tl.where(window_left < 0, 0, tl.maximum(i0 - window_left, 0))
+    last = tl.where(window_right < 0, S_K, tl.minimum(tl.minimum(i0 + BLOCK_M, S_Q) + window_right, S_K))
+    for j0 in range(first // BLOCK_N * BLOCK_N, last, BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        k = tl.load(k_ptr + b * k_sb + kv * k_sh + cols[:, None].to(tl.int64) * k_ss + dims[None, :],
+                    mask=(cols[:, None] < S_K) & (dims[None, :] < D), other=0.0)
+        v = tl.load(v_ptr + b * v_sb + kv * v_sh + cols[:, None].to(tl.int64) * v_ss + value_dims[None, :],
+                    mask=(cols[:, None] < S_K) & (value_dims[None, :] < DV), other=0.0)
+        if UPCAST:
+            k = k.to(compute)
+            v = v.to(compute)
+        s, capped = _scores(q, tl.trans(k), rows, cols, S_Q, S_K, scale, softcap, slope, mask_rows, mask_sj,
+                            window_left, window_right, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, PRECISION)
+        p = tl.exp(s - base[:, None])
+        ds = p * (tl.dot(d_o, tl.trans(v), input_precision=PRECISION) - delta[:, None])
+        if HAS_SOFTCAP:
+            t = capped / softcap
+            ds = ds * (1.0 - t * t)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    tl.store(dq_ptr + row_stats[:, None] * D + dims[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
+             mask=in_rows[:, None] & (dims[None, :] < D))
+
+
+def _settings(q, k, v, mask, alibi_slopes, scale, softcap, window_left, window_right):
+    """The kernels' shared arguments after the tensors: strides, sizes and compile-time flags."""
+    B, H, S_Q, D = q.shape
+    H_K, S_K, DV = k.shape[1], k.shape[2], v.shape[3]
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if mask is None:
+        mask_kind, mask_arg, mask_strides = 0, q, (0, 0, 0, 0)
+    else:
+        mask_kind = 1 if mask.dtype == torch.bool else 2
+        mask_arg = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+        mask_strides = mask.stride()
+    slopes, slope_strides = (q, (0, 0)) if alibi_slopes is None else (alibi_slopes, alibi_slopes.stride())
+    # Triton runs CPU tensors only in its interpreter, whose low-precision tl.dot rounds wrongly
+    # (triton#11584): compute in fp32 there. float64 is computed as loaded.
+    upcast = q.dtype in (torch.float16, torch.bfloat16) and q.device.type == "cpu"
+    block_d, block_dv = max(triton.next_power_of_2(D), 16), max(triton.next_power_of_2(DV), 16)
+    # Two (64, 256) tiles of fp32 and their products overflow shared memory: smaller key blocks past 128.
+    block_n = 64 if max(block_d, block_dv) <= 128 else 32
+    constants = dict(
+        MASK_KIND=mask_kind, HAS_ALIBI=alibi_slopes is not None, HAS_SOFTCAP=softcap > 0, UPCAST=upcast,
+        PRECISION="ieee" if upcast or q.dtype in (torch.float32, torch.float64) else None,
+        BLOCK_M=64, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        num_warps=4 if block_d <= 64 else 8,
+    )
+    sizes = (H, H // H_K, S_Q, S_K, D, DV, scale, softcap, window_left, window_right)
+    return compute, mask_arg, slopes, (*mask_strides, *slope_strides, *sizes), constants
+
+
+def attention_forward(q, k, v, mask, alibi_slopes, scale, softcap, window_left, window_right):
+    """Returns out (B, H, S_q, D_v) in q's dtype and lse (B, H, S_q) in the math dtype; the
+    arguments as csrc/cpu/attention.h's AttentionProblem."""
+    B, H, S_Q, _ = q.shape
+    compute, mask_arg, slopes, shared, constants = _settings(
+        q, k, v, mask, alibi_slopes, scale, softcap, window_left, window_right
+    )
+    out = torch.empty(B, H, S_Q, v.shape[3], dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, S_Q, dtype=compute, device=q.device)
+    grid = (triton.cdiv(S_Q, constants["BLOCK_M"]), B * H)
+    _attention_forward_kernel[grid](
+        q, k, v, out, lse, mask_arg, slopes, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        *shared, **constants,
+    )
+    return out, lse
+
+
+def attention_backward(q, k, v, mask, alibi_slopes, scale, softcap, window_left, window_right, out, lse, dout,
+                       mask_grad):
+    """Returns dq, dk, dv (contiguous, in q's dtype) and, with mask_grad, the (B, H, S_q, S_k)
+    gradient of an additive mask in the math dtype (else None)."""
+    B, H, S_Q, _ = q.shape
+    H_K, S_K = k.shape[1], k.shape[2]
+    compute, mask_arg, slopes, shared, constants = _settings(
+        q, k, v, mask, alibi_slopes, scale, softcap, window_left, window_right
+    )
+    delta = (dout.to(compute) * out.to(compute)).sum(-1).contiguous()
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    dmask = torch.zeros(B, H, S_Q, S_K, dtype=compute, device=q.device) if mask_grad else None
+    tensors = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
+    _attention_backward_kv_kernel[(triton.cdiv(S_K, constants["BLOCK_N"]), B * H_K)](
+        q, k, v, dout, lse, delta, dk, dv, q if dmask is None else dmask, mask_arg, slopes, *tensors, *shared,
+        MASK_GRAD=mask_grad, **constants,
+    )
+    _attention_backward_q_kernel[(triton.cdiv(S_Q, constants["BLOCK_M"]), B * H)](
+        q, k, v, dout, lse, delta, dq, mask_arg, slopes, *tensors, *shared, **constants,
+    )
+    return dq, dk, dv, dmask
