@@ -402,6 +402,51 @@ std::vector<Tensor> attention_backward(const Tensor& q, const Tensor& k, const T
   return genfast::cpu::attention_backward(problem, out, lse, dout, mask_grad);
 }
 
+Tensor attention_decode(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& lengths,
+                        const std::optional<Tensor>& block_table, const std::optional<Tensor>& alibi_slopes,
+                        double scale, double softcap, int64_t window_left, int64_t window_right) {
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
+              "q must be float32, float16, bfloat16 or float64, got ", dtype);
+  for (const auto& [t, name] : {std::pair{&q, "q"}, std::pair{&k_cache, "k_cache"}, std::pair{&v_cache, "v_cache"}})
+    TORCH_CHECK(t->dim() == 4 && t->scalar_type() == dtype && t->is_cpu() && (t->size(3) <= 1 || t->stride(3) == 1),
+                name, " must be a 4-D CPU tensor of q's dtype with a contiguous last dimension, got ", t->sizes(),
+                " ", t->scalar_type());
+  const int64_t B = q.size(0), H = q.size(1), Hk = k_cache.size(1);
+  TORCH_CHECK(k_cache.size(3) == q.size(3) && v_cache.sizes().slice(0, 3) == k_cache.sizes().slice(0, 3),
+              "k_cache must have q's head size and v_cache k_cache's first three sizes; got q ", q.sizes(),
+              ", k_cache ", k_cache.sizes(), ", v_cache ", v_cache.sizes());
+  TORCH_CHECK(Hk > 0 && H % Hk == 0, "the caches' ", Hk, " heads must divide q's ", H);
+  TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == B && lengths.scalar_type() == at::kLong &&
+                  lengths.is_contiguous() && lengths.is_cpu(),
+              "lengths must be a contiguous int64 CPU tensor of shape (", B, "), got ", lengths.sizes());
+  int64_t capacity = k_cache.size(2);
+  if (block_table) {
+    TORCH_CHECK(block_table->dim() == 2 && block_table->size(0) == B && block_table->scalar_type() == at::kLong &&
+                    block_table->stride(1) == 1 && block_table->is_cpu(),
+                "block_table must be an int64 CPU tensor (", B, ", max_blocks) with contiguous rows, got ",
+                block_table->sizes(), " ", block_table->scalar_type());
+    capacity *= block_table->size(1);
+    if (block_table->numel())
+      TORCH_CHECK(block_table->min().item<int64_t>() >= 0 && block_table->max().item<int64_t>() < k_cache.size(0),
+                  "block_table entries must lie in [0, ", k_cache.size(0), ")");
+  } else {
+    TORCH_CHECK(k_cache.size(0) == B, "a contiguous k_cache must have q's batch ", B, ", got ", k_cache.size(0));
+  }
+  if (B)
+    TORCH_CHECK(lengths.min().item<int64_t>() >= q.size(2) && lengths.max().item<int64_t>() <= capacity,
+                "lengths must lie in [", q.size(2), " (the queries), ", capacity, " (the cache)]");
+  const auto math = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  if (alibi_slopes)
+    TORCH_CHECK(alibi_slopes->sizes() == at::IntArrayRef({B, H}) && alibi_slopes->scalar_type() == math &&
+                    alibi_slopes->is_cpu(),
+                "alibi_slopes must be expanded to (", B, ", ", H, ") in ", math, ", got ", alibi_slopes->sizes());
+  TORCH_CHECK(std::isfinite(scale) && softcap >= 0 && window_left >= -1 && window_right >= -1,
+              "scale must be finite, softcap >= 0 and the window bounds >= -1");
+  return genfast::cpu::attention_decode(
+      {q, k_cache, v_cache, lengths, block_table, alibi_slopes, scale, softcap, window_left, window_right});
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -426,5 +471,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_forward", &attention_forward, "Scaled dot-product attention: (out, lse)");
   m.def("attention_backward", &attention_backward,
         "Scaled dot-product attention's backward: (dq, dk, dv, dmask or an undefined tensor)");
+  m.def("attention_decode", &attention_decode, "Decoding attention over a contiguous or paged KV cache: out");
   m.def("scale", &scale, "scale * x, for the denoising loss's backward");
 }

@@ -358,3 +358,100 @@ def test_optimize_swaps_multihead_attention():
     swapped = genfast.optimize(layer)
     assert swapped["self_attn"] is torch.nn.MultiheadAttention and type(layer.self_attn) is genfast.nn.MultiheadAttention
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+DECODE_BACKENDS = ("reference", "cpu")
+
+DECODE_CASES = [  # (B, H, H_k, S_q, E, S_max, block_size or None for a contiguous cache, extras)
+    (3, 8, 2, 1, 64, 300, None, {}),
+    (3, 8, 2, 1, 64, 300, 16, {}),
+    (2, 4, 4, 4, 32, 97, None, {"is_causal": True}),
+    (2, 6, 3, 3, 24, 530, 32, {"is_causal": True, "window_size": (50, -1), "softcap": 5.0, "alibi_slopes": "per_head"}),
+    (1, 2, 1, 1, 128, 1100, 256, {"window_size": (300, 0)}),
+]
+
+
+def _decode_inputs(case, dtype, device):
+    B, H, H_k, S_q, E, S_max, block_size, extras = case
+    generator = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(shape, generator=generator).to(device, dtype)
+
+    q = randn(B, H, S_q, E)
+    if block_size is None:
+        k_cache, v_cache, table = randn(B, H_k, S_max, E), randn(B, H_k, S_max, E), None
+    else:
+        blocks = -(-S_max // block_size)
+        k_cache, v_cache = randn(B * blocks + 2, H_k, block_size, E), randn(B * blocks + 2, H_k, block_size, E)
+        table = torch.randperm(B * blocks + 2, generator=generator)[: B * blocks].view(B, blocks).int().to(device)
+    lengths = torch.randint(1, S_max - S_q + 1, (B,), generator=generator)
+    lengths[0] = S_max - S_q  # one element fills its cache
+    k, v = randn(B, H_k, S_q, E), randn(B, H_k, S_q, E)
+    return q, k_cache, v_cache, k, v, lengths.to(device), table, resolve_extras(extras, (B, H), device)
+
+
+@pytest.mark.parametrize("backend", DECODE_BACKENDS)
+@pytest.mark.parametrize("case", DECODE_CASES, ids=str)
+@pytest.mark.parametrize("dtype, atol", DTYPES, ids=str)
+def test_decode_matches_reference(backend, case, dtype, atol):
+    """Appending k and v, then attending over the cache: output and the updated caches."""
+    device = require(backend)
+    q, k_cache, v_cache, k, v, lengths, table, extras = _decode_inputs(case, dtype, device)
+
+    def run(fn, cast):
+        caches = (k_cache.to(cast), v_cache.to(cast))
+        extras_cast = {key: val.to(cast) if isinstance(val, torch.Tensor) else val for key, val in extras.items()}
+        out = fn(q.to(cast), *caches, k.to(cast), v.to(cast), lengths, block_table=table, **extras_cast)
+        return out, caches
+
+    with genfast.use_backend(backend):
+        out, caches = run(genfast.ops.attention_with_kv_cache, dtype)
+    ref, ref_caches = run(reference.attention_with_kv_cache, torch.float64)
+    torch_out, _ = run(reference.attention_with_kv_cache, dtype)  # PyTorch's math in the same dtype
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert_close_to_reference(out, ref, torch_out, atol, "out")
+    for cache, ref_cache in zip(caches, ref_caches):
+        torch.testing.assert_close(cache, ref_cache.to(dtype), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", DECODE_BACKENDS)
+def test_decode_without_appending_equals_attention(backend):
+    """A full cache and no new keys: the last S_q queries' causal attention over all of it."""
+    device = require(backend)
+    q, k_cache, v_cache = (torch.randn(2, 4, n, 32, device=device) for n in (5, 70, 70))
+    with genfast.use_backend(backend):
+        out = genfast.ops.attention_with_kv_cache(q, k_cache, v_cache, is_causal=True)
+    full_q = torch.cat((torch.randn(2, 4, 65, 32, device=device), q), dim=2)
+    expected = F.scaled_dot_product_attention(full_q, k_cache, v_cache, is_causal=True)[:, :, -5:]
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+DECODE_BAD_INPUTS = [  # (what, changes, error type, message fragment)
+    ("lengths past the cache", {"cache_seqlens": lambda a: torch.tensor([300, 3])}, ValueError, "cache_seqlens"),
+    ("k without v", {"v": lambda a: None}, ValueError, "both k and v"),
+    ("k shape", {"k": lambda a: a["k"][:, :, :, :16]}, ValueError, "k must have shape"),
+    ("heads", {"k_cache": lambda a: torch.randn(2, 3, 300, 32), "v_cache": lambda a: torch.randn(2, 3, 300, 32),
+               "k": lambda a: None, "v": lambda a: None}, ValueError, "heads must divide"),
+    ("cache dtype", {"v_cache": lambda a: a["v_cache"].double()}, ValueError, "v_cache"),
+    ("lengths dtype", {"cache_seqlens": lambda a: a["cache_seqlens"].float()}, TypeError, "cache_seqlens"),
+    ("block table shape", {"block_table": lambda a: torch.zeros(3, 4, dtype=torch.int32)}, ValueError, "block_table"),
+]
+
+
+@pytest.mark.parametrize("what, changes, error, fragment", DECODE_BAD_INPUTS, ids=[b[0] for b in DECODE_BAD_INPUTS])
+def test_decode_bad_input(what, changes, error, fragment):
+    q, k_cache, v_cache, k, v, lengths, _, _ = _decode_inputs((2, 4, 2, 1, 32, 300, None, {}), torch.float32, "cpu")
+    args = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "k": k, "v": v, "cache_seqlens": lengths}
+    args.update({name: change(args) for name, change in changes.items()})
+    with pytest.raises(error, match=fragment):
+        genfast.ops.attention_with_kv_cache(**args)
+
+
+def test_decode_extension_checks_block_table():
+    """An out-of-range block index is refused before any read."""
+    require("cpu")
+    q, k_cache, v_cache = torch.randn(1, 2, 1, 16), torch.randn(4, 2, 16, 16), torch.randn(4, 2, 16, 16)
+    with pytest.raises(RuntimeError, match="block_table entries"):
+        extension().attention_decode(q, k_cache, v_cache, torch.tensor([20]), torch.tensor([[0, 9]]), None,
+                                     1.0, 0.0, -1, -1)

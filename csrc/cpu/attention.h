@@ -30,4 +30,19 @@ std::vector<at::Tensor> attention_forward(const AttentionProblem& problem);
 std::vector<at::Tensor> attention_backward(const AttentionProblem& problem, const at::Tensor& out,
                                            const at::Tensor& lse, const at::Tensor& dout, bool mask_grad);
 
+// Decoding over a KV cache. q (B, H, S_q, D) of one float type, rows contiguous; the caches
+// (B, H_k, S_max, D) and (B, H_k, S_max, D_v), or with block_table (B, max_blocks) int64 paged
+// (blocks, H_k, block_size, D), the same type with contiguous rows. Batch element b attends
+// its cache's first lengths[b] (int64) rows, its queries the last S_q positions of them.
+// alibi_slopes, softcap and the window as AttentionProblem's.
+struct DecodeProblem {
+  at::Tensor q, k_cache, v_cache, lengths;
+  std::optional<at::Tensor> block_table, alibi_slopes;
+  double scale = 1.0, softcap = 0.0;
+  int64_t window_left = -1, window_right = -1;
+};
+
+// Returns the output (B, H, S_q, D_v), contiguous, in q's dtype.
+at::Tensor attention_decode(const DecodeProblem& problem);
+
 }  // namespace genfast::cpu

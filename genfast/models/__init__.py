@@ -1,5 +1,6 @@
 """The seed architectures, each buildable from torch.nn layers or genfast's from the same weights."""
 
+from .gpt import GPT, GPTConfig
 from .unet import UNet, sample
 
-__all__ = ["UNet", "sample"]
+__all__ = ["GPT", "GPTConfig", "UNet", "sample"]

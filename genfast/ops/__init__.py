@@ -2,12 +2,12 @@
 
 from ..reference.diffusion import StepCoefficients
 from .activation import geglu, gelu, silu, swiglu
-from .attention import scaled_dot_product_attention
+from .attention import attention_with_kv_cache, scaled_dot_product_attention
 from .diffusion import add_noise, denoise_step, denoising_loss, timestep_embedding
 from .norm import group_norm, layer_norm, rms_norm
 from .rotary import apply_rotary_pos_emb
 
 __all__ = [
-    "StepCoefficients", "add_noise", "apply_rotary_pos_emb", "denoise_step", "denoising_loss", "geglu", "gelu", "group_norm", "layer_norm",
+    "StepCoefficients", "add_noise", "apply_rotary_pos_emb", "attention_with_kv_cache", "denoise_step", "denoising_loss", "geglu", "gelu", "group_norm", "layer_norm",
     "rms_norm", "scaled_dot_product_attention", "silu", "swiglu", "timestep_embedding",
 ]

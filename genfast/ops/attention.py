@@ -23,6 +23,7 @@ from ._autograd import eager_function
 from ._checks import FLOAT_DTYPES, check_tensor
 
 _IMPLEMENTED = frozenset({"cpu", "triton"})
+_DECODE_IMPLEMENTED = frozenset({"cpu"})
 
 
 def _kernels(backend: str):
@@ -247,3 +248,152 @@ def scaled_dot_product_attention(
     )
     out, _ = attention_op(*args) if torch.compiler.is_compiling() else _AttentionFunction.call(*args)
     return out.view(*query.shape[:-1], value.shape[-1])
+
+
+def _decode(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    lengths: Tensor,
+    block_table: Tensor | None,
+    alibi_slopes: Tensor | None,
+    scale: float,
+    softcap: float,
+    window_left: int,
+    window_right: int,
+    backend: str,
+) -> Tensor:
+    """The output (B, H, S_q, D_v) of q over each batch element's first lengths[b] cache rows;
+    lengths and block_table int64, alibi_slopes expanded to (B, H) in the math type."""
+    return _kernels(backend).attention_decode(
+        q, k_cache, v_cache, lengths, block_table, alibi_slopes, scale, softcap, window_left, window_right
+    )
+
+
+decode_op = torch.library.custom_op("genfast::attention_decode", _decode, mutates_args=())
+
+
+@decode_op.register_fake
+def _(q, k_cache, v_cache, lengths, block_table, alibi_slopes, scale, softcap, window_left, window_right, backend):
+    return q.new_empty((*q.shape[:3], v_cache.shape[3]))
+
+
+def _append(cache: Tensor, new: Tensor, cache_seqlens: Tensor, block_table: Tensor | None) -> None:
+    """new (B, H_k, S_new, E) into cache rows cache_seqlens[b] + [0, S_new), in one indexed write."""
+    batch, _, length, _ = new.shape
+    positions = cache_seqlens.long()[:, None] + torch.arange(length, device=new.device)
+    if block_table is None:
+        cache.transpose(1, 2)[torch.arange(batch, device=new.device)[:, None], positions] = new.transpose(1, 2)
+    else:
+        block_size = cache.shape[2]
+        blocks = block_table.long().gather(1, positions // block_size)
+        cache.transpose(1, 2)[blocks, positions % block_size] = new.transpose(1, 2)
+
+
+def attention_with_kv_cache(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    k: Tensor | None = None,
+    v: Tensor | None = None,
+    cache_seqlens: Tensor | None = None,
+    *,
+    block_table: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    window_size: tuple[int, int] | None = None,
+    alibi_slopes: Tensor | None = None,
+    softcap: float | None = None,
+) -> Tensor:
+    """Attention of a few new queries over a KV cache, for decoding (FlashAttention's
+    flash_attn_with_kvcache in torch's (B, H, S, E) layout; forward only).
+
+    q (B, H, S_q, E). k_cache (B, H_k, S_max, E) and v_cache (B, H_k, S_max, E_v), or paged:
+    (blocks, H_k, block_size, E) with block_table (B, max_blocks) of int block indices, logical
+    row j of element b lying at row j % block_size of block block_table[b, j // block_size].
+    k and v (B, H_k, S_q, E and E_v), when given, are first written into the caches at rows
+    cache_seqlens[b] + [0, S_q) (in place). Element b then attends its first L_b rows,
+    L_b = cache_seqlens[b] (+ S_q when appending); cache_seqlens None means the whole cache.
+    The queries are the last S_q positions (aligned at the bottom right): is_causal, the
+    window (left, right) and ALiBi measure from there. The cache is read once per key head
+    for all the heads that share it, split along the sequence and combined.
+    """
+    check_tensor("q", q)
+    if q.dim() != 4:
+        raise ValueError(f"q must have shape (B, H, S_q, E), got {tuple(q.shape)}")
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check_tensor(name, cache, like=q)
+        if cache.dim() != 4 or cache.dtype != q.dtype:
+            raise ValueError(f"{name} must be a 4-D tensor of q's dtype {q.dtype}, got {tuple(cache.shape)} {cache.dtype}")
+    batch, heads, queries, dim = q.shape
+    kv_heads = k_cache.shape[1]
+    if k_cache.shape[3] != dim or v_cache.shape[:3] != k_cache.shape[:3]:
+        raise ValueError(
+            f"k_cache must have q's head size {dim} and v_cache k_cache's first three sizes; "
+            f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"the caches' {kv_heads} heads must divide q's {heads}")
+    if block_table is not None:
+        check_tensor("block_table", block_table, dtypes=(torch.int32, torch.int64), like=q)
+        if block_table.dim() != 2 or block_table.shape[0] != batch:
+            raise ValueError(f"block_table must have shape ({batch}, max_blocks), got {tuple(block_table.shape)}")
+        capacity = block_table.shape[1] * k_cache.shape[2]
+    else:
+        if k_cache.shape[0] != batch:
+            raise ValueError(f"a contiguous k_cache must have q's batch {batch}, got {k_cache.shape[0]}")
+        capacity = k_cache.shape[2]
+    if (k is None) != (v is None):
+        raise ValueError("give both k and v to append, or neither")
+    if k is not None:
+        for name, new, cache in (("k", k, k_cache), ("v", v, v_cache)):
+            check_tensor(name, new, like=q)
+            if new.dtype != q.dtype or new.shape != (batch, kv_heads, queries, cache.shape[3]):
+                raise ValueError(
+                    f"{name} must have shape {(batch, kv_heads, queries, cache.shape[3])} and dtype {q.dtype}, "
+                    f"got {tuple(new.shape)} {new.dtype}"
+                )
+    appended = 0 if k is None else queries
+    if cache_seqlens is None:
+        cache_seqlens = torch.full((batch,), capacity - appended, dtype=torch.long, device=q.device)
+    check_tensor("cache_seqlens", cache_seqlens, dtypes=(torch.int32, torch.int64), like=q)
+    if cache_seqlens.shape != (batch,):
+        raise ValueError(f"cache_seqlens must have shape ({batch},), got {tuple(cache_seqlens.shape)}")
+    # On a GPU, checking the lengths would wait for it.
+    if q.device.type == "cpu" and batch and (
+        int(cache_seqlens.min()) + appended < queries or int(cache_seqlens.max()) + appended > capacity
+    ):
+        raise ValueError(
+            f"cache_seqlens (+ the {appended} appended rows) must lie in [{queries}, {capacity}]: the queries "
+            f"are the last rows of the cache, which holds {capacity}; got {cache_seqlens.tolist()}"
+        )
+    window = _check_window(window_size)
+    if alibi_slopes is not None:
+        check_tensor("alibi_slopes", alibi_slopes, like=q)
+        if alibi_slopes.shape not in ((heads,), (batch, heads)):
+            raise ValueError(f"alibi_slopes must have shape ({heads},) or ({batch}, {heads}), got {tuple(alibi_slopes.shape)}")
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not softcap > 0):
+        raise ValueError(f"softcap must be a positive float or None, got {softcap!r}")
+
+    backend = resolve("attention_with_kv_cache", q.device, _DECODE_IMPLEMENTED)
+    if backend == "reference" or q.numel() == 0:
+        return reference.attention.attention_with_kv_cache(
+            q, k_cache, v_cache, k, v, cache_seqlens, block_table, is_causal, scale, window, alibi_slopes, softcap
+        )
+    if k is not None:
+        _append(k_cache, k, cache_seqlens, block_table)
+        _append(v_cache, v, cache_seqlens, block_table)
+    left, right = window if window is not None else (-1, -1)
+    if is_causal:
+        right = 0 if right < 0 else min(right, 0)
+    args = (
+        q if q.stride(-1) == 1 else q.contiguous(),
+        k_cache, v_cache,
+        (cache_seqlens.long() + appended).contiguous(),
+        None if block_table is None else block_table.long().contiguous(),
+        None if alibi_slopes is None else alibi_slopes.to(_math_dtype(q)).reshape(-1, heads).expand(batch, heads),
+        1.0 / math.sqrt(dim) if scale is None else float(scale),
+        0.0 if softcap is None else float(softcap),
+        left, right, backend,
+    )
+    return decode_op(*args) if torch.compiler.is_compiling() else _decode(*args)

@@ -99,3 +99,83 @@ def scaled_dot_product_attention(
     if dropout_p > 0:
         weights = F.dropout(weights, dropout_p)
     return (weights @ v).to(query.dtype)
+
+
+def cache_rows(cache: torch.Tensor, batch: int, length: int, block_table: torch.Tensor | None) -> torch.Tensor:
+    """Rows [0, length) of batch element `batch` of a KV cache, (H_k, length, E): a contiguous
+    cache is (B, H_k, S_max, E); a paged one is (blocks, H_k, block_size, E), whose logical row
+    j lies in block block_table[batch, j // block_size] at row j % block_size."""
+    if block_table is None:
+        return cache[batch, :, :length]
+    block_size = cache.shape[2]
+    j = torch.arange(length, device=cache.device)
+    return cache[block_table[batch, j // block_size].long(), :, j % block_size].transpose(0, 1)
+
+
+def append_to_cache(
+    cache: torch.Tensor, new: torch.Tensor, cache_seqlens: torch.Tensor, block_table: torch.Tensor | None
+) -> None:
+    """Writes new (B, H_k, S_new, E) into the cache at rows cache_seqlens[b] + [0, S_new)."""
+    for b in range(new.shape[0]):
+        start = int(cache_seqlens[b])
+        for t in range(new.shape[2]):
+            j = start + t
+            if block_table is None:
+                cache[b, :, j] = new[b, :, t]
+            else:
+                cache[int(block_table[b, j // cache.shape[2]]), :, j % cache.shape[2]] = new[b, :, t]
+
+
+def attention_with_kv_cache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    cache_seqlens: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    window_size: tuple[int, int] | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Decoding: k and v (when given) are appended to the cache at cache_seqlens, then the
+    S_q queries q (B, H, S_q, E) attend over the cache's first L_b = cache_seqlens[b] (+ S_q
+    when appending) rows, GQA by head groups. The queries are the last S_q positions:
+    query i sits at key position L_b - S_q + i (aligned at the bottom right), which is what
+    is_causal, the window and ALiBi measure from. cache_seqlens None means the whole cache."""
+    batch, heads, queries, _ = q.shape
+    if cache_seqlens is None:
+        full = k_cache.shape[2] if block_table is None else block_table.shape[1] * k_cache.shape[2]
+        cache_seqlens = torch.full((batch,), full - (0 if k is None else queries), dtype=torch.long)
+    if k is not None:
+        append_to_cache(k_cache, k, cache_seqlens, block_table)
+        append_to_cache(v_cache, v, cache_seqlens, block_table)
+    outputs = []
+    for b in range(batch):
+        length = int(cache_seqlens[b]) + (0 if k is None else queries)
+        keys, values = (cache_rows(c, b, length, block_table)[None] for c in (k_cache, v_cache))
+        # Key positions relative to the queries: shift the queries to the bottom right.
+        position = torch.arange(queries, device=q.device)[:, None] + (length - queries)
+        j = torch.arange(length, device=q.device)[None, :]
+        allowed = torch.ones(queries, length, dtype=torch.bool, device=q.device)
+        if is_causal:
+            allowed &= j <= position
+        if window_size is not None:
+            left, right = window_size
+            if left >= 0:
+                allowed &= j >= position - left
+            if right >= 0:
+                allowed &= j <= position + right
+        slopes = None if alibi_slopes is None else (alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[b])
+        mask = torch.where(allowed, 0.0, -math.inf).to(torch.float64)
+        if slopes is not None:
+            mask = mask - slopes.double()[:, None, None] * (position - j).abs()
+        outputs.append(
+            scaled_dot_product_attention(
+                q[b : b + 1], keys, values, mask.to(torch.float32 if q.dtype != torch.float64 else q.dtype),
+                scale=scale, enable_gqa=heads != keys.shape[1], softcap=softcap,
+            )
+        )
+    return torch.cat(outputs)
