@@ -309,3 +309,145 @@ def attention_backward(q, k, v, mask, alibi_slopes, scale, softcap, window_left,
         q, k, v, dout, lse, delta, dq, mask_arg, slopes, *tensors, *shared, **constants,
     )
     return dq, dk, dv, dmask
+
+
+@triton.jit
+def _attention_decode_kernel(
+    q_ptr, k_ptr, v_ptr, lengths_ptr, table_ptr, slopes_ptr, max_ptr, sum_ptr, acc_ptr,
+    q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, table_sb, slope_sb, slope_sh,
+    H, GROUP, S_Q, D, DV, PAGE, CHUNK, scale, softcap, window_left, window_right,
+    PAGED: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    """The partial softmax of one chunk of key head (b, kv)'s cache for the GROUP * S_Q query
+    rows that read it (row r: head kv * GROUP + r // S_Q, query r % S_Q at position
+    length - S_Q + r % S_Q). Reads the rows' queries and the chunk's cache rows once (through
+    the block table when PAGED); writes each row's maximum, sum and weighted values (fp32)."""
+    compute = max_ptr.dtype.element_ty
+    bk = tl.program_id(0)
+    split = tl.program_id(1)
+    H_K = H // GROUP
+    b = (bk // H_K).to(tl.int64)
+    kv = (bk % H_K).to(tl.int64)
+    r = tl.arange(0, BLOCK_R)
+    in_rows = r < GROUP * S_Q
+    h = kv * GROUP + r // S_Q
+    length = tl.load(lengths_ptr + b)
+    position = length - S_Q + r % S_Q
+    dims = tl.arange(0, BLOCK_D)
+    value_dims = tl.arange(0, BLOCK_DV)
+    q = tl.load(q_ptr + b * q_sb + h[:, None] * q_sh + (r % S_Q)[:, None].to(tl.int64) * q_ss + dims[None, :],
+                mask=in_rows[:, None] & (dims[None, :] < D), other=0.0)
+    if UPCAST:
+        q = q.to(compute)
+    slope = tl.load(slopes_ptr + b * slope_sb + h * slope_sh, mask=in_rows, other=0.0).to(compute)
+    row_max = tl.full((BLOCK_R,), float("-inf"), compute)
+    row_sum = tl.zeros((BLOCK_R,), compute)
+    acc = tl.zeros((BLOCK_R, BLOCK_DV), compute)
+    start = split * CHUNK
+    end = tl.minimum(length, start + CHUNK)
+    for j0 in range(start, end, BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        in_cols = cols < end
+        if PAGED:
+            block = tl.load(table_ptr + b * table_sb + cols // PAGE, mask=in_cols, other=0).to(tl.int64)
+            k_rows = block * k_sb + (cols % PAGE) * k_ss
+            v_rows = block * v_sb + (cols % PAGE) * v_ss
+        else:
+            k_rows = b * k_sb + cols.to(tl.int64) * k_ss
+            v_rows = b * v_sb + cols.to(tl.int64) * v_ss
+        k_t = tl.load(k_ptr + kv * k_sh + k_rows[None, :] + dims[:, None], mask=in_cols[None, :] & (dims[:, None] < D),
+                      other=0.0)
+        v = tl.load(v_ptr + kv * v_sh + v_rows[:, None] + value_dims[None, :],
+                    mask=in_cols[:, None] & (value_dims[None, :] < DV), other=0.0)
+        if UPCAST:
+            k_t = k_t.to(compute)
+            v = v.to(compute)
+        s = tl.dot(q, k_t, input_precision=PRECISION) * scale
+        if HAS_SOFTCAP:
+            s = softcap * _tanh(s / softcap)
+        i = position[:, None]
+        j = cols[None, :]
+        if HAS_ALIBI:
+            s -= slope[:, None] * tl.abs(i - j).to(s.dtype)
+        valid = in_cols[None, :] & ((window_left < 0) | (j >= i - window_left)) & (
+            (window_right < 0) | (j <= i + window_right))
+        s = tl.where(valid, s, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(s, 1))
+        base = tl.where(new_max == float("-inf"), 0.0, new_max)
+        p = tl.exp(s - base[:, None])
+        rescale = tl.exp(row_max - base)
+        row_sum = row_sum * rescale + tl.sum(p, 1)
+        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        row_max = new_max
+    partial = (bk * tl.num_programs(1) + split).to(tl.int64) * BLOCK_R + r
+    tl.store(max_ptr + partial, row_max)
+    tl.store(sum_ptr + partial, row_sum)
+    tl.store(acc_ptr + partial[:, None] * BLOCK_DV + value_dims[None, :], acc)
+
+
+@triton.jit
+def _attention_decode_combine_kernel(
+    max_ptr, sum_ptr, acc_ptr, out_ptr, H, GROUP, S_Q, DV, SPLITS,
+    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s for one query row over its chunks'
+    partials, M the largest m_s; zero for a row that saw no key. Writes out (contiguous)."""
+    t = tl.program_id(0)
+    R = GROUP * S_Q
+    bk = t // R
+    r = t % R
+    s = tl.arange(0, BLOCK_S)
+    partial = (bk * SPLITS + s).to(tl.int64) * BLOCK_R + r
+    maxima = tl.load(max_ptr + partial, mask=s < SPLITS, other=float("-inf"))
+    largest = tl.max(maxima, 0)
+    weight = tl.where(largest == float("-inf"), 0.0, tl.exp(maxima - largest))
+    total = tl.sum(weight * tl.load(sum_ptr + partial, mask=s < SPLITS, other=0.0), 0)
+    value_dims = tl.arange(0, BLOCK_DV)
+    acc = tl.load(acc_ptr + partial[:, None] * BLOCK_DV + value_dims[None, :], mask=(s < SPLITS)[:, None], other=0.0)
+    out = tl.sum(weight[:, None] * acc, 0) / tl.where(total > 0, total, 1.0)
+    H_K = H // GROUP
+    h = (bk % H_K) * GROUP + r // S_Q
+    row = ((bk // H_K) * H + h).to(tl.int64) * S_Q + r % S_Q
+    tl.store(out_ptr + row * DV + value_dims, out.to(out_ptr.dtype.element_ty), mask=value_dims < DV)
+
+
+def attention_decode(q, k_cache, v_cache, lengths, block_table, alibi_slopes, scale, softcap, window_left,
+                     window_right):
+    """Returns the output (B, H, S_q, D_v) in q's dtype; the arguments as csrc/cpu/attention.h's
+    DecodeProblem (lengths and block_table int64)."""
+    B, H, S_Q, D = q.shape
+    H_K, DV = k_cache.shape[1], v_cache.shape[3]
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    upcast = q.dtype in (torch.float16, torch.bfloat16) and q.device.type == "cpu"
+    paged = block_table is not None
+    capacity = block_table.shape[1] * k_cache.shape[2] if paged else k_cache.shape[2]
+    block_r = max(triton.next_power_of_2(H // H_K * S_Q), 16)
+    block_d, block_dv = max(triton.next_power_of_2(D), 16), max(triton.next_power_of_2(DV), 16)
+    block_n = 64
+    # Enough programs to fill a GPU (two per SM of an H100) without reading the lengths back:
+    # chunks past an element's length end at once.
+    target = 264 if q.device.type == "cuda" else 4
+    splits = max(1, min(triton.cdiv(target, B * H_K), triton.cdiv(capacity, block_n)))
+    chunk = triton.cdiv(triton.cdiv(capacity, splits), block_n) * block_n
+    splits = triton.cdiv(capacity, chunk)
+    partial_max = torch.empty(B * H_K * splits * block_r, dtype=compute, device=q.device)
+    partial_sum = torch.empty_like(partial_max)
+    partial_acc = torch.empty(B * H_K * splits * block_r, block_dv, dtype=compute, device=q.device)
+    table, table_stride = (block_table, block_table.stride(0)) if paged else (lengths, 0)
+    slopes, slope_strides = (q, (0, 0)) if alibi_slopes is None else (alibi_slopes, alibi_slopes.stride())
+    _attention_decode_kernel[(B * H_K, splits)](
+        q, k_cache, v_cache, lengths, table, slopes, partial_max, partial_sum, partial_acc,
+        *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], table_stride, *slope_strides,
+        H, H // H_K, S_Q, D, DV, k_cache.shape[2], chunk, scale, softcap, window_left, window_right,
+        PAGED=paged, HAS_ALIBI=alibi_slopes is not None, HAS_SOFTCAP=softcap > 0, UPCAST=upcast,
+        PRECISION="ieee" if upcast or q.dtype in (torch.float32, torch.float64) else None,
+        BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+    )
+    out = torch.empty(B, H, S_Q, DV, dtype=q.dtype, device=q.device)
+    _attention_decode_combine_kernel[(B * H_K * (H // H_K) * S_Q,)](
+        partial_max, partial_sum, partial_acc, out, H, H // H_K, S_Q, DV, splits,
+        BLOCK_R=block_r, BLOCK_S=triton.next_power_of_2(splits), BLOCK_DV=block_dv,
+    )
+    return out

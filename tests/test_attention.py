@@ -360,7 +360,7 @@ def test_optimize_swaps_multihead_attention():
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
 
 
-DECODE_BACKENDS = ("reference", "cpu")
+DECODE_BACKENDS = ("reference", "cpu", "triton")
 
 DECODE_CASES = [  # (B, H, H_k, S_q, E, S_max, block_size or None for a contiguous cache, extras)
     (3, 8, 2, 1, 64, 300, None, {}),

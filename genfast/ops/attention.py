@@ -23,7 +23,7 @@ from ._autograd import eager_function
 from ._checks import FLOAT_DTYPES, check_tensor
 
 _IMPLEMENTED = frozenset({"cpu", "triton"})
-_DECODE_IMPLEMENTED = frozenset({"cpu"})
+_DECODE_IMPLEMENTED = frozenset({"cpu", "triton"})
 
 
 def _kernels(backend: str):
