@@ -1,10 +1,10 @@
-// Attention on the CPU, tiled as FlashAttention does on a GPU: 128 x 64 tiles of scores stay
+// Attention on the CPU, tiled as FlashAttention does on a GPU: 64 x 64 tiles of scores stay
 // in cache, the softmax is online, and tiles that causality or the window mask out entirely
 // are never computed (a causal forward does about half the work of a full one). The matrix
 // products are tile_matmul's register tiles. fp16 and bf16 inputs are computed from fp32
 // copies of q, k and v.
 //
-// Forward: a task is one block of 128 queries of one head; it streams the keys that block
+// Forward: a task is one block of 64 queries of one head; it streams the keys that block
 // sees. Backward: a task is one key head of one batch element; per block of its keys it
 // streams the queries of every query head that reads it, so the key and value gradients
 // accumulate in cache and the query gradients in a buffer the task owns: no atomics and a
@@ -30,7 +30,7 @@
 namespace genfast::cpu {
 namespace {
 
-constexpr int64_t kBlockQ = 128, kBlockK = 64;
+constexpr int64_t kBlockQ = 64, kBlockK = 64;
 
 // The rows of a (B, H, S, X) tensor whose last dimension is contiguous.
 template <typename Pointer>
