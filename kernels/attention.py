@@ -26,9 +26,10 @@ def _scores(
     q, k_t, rows, cols, S_Q, S_K, scale, softcap, slope, mask_rows, mask_stride_j, window_left, window_right,
     MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """The scores of queries `rows` and keys `cols`, -inf where masked out, and the softcapped
-    products (the backward's chain rule). q (M, D) and k_t (D, N) as loaded (zero-padded);
-    mask_rows points at each row's mask entries (MASK_KIND 0: none, 1: bool keep, 2: added)."""
+    """The scores of queries at positions `rows` and keys `cols` (keys from S_K on do not exist),
+    -inf where masked out, and the softcapped products (the backward's chain rule). q (M, D)
+    and k_t (D, N) as loaded (zero-padded); slope a scalar or one per row (M, 1); mask_rows
+    points at each row's mask entries (MASK_KIND 0: none, 1: bool keep, 2: added)."""
     s = tl.dot(q, k_t, input_precision=PRECISION) * scale
     if HAS_SOFTCAP:
         s = softcap * _tanh(s / softcap)
@@ -45,6 +46,20 @@ def _scores(
         s += tl.load(mask_rows[:, None] + j.to(tl.int64) * mask_stride_j, mask=inside, other=0.0).to(s.dtype)
     valid = (j < S_K) & ((window_left < 0) | (j >= i - window_left)) & ((window_right < 0) | (j <= i + window_right))
     return tl.where(valid, s, float("-inf")), capped
+
+
+@triton.jit
+def _online_softmax_step(s, v, row_max, row_sum, acc, PRECISION: tl.constexpr):
+    """Folds one tile of scores s (rows x keys) and its values v into the running maximum, sum
+    and weighted values of each row."""
+    new_max = tl.maximum(row_max, tl.max(s, 1))
+    # Until a row sees a key its maximum is -inf: subtracting 0 keeps every exp at 0.
+    base = tl.where(new_max == float("-inf"), 0.0, new_max)
+    p = tl.exp(s - base[:, None])
+    rescale = tl.exp(row_max - base)
+    row_sum = row_sum * rescale + tl.sum(p, 1)
+    acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return new_max, row_sum, acc
 
 
 @triton.jit
@@ -95,14 +110,7 @@ def _attention_forward_kernel(
             v = v.to(compute)
         s, _ = _scores(q, k_t, rows, cols, S_Q, S_K, scale, softcap, slope, mask_rows, mask_sj, window_left,
                        window_right, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, PRECISION)
-        new_max = tl.maximum(row_max, tl.max(s, 1))
-        # Until a row sees a key its maximum is -inf: subtracting 0 keeps every exp at 0.
-        base = tl.where(new_max == float("-inf"), 0.0, new_max)
-        p = tl.exp(s - base[:, None])
-        rescale = tl.exp(row_max - base)
-        row_sum = row_sum * rescale + tl.sum(p, 1)
-        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        row_max = new_max
+        row_max, row_sum, acc = _online_softmax_step(s, v, row_max, row_sum, acc, PRECISION)
     seen = row_sum > 0
     out = acc / tl.where(seen, row_sum, 1.0)[:, None]
     tl.store(out_ptr + b * o_sb + h * o_sh + rows[:, None].to(tl.int64) * o_ss + value_dims[None, :],
@@ -364,23 +372,10 @@ def _attention_decode_kernel(
         if UPCAST:
             k_t = k_t.to(compute)
             v = v.to(compute)
-        s = tl.dot(q, k_t, input_precision=PRECISION) * scale
-        if HAS_SOFTCAP:
-            s = softcap * _tanh(s / softcap)
-        i = position[:, None]
-        j = cols[None, :]
-        if HAS_ALIBI:
-            s -= slope[:, None] * tl.abs(i - j).to(s.dtype)
-        valid = in_cols[None, :] & ((window_left < 0) | (j >= i - window_left)) & (
-            (window_right < 0) | (j <= i + window_right))
-        s = tl.where(valid, s, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(s, 1))
-        base = tl.where(new_max == float("-inf"), 0.0, new_max)
-        p = tl.exp(s - base[:, None])
-        rescale = tl.exp(row_max - base)
-        row_sum = row_sum * rescale + tl.sum(p, 1)
-        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        row_max = new_max
+        # The rows are at their positions and the chunk ends the keys: no mask tensor to read.
+        s, _ = _scores(q, k_t, position, cols, length, end, scale, softcap, slope[:, None], q_ptr, 0, window_left,
+                       window_right, 0, HAS_ALIBI, HAS_SOFTCAP, PRECISION)
+        row_max, row_sum, acc = _online_softmax_step(s, v, row_max, row_sum, acc, PRECISION)
     partial = (bk * tl.num_programs(1) + split).to(tl.int64) * BLOCK_R + r
     tl.store(max_ptr + partial, row_max)
     tl.store(sum_ptr + partial, row_sum)

@@ -22,10 +22,16 @@ import torch.nn.functional as F
 
 
 def allowed_keys(
-    queries: int, keys: int, is_causal: bool, window_size: tuple[int, int] | None, device: torch.device
+    queries: int,
+    keys: int,
+    is_causal: bool,
+    window_size: tuple[int, int] | None,
+    device: torch.device,
+    first_position: int = 0,
 ) -> torch.Tensor:
-    """The (queries, keys) bool matrix of the pairs that causality and the window let through."""
-    i = torch.arange(queries, device=device)[:, None]
+    """The (queries, keys) bool matrix of the pairs that causality and the window let through,
+    query i sitting at key position first_position + i."""
+    i = torch.arange(queries, device=device)[:, None] + first_position
     j = torch.arange(keys, device=device)[None, :]
     allowed = torch.ones(queries, keys, dtype=torch.bool, device=device)
     if is_causal:
@@ -156,26 +162,16 @@ def attention_with_kv_cache(
     for b in range(batch):
         length = int(cache_seqlens[b]) + (0 if k is None else queries)
         keys, values = (cache_rows(c, b, length, block_table)[None] for c in (k_cache, v_cache))
-        # Key positions relative to the queries: shift the queries to the bottom right.
-        position = torch.arange(queries, device=q.device)[:, None] + (length - queries)
-        j = torch.arange(length, device=q.device)[None, :]
-        allowed = torch.ones(queries, length, dtype=torch.bool, device=q.device)
-        if is_causal:
-            allowed &= j <= position
-        if window_size is not None:
-            left, right = window_size
-            if left >= 0:
-                allowed &= j >= position - left
-            if right >= 0:
-                allowed &= j <= position + right
-        slopes = None if alibi_slopes is None else (alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[b])
-        mask = torch.where(allowed, 0.0, -math.inf).to(torch.float64)
-        if slopes is not None:
-            mask = mask - slopes.double()[:, None, None] * (position - j).abs()
+        # The queries are the last positions: shift them to the bottom right.
+        first = length - queries
+        mask = torch.where(allowed_keys(queries, length, is_causal, window_size, q.device, first), 0.0, -math.inf)
+        if alibi_slopes is not None:
+            slopes = alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[b]
+            distance = (torch.arange(queries, device=q.device)[:, None] + first - torch.arange(length, device=q.device))
+            mask = mask - slopes.double()[:, None, None] * distance.abs()
         outputs.append(
             scaled_dot_product_attention(
-                q[b : b + 1], keys, values, mask.to(torch.float32 if q.dtype != torch.float64 else q.dtype),
-                scale=scale, enable_gqa=heads != keys.shape[1], softcap=softcap,
+                q[b : b + 1], keys, values, mask, scale=scale, enable_gqa=heads != keys.shape[1], softcap=softcap
             )
         )
     return torch.cat(outputs)
