@@ -49,6 +49,23 @@ def _scores(
 
 
 @triton.jit
+def _query_block(H, GROUP, BLOCK_M: tl.constexpr):
+    """This program's (batch x head, batch, head, key head, first query): grid (query blocks, B x H)."""
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    return bh, b, h, h // GROUP, tl.program_id(0) * BLOCK_M
+
+
+@triton.jit
+def _key_range(i0, BLOCK_M: tl.constexpr, S_Q, S_K, window_left, window_right):
+    """The keys [first, last) that some query of [i0, i0 + BLOCK_M) sees."""
+    first = tl.where(window_left < 0, 0, tl.maximum(i0 - window_left, 0))
+    last = tl.where(window_right < 0, S_K, tl.minimum(tl.minimum(i0 + BLOCK_M, S_Q) + window_right, S_K))
+    return first, last
+
+
+@triton.jit
 def _online_softmax_step(s, v, row_max, row_sum, acc, PRECISION: tl.constexpr):
     """Folds one tile of scores s (rows x keys) and its values v into the running maximum, sum
     and weighted values of each row."""
@@ -79,11 +96,7 @@ def _attention_forward_kernel(
     out's dtype and lse in the math dtype (lse_ptr's), accumulating in it.
     """
     compute = lse_ptr.dtype.element_ty
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    kv = h // GROUP
-    i0 = tl.program_id(0) * BLOCK_M
+    bh, b, h, kv, i0 = _query_block(H, GROUP, BLOCK_M)
     rows = i0 + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     value_dims = tl.arange(0, BLOCK_DV)
@@ -97,8 +110,7 @@ def _attention_forward_kernel(
     row_max = tl.full((BLOCK_M,), float("-inf"), compute)
     row_sum = tl.zeros((BLOCK_M,), compute)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), compute)
-    first = tl.where(window_left < 0, 0, tl.maximum(i0 - window_left, 0))
-    last = tl.where(window_right < 0, S_K, tl.minimum(tl.minimum(i0 + BLOCK_M, S_Q) + window_right, S_K))
+    first, last = _key_range(i0, BLOCK_M, S_Q, S_K, window_left, window_right)
     for j0 in range(first // BLOCK_N * BLOCK_N, last, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         k_t = tl.load(k_ptr + b * k_sb + kv * k_sh + cols[None, :].to(tl.int64) * k_ss + dims[:, None],
@@ -205,11 +217,7 @@ def _attention_backward_q_kernel(
     """dq = scale sum dS k for BLOCK_M queries of one head. Reads the block's queries and output
     gradients once and every key and value row they see; writes dq (contiguous)."""
     compute = lse_ptr.dtype.element_ty
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    kv = h // GROUP
-    i0 = tl.program_id(0) * BLOCK_M
+    bh, b, h, kv, i0 = _query_block(H, GROUP, BLOCK_M)
     rows = i0 + tl.arange(0, BLOCK_M)
     in_rows = rows < S_Q
     dims = tl.arange(0, BLOCK_D)
@@ -228,8 +236,7 @@ def _attention_backward_q_kernel(
     slope = tl.load(slopes_ptr + b * slope_sb + h * slope_sh).to(compute)
     mask_rows = mask_ptr + b * mask_sb + h * mask_sh + rows.to(tl.int64) * mask_si
     dq = tl.zeros((BLOCK_M, BLOCK_D), compute)
-    first = tl.where(window_left < 0, 0, tl.maximum(i0 - window_left, 0))
-    last = tl.where(window_right < 0, S_K, tl.minimum(tl.minimum(i0 + BLOCK_M, S_Q) + window_right, S_K))
+    first, last = _key_range(i0, BLOCK_M, S_Q, S_K, window_left, window_right)
     for j0 in range(first // BLOCK_N * BLOCK_N, last, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         k = tl.load(k_ptr + b * k_sb + kv * k_sh + cols[:, None].to(tl.int64) * k_ss + dims[None, :],
