@@ -32,7 +32,8 @@ namespace {
 
 constexpr int64_t kBlockQ = 64, kBlockK = 64;
 
-// The rows of a (B, H, S, X) tensor whose last dimension is contiguous.
+// The rows of a (B, H, S, X) tensor whose last dimension is contiguous, or the blocks of a
+// (B, H, blocks, X, kBlockK) one (blocked_transpose's).
 template <typename Pointer>
 struct Rows {
   Pointer data;
@@ -48,13 +49,6 @@ Rows<const T*> rows_of(const at::Tensor& t) {
 template <typename T>
 Rows<T*> mutable_rows_of(const at::Tensor& t) {
   return {t.mutable_data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)};
-}
-
-// tanh x = 1 - 2 / (e^2x + 1): exact at both ends (e^2x = 0 or inf); near 0 its absolute
-// error is about 1e-7, which a softcap of c scales to c * 1e-7 on a score.
-template <typename T>
-GENFAST_VECTOR_INLINE T tanh_fast(T x) {
-  return T(1) - T(2) / (exp_fast(T(2) * x) + T(1));
 }
 
 template <typename T>

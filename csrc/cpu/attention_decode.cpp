@@ -92,7 +92,7 @@ struct Decode {
         T block_max = kMinusInf;
         for (int64_t c = 0; c < n; ++c) {
           const int64_t j = j0 + c;
-          T score = softcap > 0 ? softcap * (T(1) - T(2) / (exp_fast(T(2) * s[c] / softcap) + T(1))) : s[c];
+          T score = softcap > 0 ? softcap * tanh_fast(s[c] / softcap) : s[c];
           score -= slope * static_cast<T>(position > j ? position - j : j - position);
           const bool seen = (left < 0 || j >= position - left) && (right < 0 || j <= position + right);
           s[c] = seen ? score : kMinusInf;

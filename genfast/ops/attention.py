@@ -1,11 +1,14 @@
-"""Scaled dot-product attention (genfast::scaled_dot_product_attention), drop-in for
-``torch.nn.functional.scaled_dot_product_attention`` and flash-attention style on
-every backend (C++ for CPU tensors, Triton): no (S_q, S_k) matrix is stored, and tiles that causality or a
-sliding window mask out entirely are skipped. The formula, with what the op adds
-to torch's (sliding window, ALiBi, logit softcap): genfast/reference/attention.py.
+"""Attention: scaled_dot_product_attention (genfast::scaled_dot_product_attention),
+drop-in for ``torch.nn.functional.scaled_dot_product_attention``, and decoding over
+a KV cache, attention_with_kv_cache (genfast::attention_decode). The formulas, with
+what the ops add to torch's (sliding window, ALiBi, logit softcap):
+genfast/reference/attention.py.
 
-The forward saves each row's log-sum-exp; the backward recomputes the scores tile
-by tile from it. A float attn_mask that requires grad gets its gradient.
+Both backends (C++ for CPU tensors, Triton) work flash-attention style: no
+(S_q, S_k) matrix is stored, and tiles that causality or a window mask out
+entirely are skipped. The forward saves each row's log-sum-exp; the backward
+recomputes the scores tile by tile from it. A float attn_mask that requires grad
+gets its gradient.
 """
 
 from __future__ import annotations
