@@ -2,7 +2,8 @@
 when torch was built with CUDA and nvcc is present.
 
 Set GENFAST_ARCH to the -march of the machines you deploy on (default: this
-host's), GENFAST_CUDA=0 to skip the CUDA kernels.
+host's), GENFAST_CUDA=0 to skip the CUDA kernels, GENFAST_EXTENSION=0 to build
+nothing (the Triton kernels and the reference still run).
 """
 
 import glob
@@ -57,6 +58,6 @@ setup(
         "genfast.benchmarks",
     ],
     package_dir={"genfast.kernels": "kernels", "genfast.benchmarks": "benchmarks"},
-    ext_modules=[_extension()],
+    ext_modules=[] if os.environ.get("GENFAST_EXTENSION") == "0" else [_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -388,6 +388,11 @@ def _selected(case: Case, quick: bool, filters: list[str], device_type: str) -> 
     return not filters or any(f.lower() in text for f in filters for text in fields)
 
 
+def provider_names() -> set[str]:
+    """Every provider name some family offers, on any device."""
+    return {p.name for family in families() for device in ("cpu", "cuda") for p in family.providers(device)}
+
+
 def plan(
     quick: bool, filters: list[str], device_type: str, provider_names: Collection[str] | None
 ) -> list[tuple[Case, list[Provider]]]:

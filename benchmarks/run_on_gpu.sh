@@ -1,37 +1,65 @@
 #!/usr/bin/env bash
 # Build, test and benchmark on a GPU machine in one call (the lent device
 # machine has no network: everything must already be installed there).
-# Writes logs, results.json, results.md and plots to $OUT (default bench-out/gpu),
-# 8 files at most: what the device tool brings back. Commit results.json and
-# results.md under benchmarks/results/<gpu name>/.
-# Each stage has a time limit so that a hang in one still leaves the others' output.
+#
+#   bash benchmarks/run_on_gpu.sh [bench filters...]
+#
+# Environment: GENFAST_EXTENSION=0 skips building the C++/CUDA extension (the Triton kernels,
+# the reference and their tests need none, and the build takes minutes of the lease);
+# GENFAST_SKIP lists bench providers to leave out (default: the torch.compile ones, which
+# take longest to warm up); TESTS, the pytest paths (default: tests); TILES=1 also runs
+# benchmarks/experiments/attention_tiles.py; PROFILE, bench filters whose host and kernel time
+# per call benchmarks/profile.py then lists.
+#
+# Everything lands in $OUT (default bench-out/gpu): a short summary.txt, and the full logs,
+# results and plots in gpu.tar.gz, remade after each stage so that a timeout still leaves the
+# stages before it. Commit results.json and results.md under benchmarks/results/<gpu name>/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-bench-out/gpu}"
+work="$(mktemp -d)"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}"
 # Only the GPU that is here: one architecture compiles in a third of the time.
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$(python3 -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}"
+pack() { tar -czf "$out/gpu.tar.gz" -C "$work" . ; }
 
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$out/info.txt"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$work/info.txt"
 # Packages the machine lacks (it has no network) travel as wheels in .whl/, e.g. diffusers.
 if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps .whl/*.whl >>"$out/build.log" 2>&1 || echo "carried wheels failed to install"
+  python3 -m pip install -q --no-index --no-deps .whl/*.whl >>"$work/build.log" 2>&1 || echo "carried wheels failed to install"
 fi
-install() { timeout 300 python3 -m pip install -q --no-build-isolation --no-deps --no-index -e . >>"$out/build.log" 2>&1; }
+install() { timeout 300 python3 -m pip install -q --no-build-isolation --no-deps --no-index -e . >>"$work/build.log" 2>&1; }
 if ! install; then
-  grep -E "error|Error" "$out/build.log" | head -30
+  grep -E "error|Error" "$work/build.log" | head -30
   echo "CUDA build failed; building the C++ CPU kernels alone so the Triton kernels still get tested"
-  GENFAST_CUDA=0 install || { tail -30 "$out/build.log"; exit 1; }
+  GENFAST_CUDA=0 install || { tail -30 "$work/build.log"; pack; exit 1; }
 fi
-python3 -m genfast.cli info | tee -a "$out/info.txt"
+python3 -m genfast.cli info | tee -a "$work/info.txt"
+pack
 
-workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
-timeout 240 python3 -m pytest -q -p no:cacheprovider $workers tests 2>&1 | tee "$out/tests.log" | grep -vE "^\.|PASSED" | tail -25
-timeout 300 python3 -m genfast.cli bench --out "$out" "$@" 2>&1 | tee "$out/bench.log" | tail -40
-# Host and kernel time per call of the headline cases: where a benchmark's time goes.
-timeout 120 python3 -m genfast.benchmarks.profile --python --providers 'genfast[triton]' 'genfast[cuda]' torch \
-  -- 'sd-unet 8x320x64x64' >"$out/profile.txt" 2>&1
-# The scheduler steps: one kernel launch each (the issue's count), fused noise included.
-timeout 90 python3 -m genfast.benchmarks.profile --providers 'genfast[triton]' diffusers \
-  -- 'ddim eta=0 16x4x128x128' 'ddpm fused_noise 16x4x128x128' 'dpm++ 2m 16x4x128x128' >>"$out/profile.txt" 2>&1
+workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 12")
+read -r -a tests <<<"${TESTS:-tests}"
+timeout "${TEST_S:-240}" python3 -m pytest -q -rfE -p no:cacheprovider $workers "${tests[@]}" >"$work/tests.log" 2>&1
+grep -E "^(FAILED|ERROR)|passed|failed" "$work/tests.log" | tail -40 | tee "$out/summary.txt"
+pack
+
+if [ "${TILES:-0}" = 1 ]; then
+  timeout "${TILES_S:-120}" python3 benchmarks/experiments/attention_tiles.py "$work/attention_tiles.json" \
+    >"$work/attention_tiles.log" 2>&1
+  tail -30 "$work/attention_tiles.log" | cut -c1-400 >>"$out/summary.txt"
+  pack
+fi
+
+read -r -a skip <<<"${GENFAST_SKIP:-torch.compile torch.nn+torch.compile diffusers+torch.compile}"
+timeout "${BENCH_S:-300}" python3 -m genfast.cli bench --out "$work" --skip "${skip[@]}" -- "$@" >"$work/bench.log" 2>&1
+tail -60 "$work/bench.log" | cut -c1-300 >>"$out/summary.txt"
+cp "$work/results.md" "$out/" 2>/dev/null
+pack
+
+if [ -n "${PROFILE:-}" ]; then
+  read -r -a profiled <<<"$PROFILE"
+  timeout "${PROFILE_S:-120}" python3 -m genfast.benchmarks.profile --providers 'genfast[triton]' torch torch.nn \
+    -- "${profiled[@]}" >"$work/profile.txt" 2>&1
+  pack
+fi

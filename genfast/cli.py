@@ -54,7 +54,9 @@ def info() -> int:
 def bench(args: argparse.Namespace) -> int:
     from .benchmarks import harness
 
-    return harness.run(quick=args.quick, filters=args.filters, out_dir=args.out, device=args.device)
+    providers = None if args.skip is None else [name for name in harness.provider_names() if name not in args.skip]
+    return harness.run(quick=args.quick, filters=args.filters, out_dir=args.out, device=args.device,
+                       providers=providers)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     bench_parser.add_argument("--quick", action="store_true", help="the headline cases only (under 2 minutes on CPU)")
     bench_parser.add_argument("--out", default="bench-out", help="directory for results.json, results.md and plots")
     bench_parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
+    bench_parser.add_argument("--skip", nargs="+", metavar="PROVIDER",
+                              help="providers to leave out, e.g. torch.compile (slow to compile)")
     args = parser.parse_args(argv)
     return info() if args.command == "info" else bench(args)
 

@@ -24,12 +24,13 @@ def _tanh(x):
 @triton.jit
 def _scores(
     q, k_t, rows, cols, S_Q, S_K, scale, softcap, slope, mask_rows, mask_stride_j, window_left, window_right,
-    MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+    on_edge, MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """The scores of queries at positions `rows` and keys `cols` (keys from S_K on do not exist),
     -inf where masked out, and the softcapped products (the backward's chain rule). q (M, D)
     and k_t (D, N) as loaded (zero-padded); slope a scalar or one per row (M, 1); mask_rows
-    points at each row's mask entries (MASK_KIND 0: none, 1: bool keep, 2: added)."""
+    points at each row's mask entries (MASK_KIND 0: none, 1: bool keep, 2: added). The window
+    and the keys' end are applied only where on_edge (see _tile_split)."""
     s = tl.dot(q, k_t, input_precision=PRECISION) * scale
     if HAS_SOFTCAP:
         s = softcap * _tanh(s / softcap)
@@ -44,8 +45,10 @@ def _scores(
         s = tl.where(keep != 0, s, float("-inf"))
     if MASK_KIND == 2:
         s += tl.load(mask_rows[:, None] + j.to(tl.int64) * mask_stride_j, mask=inside, other=0.0).to(s.dtype)
-    valid = (j < S_K) & ((window_left < 0) | (j >= i - window_left)) & ((window_right < 0) | (j <= i + window_right))
-    return tl.where(valid, s, float("-inf")), capped
+    if on_edge:
+        valid = (j < S_K) & ((window_left < 0) | (j >= i - window_left)) & ((window_right < 0) | (j <= i + window_right))
+        s = tl.where(valid, s, float("-inf"))
+    return s, capped
 
 
 @triton.jit
@@ -63,6 +66,25 @@ def _key_range(i0, BLOCK_M: tl.constexpr, S_Q, S_K, window_left, window_right):
     first = tl.where(window_left < 0, 0, tl.maximum(i0 - window_left, 0))
     last = tl.where(window_right < 0, S_K, tl.minimum(tl.minimum(i0 + BLOCK_M, S_Q) + window_right, S_K))
     return first, last
+
+
+@triton.jit
+def _tile_split(last, lowest, end, BLOCK: tl.constexpr):
+    """Tiles at multiples of BLOCK below `last` whose every element the window (and the keys'
+    end) lets through start in [lowest rounded up, end rounded down - BLOCK]: returns that
+    range's bounds, clamped to the tiles that exist. Only the tiles outside it, a few at each
+    edge of a band, compute the window mask; lowest and end are never negative."""
+    inner_first = tl.minimum(tl.cdiv(lowest, BLOCK) * BLOCK, last)
+    return inner_first, tl.maximum(inner_first, end // BLOCK * BLOCK)
+
+
+@triton.jit
+def _inner_key_tiles(i0, BLOCK_M: tl.constexpr, S_K, last, window_left, window_right, BLOCK_N: tl.constexpr):
+    """The key tiles that every query of [i0, i0 + BLOCK_M) sees whole: from the last query's
+    window start to the first query's window end (both clamped to the keys)."""
+    lowest = tl.where(window_left < 0, 0, tl.maximum(i0 + BLOCK_M - 1 - window_left, 0))
+    end = tl.where(window_right < 0, S_K, tl.minimum(i0 + window_right + 1, S_K))
+    return _tile_split(last, lowest, end, BLOCK_N)
 
 
 @triton.jit
@@ -111,6 +133,7 @@ def _attention_forward_kernel(
     row_sum = tl.zeros((BLOCK_M,), compute)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), compute)
     first, last = _key_range(i0, BLOCK_M, S_Q, S_K, window_left, window_right)
+    inner_first, inner_end = _inner_key_tiles(i0, BLOCK_M, S_K, last, window_left, window_right, BLOCK_N)
     for j0 in range(first // BLOCK_N * BLOCK_N, last, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         k_t = tl.load(k_ptr + b * k_sb + kv * k_sh + cols[None, :].to(tl.int64) * k_ss + dims[:, None],
@@ -121,7 +144,8 @@ def _attention_forward_kernel(
             k_t = k_t.to(compute)
             v = v.to(compute)
         s, _ = _scores(q, k_t, rows, cols, S_Q, S_K, scale, softcap, slope, mask_rows, mask_sj, window_left,
-                       window_right, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, PRECISION)
+                       window_right, (j0 < inner_first) | (j0 >= inner_end), MASK_KIND, HAS_ALIBI, HAS_SOFTCAP,
+                       PRECISION)
         row_max, row_sum, acc = _online_softmax_step(s, v, row_max, row_sum, acc, PRECISION)
     seen = row_sum > 0
     out = acc / tl.where(seen, row_sum, 1.0)[:, None]
@@ -166,6 +190,14 @@ def _attention_backward_kv_kernel(
     dv = tl.zeros((BLOCK_N, BLOCK_DV), compute)
     first = tl.where(window_right < 0, 0, tl.maximum(j0 - window_right, 0))
     last = tl.where(window_left < 0, S_Q, tl.minimum(tl.minimum(j0 + BLOCK_N, S_K) + window_left, S_Q))
+    # Queries that see every key of the block: from the last key's window to the first key's.
+    # Keys from S_K on need no mask here: they are zero, and their gradients are not stored.
+    inner_first, inner_end = _tile_split(
+        last,
+        tl.where(window_right < 0, 0, tl.maximum(j0 + BLOCK_N - 1 - window_right, 0)),
+        tl.where(window_left < 0, S_Q, tl.minimum(j0 + window_left + 1, S_Q)),
+        BLOCK_M,
+    )
     for g in range(GROUP):
         h = kv * GROUP + g
         slope = tl.load(slopes_ptr + b * slope_sb + h * slope_sh).to(compute)
@@ -184,7 +216,8 @@ def _attention_backward_kv_kernel(
             delta = tl.load(delta_ptr + row_stats, mask=in_rows, other=0.0)
             mask_rows = mask_ptr + b * mask_sb + h * mask_sh + rows.to(tl.int64) * mask_si
             s, capped = _scores(q, tl.trans(k), rows, cols, S_Q, S_K, scale, softcap, slope, mask_rows, mask_sj,
-                                window_left, window_right, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, PRECISION)
+                                window_left, window_right, (i0 < inner_first) | (i0 >= inner_end), MASK_KIND,
+                                HAS_ALIBI, HAS_SOFTCAP, PRECISION)
             # A row that saw no key has lse -inf and zero weights: subtracting +inf keeps them 0.
             p = tl.exp(s - tl.where(lse == float("-inf"), float("inf"), lse)[:, None])
             dv += tl.dot(tl.trans(p.to(d_o.dtype)), d_o, input_precision=PRECISION)
@@ -237,6 +270,7 @@ def _attention_backward_q_kernel(
     mask_rows = mask_ptr + b * mask_sb + h * mask_sh + rows.to(tl.int64) * mask_si
     dq = tl.zeros((BLOCK_M, BLOCK_D), compute)
     first, last = _key_range(i0, BLOCK_M, S_Q, S_K, window_left, window_right)
+    inner_first, inner_end = _inner_key_tiles(i0, BLOCK_M, S_K, last, window_left, window_right, BLOCK_N)
     for j0 in range(first // BLOCK_N * BLOCK_N, last, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         k = tl.load(k_ptr + b * k_sb + kv * k_sh + cols[:, None].to(tl.int64) * k_ss + dims[None, :],
@@ -247,7 +281,8 @@ def _attention_backward_q_kernel(
             k = k.to(compute)
             v = v.to(compute)
         s, capped = _scores(q, tl.trans(k), rows, cols, S_Q, S_K, scale, softcap, slope, mask_rows, mask_sj,
-                            window_left, window_right, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, PRECISION)
+                            window_left, window_right, (j0 < inner_first) | (j0 >= inner_end), MASK_KIND,
+                            HAS_ALIBI, HAS_SOFTCAP, PRECISION)
         p = tl.exp(s - base[:, None])
         ds = p * (tl.dot(d_o, tl.trans(v), input_precision=PRECISION) - delta[:, None])
         if HAS_SOFTCAP:
@@ -256,6 +291,30 @@ def _attention_backward_q_kernel(
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     tl.store(dq_ptr + row_stats[:, None] * D + dims[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
              mask=in_rows[:, None] & (dims[None, :] < D))
+
+
+def tile_config(direction, dtype, block_d, device_type):
+    """Tile shape and launch settings: BLOCK_M queries by BLOCK_N keys per step.
+
+    Tensor-core dtypes on a GPU: the fastest of the shapes that
+    benchmarks/experiments/attention_tiles.py tried on an H200 (2026-11-26; 128x64 and
+    64x128 tiles were slower or, in the backward, overflowed shared memory). fp32 (computed
+    exactly, without tf32) and fp64 keep 64x64 tiles, with fewer rows where their tiles would
+    overflow the 227 KB of shared memory. The interpreter ignores the warp and stage counts.
+    """
+    tensor_cores = dtype in (torch.float16, torch.bfloat16) and device_type == "cuda"
+    wide = block_d > 128 or (block_d > 64 and dtype == torch.float64)
+    if tensor_cores and direction == "forward":
+        return dict(BLOCK_M=128, BLOCK_N=64 if block_d <= 128 else 32, num_warps=4 if block_d <= 64 else 8,
+                    num_stages=3 if block_d <= 128 else 2)
+    if tensor_cores:
+        return dict(BLOCK_M=64 if block_d <= 128 else 32, BLOCK_N=64 if block_d <= 128 else 32,
+                    num_warps=4 if block_d <= 128 else 8, num_stages=3 if block_d <= 128 else 2)
+    if not wide:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4 if block_d <= 64 else 8, num_stages=3)
+    if dtype == torch.float64:
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    return dict(BLOCK_M=32 if direction == "backward" else 64, BLOCK_N=32, num_warps=8, num_stages=2)
 
 
 def _settings(q, k, v, mask, alibi_slopes, scale, softcap, window_left, window_right):
@@ -274,27 +333,32 @@ def _settings(q, k, v, mask, alibi_slopes, scale, softcap, window_left, window_r
     # (triton#11584): compute in fp32 there. float64 is computed as loaded.
     upcast = q.dtype in (torch.float16, torch.bfloat16) and q.device.type == "cpu"
     block_d, block_dv = max(triton.next_power_of_2(D), 16), max(triton.next_power_of_2(DV), 16)
-    # Two (64, 256) tiles of fp32 and their products overflow shared memory: smaller key blocks past 128.
-    block_n = 64 if max(block_d, block_dv) <= 128 else 32
     constants = dict(
         MASK_KIND=mask_kind, HAS_ALIBI=alibi_slopes is not None, HAS_SOFTCAP=softcap > 0, UPCAST=upcast,
         PRECISION="ieee" if upcast or q.dtype in (torch.float32, torch.float64) else None,
-        BLOCK_M=64, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        num_warps=4 if block_d <= 64 else 8,
+        BLOCK_D=block_d, BLOCK_DV=block_dv,
     )
     sizes = (H, H // H_K, S_Q, S_K, D, DV, scale, softcap, window_left, window_right)
     return compute, mask_arg, slopes, (*mask_strides, *slope_strides, *sizes), constants
+
+
+def _scaled_in_float64(q, scale):
+    """(q, scale) for a kernel: Triton passes Python floats as fp32, which would round a float64
+    scale, so in float64 the scale multiplies q beforehand (the scores are the same products)."""
+    return (q * scale, 1.0) if q.dtype == torch.float64 else (q, scale)
 
 
 def attention_forward(q, k, v, mask, alibi_slopes, scale, softcap, window_left, window_right):
     """Returns out (B, H, S_q, D_v) in q's dtype and lse (B, H, S_q) in the math dtype; the
     arguments as csrc/cpu/attention.h's AttentionProblem."""
     B, H, S_Q, _ = q.shape
+    q, scale = _scaled_in_float64(q, scale)
     compute, mask_arg, slopes, shared, constants = _settings(
         q, k, v, mask, alibi_slopes, scale, softcap, window_left, window_right
     )
     out = torch.empty(B, H, S_Q, v.shape[3], dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, S_Q, dtype=compute, device=q.device)
+    constants |= tile_config("forward", q.dtype, max(constants["BLOCK_D"], constants["BLOCK_DV"]), q.device.type)
     grid = (triton.cdiv(S_Q, constants["BLOCK_M"]), B * H)
     _attention_forward_kernel[grid](
         q, k, v, out, lse, mask_arg, slopes, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
@@ -309,13 +373,15 @@ def attention_backward(q, k, v, mask, alibi_slopes, scale, softcap, window_left,
     gradient of an additive mask in the math dtype (else None)."""
     B, H, S_Q, _ = q.shape
     H_K, S_K = k.shape[1], k.shape[2]
+    q, kernel_scale = _scaled_in_float64(q, scale)
     compute, mask_arg, slopes, shared, constants = _settings(
-        q, k, v, mask, alibi_slopes, scale, softcap, window_left, window_right
+        q, k, v, mask, alibi_slopes, kernel_scale, softcap, window_left, window_right
     )
     delta = (dout.to(compute) * out.to(compute)).sum(-1).contiguous()
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     dmask = torch.zeros(B, H, S_Q, S_K, dtype=compute, device=q.device) if mask_grad else None
     tensors = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
+    constants |= tile_config("backward", q.dtype, max(constants["BLOCK_D"], constants["BLOCK_DV"]), q.device.type)
     _attention_backward_kv_kernel[(triton.cdiv(S_K, constants["BLOCK_N"]), B * H_K)](
         q, k, v, dout, lse, delta, dk, dv, q if dmask is None else dmask, mask_arg, slopes, *tensors, *shared,
         MASK_GRAD=mask_grad, **constants,
@@ -323,7 +389,8 @@ def attention_backward(q, k, v, mask, alibi_slopes, scale, softcap, window_left,
     _attention_backward_q_kernel[(triton.cdiv(S_Q, constants["BLOCK_M"]), B * H)](
         q, k, v, dout, lse, delta, dq, mask_arg, slopes, *tensors, *shared, **constants,
     )
-    return dq, dk, dv, dmask
+    # With q scaled beforehand, dk = scale dS^T q came out whole; dq = scale dS k lacks its scale.
+    return (dq if kernel_scale == scale else dq * scale), dk, dv, dmask
 
 
 @triton.jit
@@ -381,7 +448,7 @@ def _attention_decode_kernel(
             v = v.to(compute)
         # The rows are at their positions and the chunk ends the keys: no mask tensor to read.
         s, _ = _scores(q, k_t, position, cols, length, end, scale, softcap, slope[:, None], q_ptr, 0, window_left,
-                       window_right, 0, HAS_ALIBI, HAS_SOFTCAP, PRECISION)
+                       window_right, True, 0, HAS_ALIBI, HAS_SOFTCAP, PRECISION)
         row_max, row_sum, acc = _online_softmax_step(s, v, row_max, row_sum, acc, PRECISION)
     partial = (bk * tl.num_programs(1) + split).to(tl.int64) * BLOCK_R + r
     tl.store(max_ptr + partial, row_max)
@@ -415,22 +482,30 @@ def _attention_decode_combine_kernel(
     tl.store(out_ptr + row * DV + value_dims, out.to(out_ptr.dtype.element_ty), mask=value_dims < DV)
 
 
+def decode_config(row_bytes, device_type):
+    """Keys per step and the number of programs to aim for, from the bytes of one key row and
+    its value row. A chunk's rows, a few steps deep, must fit in 227 KB of shared memory. The
+    GPU target is two programs per SM of an H100, reached without reading the lengths back:
+    chunks past an element's length end at once."""
+    return dict(BLOCK_N=64 if row_bytes <= 1024 else 32 if row_bytes <= 2048 else 16,
+                programs=264 if device_type == "cuda" else 4, num_warps=4, num_stages=3)
+
+
 def attention_decode(q, k_cache, v_cache, lengths, block_table, alibi_slopes, scale, softcap, window_left,
                      window_right):
     """Returns the output (B, H, S_q, D_v) in q's dtype; the arguments as csrc/cpu/attention.h's
     DecodeProblem (lengths and block_table int64)."""
     B, H, S_Q, D = q.shape
     H_K, DV = k_cache.shape[1], v_cache.shape[3]
+    q, scale = _scaled_in_float64(q, scale)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     upcast = q.dtype in (torch.float16, torch.bfloat16) and q.device.type == "cpu"
     paged = block_table is not None
     capacity = block_table.shape[1] * k_cache.shape[2] if paged else k_cache.shape[2]
     block_r = max(triton.next_power_of_2(H // H_K * S_Q), 16)
     block_d, block_dv = max(triton.next_power_of_2(D), 16), max(triton.next_power_of_2(DV), 16)
-    block_n = 64
-    # Enough programs to fill a GPU (two per SM of an H100) without reading the lengths back:
-    # chunks past an element's length end at once.
-    target = 264 if q.device.type == "cuda" else 4
+    settings = decode_config((block_d + block_dv) * q.element_size(), q.device.type)
+    block_n, target = settings.pop("BLOCK_N"), settings.pop("programs")
     splits = max(1, min(triton.cdiv(target, B * H_K), triton.cdiv(capacity, block_n)))
     chunk = triton.cdiv(triton.cdiv(capacity, splits), block_n) * block_n
     splits = triton.cdiv(capacity, chunk)
@@ -445,7 +520,7 @@ def attention_decode(q, k_cache, v_cache, lengths, block_table, alibi_slopes, sc
         H, H // H_K, S_Q, D, DV, k_cache.shape[2], chunk, scale, softcap, window_left, window_right,
         PAGED=paged, HAS_ALIBI=alibi_slopes is not None, HAS_SOFTCAP=softcap > 0, UPCAST=upcast,
         PRECISION="ieee" if upcast or q.dtype in (torch.float32, torch.float64) else None,
-        BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, **settings,
     )
     out = torch.empty(B, H, S_Q, DV, dtype=q.dtype, device=q.device)
     _attention_decode_combine_kernel[(B * H_K * (H // H_K) * S_Q,)](

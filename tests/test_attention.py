@@ -144,6 +144,21 @@ def test_extras(backend, name, shape):
     check(backend, shape, torch.float32, 1e-5, **EXTRAS[name])
 
 
+BANDS = [  # windows whose edges cross many tiles, so that kernels mask only the tiles on an edge
+    {"window_size": (70, 3)},
+    {"window_size": (5, 150)},
+    {"window_size": (-1, 40)},
+    {"window_size": (100, -1), "is_causal": True},
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, atol", [DTYPES[0], DTYPES[2]], ids=str)
+@pytest.mark.parametrize("band", BANDS, ids=str)
+def test_windows_across_tiles(backend, dtype, atol, band):
+    check(backend, (1, 2, 1, 300, 270, 32, 32), dtype, atol, **band)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype, atol", DTYPES[2:], ids=str)
 def test_extras_low_precision(backend, dtype, atol):

@@ -286,12 +286,12 @@ NOISY_SCHEDULERS = [
 def test_fused_noise_is_reproducible_and_the_references(name, config, step_kwargs, backend):
     """fused_noise: the same seed gives the same trajectory, another seed another one, and each
     backend follows the reference's (the same Philox stream)."""
-    require(backend)
+    device = require(backend)
 
     def trajectory(backend, seed):
         scheduler = getattr(genfast.schedulers, name)(**config, fused_noise=True)
         scheduler.set_timesteps(10)
-        sample = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+        sample = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1)).to(device)
         generator = torch.Generator().manual_seed(seed)
         with genfast.use_backend(backend):
             for t in scheduler.timesteps:

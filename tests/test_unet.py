@@ -48,6 +48,7 @@ def test_guided_sampling_loop_matches_torch_layers():
     boundary, where a rounding difference flips which side a value lands on, and the two
     trajectories part (even torch's own layers under the two schedulers)."""
     diffusers = pytest.importorskip("diffusers")
+    require("cpu")
     reference, fused = twin_models(channels=(16, 32, 48), groups=4)
     labels = torch.tensor([0, 4, 9])
     kwargs = {"shape": SHAPE, "guidance_scale": 3.0, "num_inference_steps": 50}
