@@ -10,6 +10,8 @@ writes the mask's gradient), another per block of queries accumulates dq. Neithe
 uses atomics, so results do not depend on scheduling.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -25,26 +27,28 @@ def _tanh(x):
 def _scores(
     q, k_t, rows, cols, S_Q, S_K, scale, softcap, slope, mask_rows, mask_stride_j, window_left, window_right,
     on_edge, MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+    TRANSPOSED: tl.constexpr = False,
 ):
     """The scores of queries at positions `rows` and keys `cols` (keys from S_K on do not exist),
     -inf where masked out, and the softcapped products (the backward's chain rule). q (M, D)
     and k_t (D, N) as loaded (zero-padded); slope a scalar or one per row (M, 1); mask_rows
-    points at each row's mask entries (MASK_KIND 0: none, 1: bool keep, 2: added). The window
-    and the keys' end are applied only where on_edge (see _tile_split)."""
+    points at each query's mask entries (MASK_KIND 0: none, 1: bool keep, 2: added). The window
+    and the keys' end are applied only where on_edge (see _tile_split).
+
+    TRANSPOSED: the transposed tile, keys by queries, from q = the keys (N, D), k_t = the
+    queries transposed (D, M), rows = the keys' positions and cols = the queries'."""
     s = tl.dot(q, k_t, input_precision=PRECISION) * scale
     if HAS_SOFTCAP:
         s = softcap * _tanh(s / softcap)
     capped = s
-    i = rows[:, None]
-    j = cols[None, :]
+    i = cols[None, :] if TRANSPOSED else rows[:, None]
+    j = rows[:, None] if TRANSPOSED else cols[None, :]
     if HAS_ALIBI:
         s -= slope * tl.abs(i - j).to(s.dtype)
-    inside = (i < S_Q) & (j < S_K)
-    if MASK_KIND == 1:
-        keep = tl.load(mask_rows[:, None] + j.to(tl.int64) * mask_stride_j, mask=inside, other=0)
-        s = tl.where(keep != 0, s, float("-inf"))
-    if MASK_KIND == 2:
-        s += tl.load(mask_rows[:, None] + j.to(tl.int64) * mask_stride_j, mask=inside, other=0.0).to(s.dtype)
+    if MASK_KIND != 0:
+        entries = (mask_rows[None, :] if TRANSPOSED else mask_rows[:, None]) + j.to(tl.int64) * mask_stride_j
+        entry = tl.load(entries, mask=(i < S_Q) & (j < S_K), other=0)
+        s = tl.where(entry != 0, s, float("-inf")) if MASK_KIND == 1 else s + entry.to(s.dtype)
     if on_edge:
         valid = (j < S_K) & ((window_left < 0) | (j >= i - window_left)) & ((window_right < 0) | (j <= i + window_right))
         s = tl.where(valid, s, float("-inf"))
@@ -166,7 +170,8 @@ def _attention_backward_kv_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """dk and dv of BLOCK_N keys of one key head, summed over the GROUP query heads that read it:
-    dv = sum P^T dO, dk = scale sum dS^T q with dS = P (dO v^T - delta). Reads the block's keys
+    dv = sum P^T dO, dk = scale sum dS^T q with dS = P (dO v^T - delta), computed as P^T and
+    dS^T directly. Reads the block's keys
     and values once and the queries, output gradients, lse and delta of every query that sees
     them; writes dk and dv (contiguous) and, with MASK_GRAD, dS into dmask (contiguous)."""
     compute = lse_ptr.dtype.element_ty
@@ -215,21 +220,21 @@ def _attention_backward_kv_kernel(
             lse = tl.load(lse_ptr + row_stats, mask=in_rows, other=float("-inf"))
             delta = tl.load(delta_ptr + row_stats, mask=in_rows, other=0.0)
             mask_rows = mask_ptr + b * mask_sb + h * mask_sh + rows.to(tl.int64) * mask_si
-            s, capped = _scores(q, tl.trans(k), rows, cols, S_Q, S_K, scale, softcap, slope, mask_rows, mask_sj,
-                                window_left, window_right, (i0 < inner_first) | (i0 >= inner_end), MASK_KIND,
-                                HAS_ALIBI, HAS_SOFTCAP, PRECISION)
+            # Keys by queries throughout, so that every product takes its operands as loaded.
+            s_t, capped_t = _scores(k, tl.trans(q), cols, rows, S_Q, S_K, scale, softcap, slope, mask_rows, mask_sj,
+                                    window_left, window_right, (i0 < inner_first) | (i0 >= inner_end), MASK_KIND,
+                                    HAS_ALIBI, HAS_SOFTCAP, PRECISION, TRANSPOSED=True)
             # A row that saw no key has lse -inf and zero weights: subtracting +inf keeps them 0.
-            p = tl.exp(s - tl.where(lse == float("-inf"), float("inf"), lse)[:, None])
-            dv += tl.dot(tl.trans(p.to(d_o.dtype)), d_o, input_precision=PRECISION)
-            dp = tl.dot(d_o, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
+            p_t = tl.exp(s_t - tl.where(lse == float("-inf"), float("inf"), lse)[None, :])
+            dv += tl.dot(p_t.to(d_o.dtype), d_o, input_precision=PRECISION)
+            ds_t = p_t * (tl.dot(v, tl.trans(d_o), input_precision=PRECISION) - delta[None, :])
             if MASK_GRAD:
-                tl.store(dmask_ptr + row_stats[:, None].to(tl.int64) * S_K + cols[None, :], ds,
-                         mask=in_rows[:, None] & (cols[None, :] < S_K))
+                tl.store(dmask_ptr + row_stats[None, :].to(tl.int64) * S_K + cols[:, None], ds_t,
+                         mask=in_rows[None, :] & (cols[:, None] < S_K))
             if HAS_SOFTCAP:
-                t = capped / softcap
-                ds = ds * (1.0 - t * t)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+                t = capped_t / softcap
+                ds_t = ds_t * (1.0 - t * t)
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
     out_rows = (b * H_K + kv) * S_K + cols[:, None].to(tl.int64)
     tl.store(dk_ptr + out_rows * D + dims[None, :], (dk * scale).to(dk_ptr.dtype.element_ty),
              mask=key_rows & (dims[None, :] < D))
@@ -310,6 +315,11 @@ def tile_config(direction, dtype, block_d, device_type):
     if tensor_cores:
         return dict(BLOCK_M=64 if block_d <= 128 else 32, BLOCK_N=64 if block_d <= 128 else 32,
                     num_warps=4 if block_d <= 128 else 8, num_stages=3 if block_d <= 128 else 2)
+    if direction == "backward" and device_type == "cuda":
+        # Without tensor cores the products go through registers: pipelined or in 64x64 tiles,
+        # the backward kernels spill thousands of bytes per thread (ptxas's report, sm_90).
+        block = 16 if wide and dtype == torch.float64 else 32
+        return dict(BLOCK_M=block, BLOCK_N=block, num_warps=8 if wide else 4, num_stages=1)
     if not wide:
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4 if block_d <= 64 else 8, num_stages=3)
     if dtype == torch.float64:
@@ -482,13 +492,20 @@ def _attention_decode_combine_kernel(
     tl.store(out_ptr + row * DV + value_dims, out.to(out_ptr.dtype.element_ty), mask=value_dims < DV)
 
 
-def decode_config(row_bytes, device_type):
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def decode_config(row_bytes, device):
     """Keys per step and the number of programs to aim for, from the bytes of one key row and
-    its value row. A chunk's rows, a few steps deep, must fit in 227 KB of shared memory. The
-    GPU target is two programs per SM of an H100, reached without reading the lengths back:
-    chunks past an element's length end at once."""
-    return dict(BLOCK_N=64 if row_bytes <= 1024 else 32 if row_bytes <= 2048 else 16,
-                programs=264 if device_type == "cuda" else 4, num_warps=4, num_stages=3)
+    its value row. A chunk's rows, a few steps deep, must fit in 227 KB of shared memory. On a
+    GPU, eight programs per SM: on an H200 two per SM ran at 70 to 87% of the copy bandwidth
+    from one run to the next, eight at 83% in both (attention_tiles.py). The count is reached
+    without reading the lengths back: chunks past an element's length end at once."""
+    programs = 8 * _multiprocessors(device) if device.type == "cuda" else 4
+    return dict(BLOCK_N=64 if row_bytes <= 1024 else 32 if row_bytes <= 2048 else 16, programs=programs,
+                num_warps=4, num_stages=3)
 
 
 def attention_decode(q, k_cache, v_cache, lengths, block_table, alibi_slopes, scale, softcap, window_left,
@@ -504,7 +521,7 @@ def attention_decode(q, k_cache, v_cache, lengths, block_table, alibi_slopes, sc
     capacity = block_table.shape[1] * k_cache.shape[2] if paged else k_cache.shape[2]
     block_r = max(triton.next_power_of_2(H // H_K * S_Q), 16)
     block_d, block_dv = max(triton.next_power_of_2(D), 16), max(triton.next_power_of_2(DV), 16)
-    settings = decode_config((block_d + block_dv) * q.element_size(), q.device.type)
+    settings = decode_config((block_d + block_dv) * q.element_size(), q.device)
     block_n, target = settings.pop("BLOCK_N"), settings.pop("programs")
     splits = max(1, min(triton.cdiv(target, B * H_K), triton.cdiv(capacity, block_n)))
     chunk = triton.cdiv(triton.cdiv(capacity, splits), block_n) * block_n
