@@ -14,6 +14,7 @@
 #include "cpu/memory.h"
 #include "cpu/norm.h"
 #include "cpu/rotary.h"
+#include "cpu/sampling.h"
 #include "layout.h"
 
 #ifdef GENFAST_WITH_CUDA
@@ -193,6 +194,23 @@ std::vector<Tensor> activation_backward(const Tensor& dy, const Tensor& x, const
   TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type() && dy.is_contiguous() && dy.is_cpu(),
               "dy must be a contiguous CPU tensor of x's shape ", x.sizes(), " and dtype ", x.scalar_type());
   return genfast::cpu::activation_backward(dy, x, up, genfast::cpu::activation_kind(activation));
+}
+
+// logits (rows, V) of a float type on the CPU with a contiguous last dimension, uniform
+// (rows,) contiguous float32; temperature positive, top_p in (0, 1].
+Tensor sample(const Tensor& logits, const Tensor& uniform, double temperature, int64_t top_k, double top_p) {
+  TORCH_CHECK(logits.dim() == 2 && logits.size(1) > 0 && logits.is_cpu() && logits.stride(1) == 1,
+              "logits must be a (rows, V > 0) CPU tensor with a contiguous last dimension, got ", logits.sizes(),
+              " with strides ", logits.strides());
+  TORCH_CHECK(uniform.dim() == 1 && uniform.size(0) == logits.size(0) && uniform.scalar_type() == at::kFloat &&
+                  uniform.is_contiguous() && uniform.is_cpu(),
+              "uniform must be a contiguous float32 CPU tensor of shape (", logits.size(0), ",), got ", uniform.sizes(),
+              " ", uniform.scalar_type());
+  TORCH_CHECK(temperature > 0 && top_k >= 0 && top_p > 0 && top_p <= 1, "need temperature > 0, top_k >= 0 and "
+              "0 < top_p <= 1, got ", temperature, ", ", top_k, ", ", top_p);
+  Tensor tokens = at::empty({logits.size(0)}, logits.options().dtype(at::kLong));
+  genfast::cpu::sample(logits, uniform, temperature, top_k, top_p, tokens);
+  return tokens;
 }
 
 // x and out (B, S, H, D) of one float type on the CPU, last dimension contiguous; cos and sin
@@ -460,6 +478,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("group_norm_backward", &group_norm_backward, "GroupNorm + activation backward: (dx, dweight, dbias)");
   m.def("activation_forward", &activation_forward, "act(x) or act(x) * up: y");
   m.def("activation_backward", &activation_backward, "The activation's backward: (dx, dup or an undefined tensor)");
+  m.def("sample", &sample, "Draws one token per row of logits after temperature, top-k and top-p: tokens (rows,)");
   m.def("rotary_embedding", &rotary_embedding, "Rotates x by the (cos, sin) tables into out (which may be x; a new tensor if None); returns out");
   m.def("layer_norm_forward", &layer_norm_forward, "LayerNorm or RMSNorm (+ residual) forward: (y, h, mean, rstd)");
   m.def("layer_norm_backward", &layer_norm_backward, "LayerNorm or RMSNorm backward: (dx, dweight, dbias)");

@@ -171,9 +171,9 @@ def _attention_backward_kv_kernel(
 ):
     """dk and dv of BLOCK_N keys of one key head, summed over the GROUP query heads that read it:
     dv = sum P^T dO, dk = scale sum dS^T q with dS = P (dO v^T - delta), computed as P^T and
-    dS^T directly. Reads the block's keys
-    and values once and the queries, output gradients, lse and delta of every query that sees
-    them; writes dk and dv (contiguous) and, with MASK_GRAD, dS into dmask (contiguous)."""
+    dS^T directly. Reads the block's keys and values once and the queries, output gradients,
+    lse and delta of every query that sees them; writes dk and dv (contiguous) and, with
+    MASK_GRAD, dS into dmask (contiguous)."""
     compute = lse_ptr.dtype.element_ty
     bk = tl.program_id(1)
     H_K = H // GROUP
@@ -304,8 +304,10 @@ def tile_config(direction, dtype, block_d, device_type):
     Tensor-core dtypes on a GPU: the fastest of the shapes that
     benchmarks/experiments/attention_tiles.py tried on an H200 (2026-11-26; 128x64 and
     64x128 tiles were slower or, in the backward, overflowed shared memory). fp32 (computed
-    exactly, without tf32) and fp64 keep 64x64 tiles, with fewer rows where their tiles would
-    overflow the 227 KB of shared memory. The interpreter ignores the warp and stage counts.
+    exactly, without tf32) and fp64 take 64x64 tiles forward and unpipelined 32x32 ones
+    backward, smaller where a tile would overflow the 227 KB of shared memory or spill
+    registers (sizes read off ptxas's resource report for sm_90). The interpreter ignores the
+    warp and stage counts.
     """
     tensor_cores = dtype in (torch.float16, torch.bfloat16) and device_type == "cuda"
     wide = block_d > 128 or (block_d > 64 and dtype == torch.float64)
