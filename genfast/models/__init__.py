@@ -1,6 +1,6 @@
 """The seed architectures, each buildable from torch.nn layers or genfast's from the same weights."""
 
-from .gpt import GPT, GPTConfig
+from .gpt import GPT, GPTConfig, KVCache
 from .unet import UNet, sample
 
-__all__ = ["GPT", "GPTConfig", "UNet", "sample"]
+__all__ = ["GPT", "GPTConfig", "KVCache", "UNet", "sample"]
