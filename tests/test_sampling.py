@@ -65,6 +65,18 @@ def test_ties_at_a_threshold_stay(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("top_k, top_p", [(0, 0.3), (0, 0.75), (40, 0.6), (3, 1.0)], ids=str)
+def test_logits_with_many_ties(backend, top_k, top_p):
+    """Logits of five distinct values: thresholds land inside tie groups."""
+    device = require(backend)
+    logits = torch.randint(0, 5, (16, 200), generator=torch.Generator().manual_seed(7)).float().to(device)
+    u = safe_uniform(logits, 1.0, top_k, top_p, seed=8)
+    with genfast.use_backend(backend):
+        tokens = genfast.ops.sample_tokens(logits, 1.0, top_k, top_p, uniform=u)
+    assert torch.equal(tokens.cpu(), reference.sample(logits, 1.0, top_k, top_p, u).cpu())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_draws_follow_the_distribution(backend):
     """Draws with a generator: each kept token's frequency within 4.5 standard deviations
     of its probability, and the tokens top-k and top-p drop never drawn."""

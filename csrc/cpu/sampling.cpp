@@ -1,7 +1,7 @@
 // Token sampling on the CPU, one row per task: the row's logits and weights stay in a
-// buffer in cache; top-k's threshold comes from a selection, top-p's from a sort of the
-// tokens top-k kept, and the draw from one scan in vocabulary order. Masses accumulate
-// in double.
+// buffer in cache; top-k's threshold comes from a selection, top-p's from a selection by
+// probability mass among the tokens top-k kept, and the draw from one scan in vocabulary
+// order. Masses accumulate in double.
 
 #include "sampling.h"
 
@@ -41,23 +41,35 @@ int64_t sample_row(const std::vector<acc_t>& x, std::vector<acc_t>& weights, std
   };
   double mass = kept_mass();
   if (top_p < 1) {
+    // The logit p at which the descending cumulative mass first reaches top_p of the kept
+    // mass, its whole tie group counted: mass(x > p) < target <= mass(x >= p). A quickselect
+    // by mass finds it in a few passes where a sort of the row took most of the time.
     scratch.clear();
     for (int64_t i = 0; i < V; ++i)
       if (x[i] >= threshold) scratch.push_back(x[i]);
-    std::sort(scratch.begin(), scratch.end(), std::greater<acc_t>());
-    // The logit at which the descending cumulative mass first reaches top_p of the kept mass;
-    // its whole tie group counts, as the threshold keeps it.
-    const double target = top_p * mass;
-    double cumulative = 0;
-    for (size_t n = 0; n < scratch.size();) {
-      size_t end = n;
-      while (end < scratch.size() && scratch[end] == scratch[n]) {
-        cumulative += std::exp((scratch[end] - row_max) * inv_temperature);
-        ++end;
+    auto weight_of = [&](auto first, auto last) {
+      double sum = 0;
+      for (auto it = first; it != last; ++it) sum += std::exp((*it - row_max) * inv_temperature);
+      return sum;
+    };
+    double target = top_p * mass;
+    auto first = scratch.begin(), last = scratch.end();
+    while (true) {
+      const acc_t pivot = *(first + (last - first) / 2);
+      const auto greater = std::partition(first, last, [&](acc_t v) { return v > pivot; });
+      const auto equal = std::partition(greater, last, [&](acc_t v) { return v == pivot; });
+      const double above = weight_of(first, greater);
+      if (above >= target) {
+        last = greater;
+        continue;
       }
-      threshold = scratch[n];
-      if (cumulative >= target) break;
-      n = end;
+      const double tied = weight_of(greater, equal);
+      if (above + tied >= target || equal == last) {
+        threshold = pivot;
+        break;
+      }
+      target -= above + tied;
+      first = equal;
     }
     mass = kept_mass();
   }
