@@ -1,6 +1,7 @@
 """The seed architectures, each buildable from torch.nn layers or genfast's from the same weights."""
 
+from .bert import BERT, BERTConfig
 from .gpt import GPT, GPTConfig, KVCache
 from .unet import UNet, sample
 
-__all__ = ["GPT", "GPTConfig", "KVCache", "UNet", "sample"]
+__all__ = ["BERT", "BERTConfig", "GPT", "GPTConfig", "KVCache", "UNet", "sample"]
