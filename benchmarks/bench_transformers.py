@@ -1,0 +1,122 @@
+"""Transformer models end to end, genfast's layers against torch.nn's with the same weights
+(and torch.nn+torch.compile, that model compiled); the matrix products are the same in all
+three. Each model runs its forward and a training step (forward, loss, backward):
+- the GPT-style decoder LM at GPT-2 small's size (12 layers, d=768), batch 4 x 512 tokens,
+  with the next-token cross-entropy;
+- the BERT-style encoder at BERT-base's size (12 layers, d=768), batch 8 x 128 tokens with
+  padding, with a squared-error stand-in for a task head's loss.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from genfast.models import BERT, GPT, BERTConfig, GPTConfig
+
+from .harness import Case, Provider, genfast_providers
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    op: str
+    name: str
+    build: Callable[[bool], nn.Module]  # fused -> the model
+    batch: int
+    length: int
+    vocab_size: int
+    loss: Callable[[nn.Module, Tensor], Tensor]  # (model, tokens) -> a scalar loss
+    call: Callable[[nn.Module, Tensor], Tensor]  # (model, tokens) -> the forward's output
+
+
+def _gpt_loss(model: nn.Module, tokens: Tensor) -> Tensor:
+    logits = model(tokens[:, :-1])
+    return F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+
+
+def _padding_mask(tokens: Tensor) -> Tensor:
+    """Sequence b of the batch holds its last b * 8 positions as padding."""
+    lengths = tokens.shape[1] - 8 * torch.arange(tokens.shape[0], device=tokens.device)
+    return torch.arange(tokens.shape[1], device=tokens.device)[None, :] < lengths[:, None]
+
+
+def _bert_call(model: nn.Module, tokens: Tensor) -> Tensor:
+    return model(tokens, _padding_mask(tokens))
+
+
+def _bert_loss(model: nn.Module, tokens: Tensor) -> Tensor:
+    return _bert_call(model, tokens).square().mean()
+
+
+MODELS = [
+    ModelSpec("gpt_lm", "gpt2-small", lambda fused: GPT(GPTConfig(), fused=fused), 4, 512, GPTConfig().vocab_size,
+              _gpt_loss, lambda model, tokens: model(tokens)),
+    ModelSpec("bert_encoder", "bert-base", lambda fused: BERT(BERTConfig(), fused=fused), 8, 128,
+              BERTConfig().vocab_size, _bert_loss, _bert_call),
+]
+
+
+def _step(spec: ModelSpec, model: nn.Module, tokens: Tensor, training: bool):
+    if not training:
+        with torch.no_grad():
+            return spec.call(model, tokens)
+    model.zero_grad(set_to_none=True)
+    loss = spec.loss(model, tokens)
+    loss.backward()
+    return loss.detach()
+
+
+def _tokens(spec: ModelSpec, training: bool, **kwargs) -> Tensor:
+    # The LM's training step predicts each next token: one more position, shifted.
+    extra = int(training and spec.op == "gpt_lm")
+    return torch.randint(0, spec.vocab_size, (spec.batch, spec.length + extra), **kwargs)
+
+
+@functools.cache
+def _cost(spec: ModelSpec, training: bool) -> tuple[int, int]:
+    """(bytes of weights, flops) of one call, counted on the meta device: shapes only."""
+    with torch.device("meta"), FlopCounterMode(display=False) as counter:
+        model = spec.build(False)
+        _step(spec, model, _tokens(spec, training), training)
+    return sum(p.numel() * p.element_size() for p in model.parameters()), counter.get_total_flops()
+
+
+def model_case(spec: ModelSpec, training: bool) -> Case:
+    def make_inputs(device: torch.device) -> dict:
+        torch.manual_seed(0)
+        reference = spec.build(False).to(device)
+        fused = spec.build(True).to(device)
+        fused.load_state_dict(reference.state_dict())
+        models = {"genfast": fused, "torch": reference, "compiled": torch.compile(reference)}
+        return {"spec": spec, "models": models, "tokens": _tokens(spec, training, device=device),
+                "training": training}
+
+    weight_bytes, flops = _cost(spec, training)
+    what = "training step" if training else "forward"
+    return Case(f"{spec.name} {what} {spec.batch}x{spec.length}", spec.op, "forward", spec.batch * spec.length,
+                make_inputs, weight_bytes, flops, variant=what)
+
+
+CASES = [model_case(spec, training) for spec in MODELS for training in (False, True)]
+
+
+def _run(which: str):
+    def run(spec, models, tokens, training):
+        return _step(spec, models[which], tokens, training)
+
+    return run
+
+
+def providers(device_type: str) -> list[Provider]:
+    return [
+        *genfast_providers(_run("genfast"), device_type),
+        Provider("torch.nn", _run("torch")),
+        # The model compiled; its first (untimed) call compiles.
+        Provider("torch.nn+torch.compile", _run("compiled")),
+    ]
