@@ -44,6 +44,17 @@ def assert_close_to_reference(out, ref64, torch_out, atol: float, what: str) -> 
 
 
 
+def twin_models(build):
+    """(torch.nn build, genfast build) of one architecture with the same weights: build(fused)
+    makes a model, the torch.nn one first from seed 0."""
+    torch.manual_seed(0)
+    reference = build(False)
+    fused = build(True)
+    fused.load_state_dict(reference.state_dict())
+    assert reference.state_dict().keys() == fused.state_dict().keys()
+    return reference, fused
+
+
 def assert_compiles_like_eager(module: torch.nn.Module, x: torch.Tensor, compiler: str) -> None:
     """torch.compile(fullgraph=True) of a module holding genfast layers (no graph break) gives
     eager's output and input gradient, on the cpu backend."""

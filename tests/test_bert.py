@@ -3,6 +3,7 @@ layers: hidden states with a padding mask, and every gradient."""
 
 import pytest
 import torch
+import helpers
 from helpers import relative_error, require
 
 import genfast
@@ -12,11 +13,7 @@ CONFIG = BERTConfig(vocab_size=61, max_positions=24, dim=48, heads=4, layers=2)
 
 
 def twin_models():
-    torch.manual_seed(0)
-    reference = BERT(CONFIG)
-    fused = BERT(CONFIG, fused=True)
-    fused.load_state_dict(reference.state_dict())
-    return reference, fused
+    return helpers.twin_models(lambda fused: BERT(CONFIG, fused=fused))
 
 
 def test_same_state_dict_both_ways():

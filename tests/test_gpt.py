@@ -4,6 +4,7 @@ torch.nn layers: logits, and every gradient of a training step's loss."""
 import pytest
 import torch
 import torch.nn.functional as F
+import helpers
 from helpers import relative_error, require
 
 import genfast
@@ -13,11 +14,7 @@ CONFIG = GPTConfig(vocab_size=53, max_positions=32, dim=48, heads=3, layers=2)
 
 
 def twin_models():
-    torch.manual_seed(0)
-    reference = GPT(CONFIG)
-    fused = GPT(CONFIG, fused=True)
-    fused.load_state_dict(reference.state_dict())
-    return reference, fused
+    return helpers.twin_models(lambda fused: GPT(CONFIG, fused=fused))
 
 
 def test_same_state_dict_both_ways():

@@ -3,6 +3,7 @@ torch.nn layers: one forward, and a whole guided sampling loop."""
 
 import pytest
 import torch
+import helpers
 from helpers import relative_error, require
 
 import genfast
@@ -12,11 +13,7 @@ SHAPE = (3, 4, 16, 16)  # batch 3: an odd number of samples; 16 = 2^2 * 4 for th
 
 
 def twin_models(**kwargs):
-    torch.manual_seed(0)
-    reference = UNet(**kwargs).eval()
-    fused = UNet(**kwargs, fused=True).eval()
-    fused.load_state_dict(reference.state_dict())
-    return reference, fused
+    return helpers.twin_models(lambda fused: UNet(**kwargs, fused=fused).eval())
 
 
 def test_same_state_dict_both_ways():
