@@ -1,0 +1,100 @@
+"""What each Triton attention and sampling kernel costs an H100/H200 in shared memory,
+registers and spilled stack, read without a GPU: the launchers run on meta tensors, each
+launch is compiled for sm_90 instead of run, and cuobjdump (shipped with Triton) reports the
+cubin's resources. Flags a kernel over the 227 KB of shared memory a block may use (it would
+fail to launch) or with a stack (spilled registers).
+
+    python benchmarks/experiments/sm90_resources.py
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: compiled kernels, not interpreted
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+from genfast.kernels import attention, sampling  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+SHARED_LIMIT = 232448
+LAUNCH_OPTIONS = ("num_warps", "num_stages")
+TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+         torch.uint8: "u8", torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"}
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+_seen: set[str] = set()
+
+
+def _signature(fn: JITFunction, args: tuple, kwargs: dict) -> tuple[dict, dict]:
+    """Triton's signature and constexprs of one launch, from its arguments."""
+    values = dict(zip(fn.arg_names, args)) | {k: v for k, v in kwargs.items() if k not in LAUNCH_OPTIONS}
+    signature, constants = {}, {}
+    for index, param in enumerate(fn.params):
+        value = values.get(param.name, param.default)
+        if param.is_constexpr or value is None:
+            signature[param.name] = "constexpr"
+            constants[(index,)] = value
+        elif isinstance(value, torch.Tensor):
+            signature[param.name] = "*" + TYPES[value.dtype]
+        elif isinstance(value, bool):
+            signature[param.name] = "i1"
+        elif isinstance(value, int):
+            signature[param.name] = "i32" if -2**31 <= value < 2**31 else "i64"
+        else:
+            signature[param.name] = "fp32"
+    return signature, constants
+
+
+def _report(fn: JITFunction, args: tuple, kwargs: dict) -> None:
+    signature, constants = _signature(fn, args, kwargs)
+    options = {k: kwargs[k] for k in LAUNCH_OPTIONS if k in kwargs}
+    flags = {fn.arg_names[i[0]]: v for i, v in constants.items() if v is not None}
+    key = f"{fn.__name__} {sorted(signature.items())} {flags} {options}"
+    if key in _seen:
+        return
+    _seen.add(key)
+    kernel = triton.compile(ASTSource(fn, signature, constants), target=TARGET, options=options)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", cubin.name], capture_output=True, text=True,
+                               check=True).stdout
+    fields = dict(item.split(":") for line in usage.splitlines() if "REG:" in line for item in line.split()
+                  if ":" in item)
+    warning = "OVER SHARED MEMORY " if kernel.metadata.shared > SHARED_LIMIT else ""
+    warning += "SPILLS " if int(fields.get("STACK", 0)) > 0 else ""
+    pointer_types = sorted({t for t in signature.values() if t.startswith("*")})
+    print(f"{fn.__name__:34} {','.join(pointer_types):18} shared {kernel.metadata.shared:6} regs {fields.get('REG'):>3} "
+          f"stack {fields.get('STACK'):>5} {warning}{options} {flags}")
+
+
+def main() -> None:
+    JITFunction.__getitem__ = lambda self, grid: lambda *args, **kwargs: _report(self, args, kwargs)
+    tile_config = attention.tile_config
+    # Meta tensors are not "cuda": ask for the GPU's tiles.
+    attention.tile_config = lambda direction, dtype, block_d, device_type: tile_config(direction, dtype, block_d,
+                                                                                        "cuda")
+    attention._multiprocessors = lambda device: 132
+    meta = torch.device("meta")
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        for head_dim in (16, 64, 128, 256):
+            q = torch.empty(2, 4, 300, head_dim, dtype=dtype, device=meta)
+            k = torch.empty(2, 2, 300, head_dim, dtype=dtype, device=meta)
+            out, lse = attention.attention_forward(q, k, k, None, None, 0.1, 0.0, -1, 0)
+            attention.attention_backward(q, k, k, None, None, 0.1, 0.0, -1, 0, out, lse, out, False)
+            lengths = torch.empty(2, dtype=torch.int64, device=meta)
+            attention.attention_decode(q[:, :, :1], k, k, lengths, None, None, 0.1, 0.0, -1, 0)
+        if dtype != torch.float64:
+            logits = torch.empty(4, 50257, dtype=dtype, device=meta)
+            sampling.sample(logits, 0.8, 50, 0.9, torch.empty(4, device=meta))
+
+
+if __name__ == "__main__":
+    main()
