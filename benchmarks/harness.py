@@ -54,7 +54,8 @@ class Case:
     op: str
     """The op timed; the cases of one op share a table and a plot."""
     direction: str
-    """A key of DIRECTIONS: "forward", or "backward" (the gradients of every floating-point input)."""
+    """A key of DIRECTIONS: "forward", "backward" (the gradients of every floating-point input),
+    or "forward+backward" (both, timed together)."""
     size: float
     """How big the problem is, the x axis of the op's plot: by convention the elements of the main input."""
     make_inputs: Callable[[torch.device], dict[str, Any]]
@@ -149,22 +150,42 @@ def forward(fn: Callable[..., torch.Tensor], inputs: dict[str, Any]) -> Callable
     return functools.partial(fn, **inputs)
 
 
-def backward(fn: Callable[..., torch.Tensor], inputs: dict[str, Any]) -> Callable[[], Any]:
-    """Runs the forward once here, untimed; the call then differentiates through that graph."""
+def _leaves(inputs: dict[str, Any]) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    """The inputs with every floating-point tensor a fresh leaf that requires grad, and those leaves."""
     leaves = {
         name: value.detach().requires_grad_()
         if isinstance(value, torch.Tensor) and value.is_floating_point()
         else value
         for name, value in inputs.items()
     }
-    wrt = [value for value in leaves.values() if isinstance(value, torch.Tensor) and value.requires_grad]
-    outputs = fn(**leaves)
-    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    return leaves, [value for value in leaves.values() if isinstance(value, torch.Tensor) and value.requires_grad]
+
+
+def _as_outputs(outputs) -> tuple[torch.Tensor, ...]:
+    return outputs if isinstance(outputs, tuple) else (outputs,)
+
+
+def backward(fn: Callable[..., torch.Tensor], inputs: dict[str, Any]) -> Callable[[], Any]:
+    """Runs the forward once here, untimed; the call then differentiates through that graph."""
+    leaves, wrt = _leaves(inputs)
+    outputs = _as_outputs(fn(**leaves))
     grads = tuple(torch.randn_like(output) for output in outputs)
     return functools.partial(torch.autograd.grad, outputs, wrt, grads, retain_graph=True)
 
 
-DIRECTIONS = {"forward": forward, "backward": backward}
+def forward_backward(fn: Callable[..., torch.Tensor], inputs: dict[str, Any]) -> Callable[[], Any]:
+    """The forward and the gradients of every floating-point input in one call: the measure for
+    an op whose forward does some of its backward's work (genfast's linear_cross_entropy)."""
+    leaves, wrt = _leaves(inputs)
+
+    def call():
+        outputs = _as_outputs(fn(**leaves))
+        return torch.autograd.grad(outputs, wrt, tuple(torch.ones_like(output) for output in outputs))
+
+    return call
+
+
+DIRECTIONS = {"forward": forward, "backward": backward, "forward+backward": forward_backward}
 
 # ---------------------------------------------------------------- timing
 

@@ -10,6 +10,7 @@
 
 #include "cpu/activation.h"
 #include "cpu/attention.h"
+#include "cpu/cross_entropy.h"
 #include "cpu/diffusion.h"
 #include "cpu/memory.h"
 #include "cpu/norm.h"
@@ -194,6 +195,35 @@ std::vector<Tensor> activation_backward(const Tensor& dy, const Tensor& x, const
   TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type() && dy.is_contiguous() && dy.is_cpu(),
               "dy must be a contiguous CPU tensor of x's shape ", x.sizes(), " and dtype ", x.scalar_type());
   return genfast::cpu::activation_backward(dy, x, up, genfast::cpu::activation_kind(activation));
+}
+
+// logits (rows, V > 0) of a float type on the CPU with a contiguous last dimension, target
+// (rows,) int64 of class indices in [0, V) or ignore_index, grad_scale (rows,) in logits' math type;
+// smoothing in [0, 1]. Returns the losses (rows,) in logits' math type; with grad_scale, the
+// logits are overwritten with their gradient.
+Tensor cross_entropy_rows(const Tensor& logits, const Tensor& target, int64_t ignore_index, double smoothing,
+                          const std::optional<Tensor>& grad_scale) {
+  TORCH_CHECK(logits.dim() == 2 && logits.size(1) > 0 && logits.is_cpu() && logits.stride(1) == 1,
+              "logits must be a (rows, V > 0) CPU tensor with a contiguous last dimension, got ", logits.sizes(),
+              " with strides ", logits.strides());
+  const int64_t rows = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == rows && target.scalar_type() == at::kLong &&
+                  target.is_contiguous() && target.is_cpu(),
+              "target must be a contiguous int64 CPU tensor of shape (", rows, ",), got ", target.sizes(), " ",
+              target.scalar_type());
+  const int64_t* ts = target.const_data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r)
+    TORCH_CHECK(ts[r] == ignore_index || (ts[r] >= 0 && ts[r] < V), "target ", ts[r], " at row ", r,
+                " is not a class index in [0, ", V, ") nor ignore_index ", ignore_index);
+  TORCH_CHECK(smoothing >= 0 && smoothing <= 1, "smoothing must lie in [0, 1], got ", smoothing);
+  if (grad_scale)
+    TORCH_CHECK(grad_scale->dim() == 1 && grad_scale->size(0) == rows && grad_scale->scalar_type() == math_type(logits) &&
+                    grad_scale->is_contiguous() && grad_scale->is_cpu(),
+                "grad_scale must be a contiguous ", math_type(logits), " CPU tensor of shape (", rows, ",), got ",
+                grad_scale->sizes(), " ", grad_scale->scalar_type());
+  Tensor loss = at::empty({rows}, logits.options().dtype(math_type(logits)));
+  genfast::cpu::cross_entropy_rows(logits, target, ignore_index, smoothing, grad_scale, loss);
+  return loss;
 }
 
 // logits (rows, V) of a float type on the CPU with a contiguous last dimension, uniform
@@ -478,6 +508,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("group_norm_backward", &group_norm_backward, "GroupNorm + activation backward: (dx, dweight, dbias)");
   m.def("activation_forward", &activation_forward, "act(x) or act(x) * up: y");
   m.def("activation_backward", &activation_backward, "The activation's backward: (dx, dup or an undefined tensor)");
+  m.def("cross_entropy_rows", &cross_entropy_rows,
+        "Each row's cross-entropy: losses (rows,); with grad_scale, the logits become their gradient");
   m.def("sample", &sample, "Draws one token per row of logits after temperature, top-k and top-p: tokens (rows,)");
   m.def("rotary_embedding", &rotary_embedding, "Rotates x by the (cos, sin) tables into out (which may be x; a new tensor if None); returns out");
   m.def("layer_norm_forward", &layer_norm_forward, "LayerNorm or RMSNorm (+ residual) forward: (y, h, mean, rstd)");

@@ -4,7 +4,8 @@ genfast's from the same weights.
 Both builds share one module tree and state_dict. The genfast one adds each
 residual inside the LayerNorm that follows it (one pass for the add and the
 norm), runs causal attention in genfast's flash kernel and the MLP's tanh GELU
-in one pass. The matrix products are torch's in both.
+in one pass, and computes the loss without the logits in memory. The matrix
+products are torch's in both.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 
 from .. import nn as genfast_nn
 from .. import ops, reference
+from .layers import add_norm
 
 
 @dataclass(frozen=True)
@@ -41,16 +43,6 @@ class KVCache:
     def __post_init__(self):
         self.lengths = torch.full((self.keys[0].shape[0],), self.length, dtype=torch.int64,
                                   device=self.keys[0].device)
-
-
-def _add_norm(norm: nn.LayerNorm, hidden: Tensor, residual: Tensor | None, fused: bool) -> tuple[Tensor, Tensor]:
-    """(norm(hidden + residual), hidden + residual); residual None starts the stream."""
-    if residual is None:
-        return norm(hidden), hidden
-    if fused:
-        return norm(hidden, residual)
-    residual = hidden + residual
-    return norm(residual), residual
 
 
 class CausalSelfAttention(nn.Module):
@@ -101,8 +93,8 @@ class DecoderBlock(nn.Module):
     def forward(
         self, hidden: Tensor, residual: Tensor | None = None, cache: KVCache | None = None, layer: int = 0
     ) -> tuple[Tensor, Tensor]:
-        normed, residual = _add_norm(self.norm1, hidden, residual, self.fused)
-        normed, residual = _add_norm(self.norm2, self.attention(normed, cache, layer), residual, self.fused)
+        normed, residual = add_norm(self.norm1, hidden, residual, self.fused)
+        normed, residual = add_norm(self.norm2, self.attention(normed, cache, layer), residual, self.fused)
         return self.mlp(normed), residual
 
 
@@ -126,6 +118,19 @@ class GPT(nn.Module):
     def forward(self, tokens: Tensor, cache: KVCache | None = None) -> Tensor:
         """With a cache, tokens follow the cache.length positions it holds (all of a prompt into
         an empty cache, then one at a time) and their keys and values are appended to it."""
+        return self.lm_head(self.final_hidden_states(tokens, cache))
+
+    def loss(self, tokens: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
+        """The mean cross-entropy of the next tokens targets (B, S) given tokens (B, S). The
+        genfast build computes it from the last hidden states by
+        genfast.ops.linear_cross_entropy, never holding the (B, S, vocab_size) logits."""
+        hidden = self.final_hidden_states(tokens)
+        if self.fused:
+            return ops.linear_cross_entropy(hidden, self.lm_head.weight, targets, ignore_index=ignore_index)
+        return F.cross_entropy(self.lm_head(hidden).flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
+
+    def final_hidden_states(self, tokens: Tensor, cache: KVCache | None = None) -> Tensor:
+        """The normalised hidden states (B, S, dim) that lm_head maps to logits."""
         start = 0 if cache is None else cache.length
         length = tokens.shape[1]
         if cache is not None and start > 0 and length != 1:
@@ -139,8 +144,7 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length += length
             cache.lengths += length
-        normed, _ = _add_norm(self.norm, hidden, residual, self.fused)
-        return self.lm_head(normed)
+        return add_norm(self.norm, hidden, residual, self.fused)[0]
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         """An empty KVCache for batch sequences of up to capacity positions, in the model's
