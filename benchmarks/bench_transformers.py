@@ -2,9 +2,12 @@
 (and torch.nn+torch.compile, that model compiled); the matrix products are the same in all
 three. Each model runs its forward and a training step (forward, loss, backward):
 - the GPT-style decoder LM at GPT-2 small's size (12 layers, d=768), batch 4 x 512 tokens,
-  with the next-token cross-entropy;
+  with the next-token cross-entropy (GPT.loss: genfast.ops.linear_cross_entropy in genfast's
+  build);
 - the BERT-style encoder at BERT-base's size (12 layers, d=768), batch 8 x 128 tokens with
-  padding, with a squared-error stand-in for a task head's loss.
+  padding, with a squared-error stand-in for a task head's loss;
+- the T5-style encoder-decoder at t5-v1_1-small's size (8 + 8 layers, d=512), batch 4 x 512
+  encoder tokens and 128 decoder tokens, with the cross-entropy of the next decoder tokens.
 """
 
 from __future__ import annotations
@@ -14,11 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from genfast.models import BERT, GPT, BERTConfig, GPTConfig
+from genfast.models import BERT, GPT, T5, BERTConfig, GPTConfig, T5Config
 
 from .harness import Case, Provider, genfast_providers
 
@@ -36,8 +38,7 @@ class ModelSpec:
 
 
 def _gpt_loss(model: nn.Module, tokens: Tensor) -> Tensor:
-    logits = model(tokens[:, :-1])
-    return F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+    return model.loss(tokens[:, :-1], tokens[:, 1:])
 
 
 def _padding_mask(tokens: Tensor) -> Tensor:
@@ -54,11 +55,24 @@ def _bert_loss(model: nn.Module, tokens: Tensor) -> Tensor:
     return _bert_call(model, tokens).square().mean()
 
 
+T5_DECODER_LENGTH = 128
+
+
+def _t5_call(model: nn.Module, tokens: Tensor) -> Tensor:
+    return model(tokens, tokens[:, :T5_DECODER_LENGTH])
+
+
+def _t5_loss(model: nn.Module, tokens: Tensor) -> Tensor:
+    return model.loss(tokens, tokens[:, :T5_DECODER_LENGTH], tokens[:, 1 : T5_DECODER_LENGTH + 1])
+
+
 MODELS = [
     ModelSpec("gpt_lm", "gpt2-small", lambda fused: GPT(GPTConfig(), fused=fused), 4, 512, GPTConfig().vocab_size,
               _gpt_loss, lambda model, tokens: model(tokens)),
     ModelSpec("bert_encoder", "bert-base", lambda fused: BERT(BERTConfig(), fused=fused), 8, 128,
               BERTConfig().vocab_size, _bert_loss, _bert_call),
+    ModelSpec("t5_encoder_decoder", "t5-v1_1-small", lambda fused: T5(T5Config(), fused=fused), 4, 512, T5Config().vocab_size,
+              _t5_loss, _t5_call),
 ]
 
 

@@ -2,6 +2,7 @@
 
 from .bert import BERT, BERTConfig
 from .gpt import GPT, GPTConfig, KVCache
+from .t5 import T5, T5Config
 from .unet import UNet, sample
 
-__all__ = ["BERT", "BERTConfig", "GPT", "GPTConfig", "KVCache", "UNet", "sample"]
+__all__ = ["BERT", "BERTConfig", "GPT", "GPTConfig", "KVCache", "T5", "T5Config", "UNet", "sample"]
