@@ -1,4 +1,6 @@
-"""genfast.optimize(model): swap the torch.nn layers genfast has kernels for, in place.
+"""genfast.optimize(model): swap the torch.nn layers genfast has kernels for, in place, and
+where transformers is installed the attention, norm and MLP layers of its GPT-2 and Llama
+models (genfast/huggingface.py).
 
 Each genfast module subclasses the torch.nn module it replaces and overrides
 only ``forward``, so a swap is a change of class: the module object, its
@@ -8,6 +10,8 @@ class are swapped; a subclass may have its own forward.
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 from torch import nn
 
@@ -24,14 +28,25 @@ _SWAPS: dict[type[nn.Module], tuple[type[nn.Module], dict[str, object]]] = {
 }
 
 
+def _swap(module: nn.Module, huggingface) -> tuple[type[nn.Module], dict[str, object]] | None:
+    if swap := _SWAPS.get(type(module)):
+        return swap
+    genfast_class = None if huggingface is None else huggingface.swap_class(module)
+    return None if genfast_class is None else (genfast_class, {})
+
+
 def optimize(model: nn.Module) -> dict[str, type[nn.Module]]:
     """Swap, in place, every submodule of model (model included) whose class is one genfast
-    replaces; returns {qualified name: the torch class it had} of the swapped modules."""
+    replaces, and switch transformers models to genfast's attention; returns {qualified name:
+    the class it had} of the swapped modules and of the attention layers switched."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    huggingface = None
+    if importlib.util.find_spec("transformers") is not None:
+        from . import huggingface
     swapped = {}
     for name, module in model.named_modules(remove_duplicate=True):
-        swap = _SWAPS.get(type(module))
+        swap = _swap(module, huggingface)
         if swap is None:
             continue
         genfast_class, added = swap
@@ -39,4 +54,6 @@ def optimize(model: nn.Module) -> dict[str, type[nn.Module]]:
         module.__class__ = genfast_class
         for attribute, value in added.items():
             setattr(module, attribute, value)
+    if huggingface is not None:
+        swapped.update(huggingface.use_genfast_attention(model))
     return swapped
