@@ -14,6 +14,7 @@
 #include "cpu/diffusion.h"
 #include "cpu/memory.h"
 #include "cpu/norm.h"
+#include "cpu/rnn.h"
 #include "cpu/rotary.h"
 #include "cpu/sampling.h"
 #include "layout.h"
@@ -195,6 +196,77 @@ std::vector<Tensor> activation_backward(const Tensor& dy, const Tensor& x, const
   TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type() && dy.is_contiguous() && dy.is_cpu(),
               "dy must be a contiguous CPU tensor of x's shape ", x.sizes(), " and dtype ", x.scalar_type());
   return genfast::cpu::activation_backward(dy, x, up, genfast::cpu::activation_kind(activation));
+}
+
+// cell "lstm" or "gru"; x_proj (T, B, G*H), weight_hh (G*H, P), h0 (B, P), c0 (B, H) (LSTM),
+// bias_hh (G*H) (GRU), weight_hr (P, H) (LSTM with a projection), lengths (B,) int64 in
+// [0, T]: contiguous CPU tensors of one float or double type (lengths aside).
+genfast::cpu::Recurrence recurrence(const std::string& cell, const Tensor& x_proj, const Tensor& weight_hh,
+                                    const Tensor& h0, const std::optional<Tensor>& c0,
+                                    const std::optional<Tensor>& bias_hh, const std::optional<Tensor>& weight_hr,
+                                    const std::optional<Tensor>& lengths, bool reverse) {
+  TORCH_CHECK(cell == "lstm" || cell == "gru", "cell must be \"lstm\" or \"gru\", got ", cell);
+  const bool lstm = cell == "lstm";
+  const auto dtype = x_proj.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "x_proj must be float32 or float64, got ", dtype);
+  TORCH_CHECK(x_proj.dim() == 3 && x_proj.size(2) % (lstm ? 4 : 3) == 0, "x_proj must be (T, B, ",
+              lstm ? 4 : 3, " * H), got ", x_proj.sizes());
+  const int64_t T = x_proj.size(0), B = x_proj.size(1), H = x_proj.size(2) / (lstm ? 4 : 3);
+  const int64_t P = weight_hr ? weight_hr->size(0) : H;
+  auto check = [&](const Tensor& t, const char* name, std::vector<int64_t> shape) {
+    TORCH_CHECK(t.sizes() == at::IntArrayRef(shape) && t.scalar_type() == dtype && t.is_contiguous() && t.is_cpu(),
+                name, " must be a contiguous ", dtype, " CPU tensor of shape ", at::IntArrayRef(shape), ", got ",
+                t.sizes(), " ", t.scalar_type());
+  };
+  check(x_proj, "x_proj", {T, B, x_proj.size(2)});
+  check(weight_hh, "weight_hh", {x_proj.size(2), P});
+  check(h0, "h0", {B, P});
+  TORCH_CHECK(lstm == c0.has_value() && (lstm || !weight_hr) && lstm != bias_hh.has_value(),
+              "an LSTM takes c0 and no bias_hh (it is in x_proj), a GRU bias_hh and neither c0 nor weight_hr");
+  if (c0) check(*c0, "c0", {B, H});
+  if (bias_hh) check(*bias_hh, "bias_hh", {x_proj.size(2)});
+  if (weight_hr) check(*weight_hr, "weight_hr", {P, H});
+  if (lengths) {
+    TORCH_CHECK(lengths->dim() == 1 && lengths->size(0) == B && lengths->scalar_type() == at::kLong &&
+                    lengths->is_contiguous() && lengths->is_cpu(),
+                "lengths must be a contiguous int64 CPU tensor of shape (", B, ",)");
+    const int64_t* ls = lengths->const_data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b)
+      TORCH_CHECK(ls[b] >= 0 && ls[b] <= T, "lengths[", b, "] = ", ls[b], " is not in [0, ", T, "]");
+  }
+  return {lstm ? genfast::cpu::Cell::kLSTM : genfast::cpu::Cell::kGRU, x_proj, weight_hh, h0, c0, bias_hh,
+          weight_hr, lengths, reverse};
+}
+
+std::vector<Tensor> recurrence_forward(const std::string& cell, const Tensor& x_proj, const Tensor& weight_hh,
+                                       const Tensor& h0, const std::optional<Tensor>& c0,
+                                       const std::optional<Tensor>& bias_hh, const std::optional<Tensor>& weight_hr,
+                                       const std::optional<Tensor>& lengths, bool reverse) {
+  return genfast::cpu::recurrence_forward(recurrence(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, reverse));
+}
+
+// saved: the forward's gates, h_prev and, for an LSTM, c_prev and tanh_c.
+std::vector<Tensor> recurrence_backward(const std::string& cell, const Tensor& x_proj, const Tensor& weight_hh,
+                                        const Tensor& h0, const std::optional<Tensor>& c0,
+                                        const std::optional<Tensor>& bias_hh, const std::optional<Tensor>& weight_hr,
+                                        const std::optional<Tensor>& lengths, bool reverse, const Tensor& d_output,
+                                        const std::optional<Tensor>& d_h_n, const std::optional<Tensor>& d_c_n,
+                                        const std::vector<Tensor>& saved) {
+  const auto r = recurrence(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, reverse);
+  const int64_t T = x_proj.size(0), B = x_proj.size(1), P = h0.size(1), H = x_proj.size(2) / (r.cell == genfast::cpu::Cell::kLSTM ? 4 : 3);
+  auto check = [&](const Tensor& t, const char* name, std::vector<int64_t> shape) {
+    TORCH_CHECK(t.sizes() == at::IntArrayRef(shape) && t.scalar_type() == x_proj.scalar_type() && t.is_contiguous(),
+                name, " must be contiguous, of x_proj's dtype and of shape ", at::IntArrayRef(shape), ", got ", t.sizes());
+  };
+  check(d_output, "d_output", {T, B, P});
+  if (d_h_n) check(*d_h_n, "d_h_n", {B, P});
+  if (d_c_n) check(*d_c_n, "d_c_n", {B, H});
+  TORCH_CHECK(saved.size() == (r.cell == genfast::cpu::Cell::kLSTM ? 4u : 2u), "saved must hold the forward's gates, "
+              "h_prev and, for an LSTM, c_prev and tanh_c");
+  check(saved[0], "gates", {T, B, 4 * H});
+  check(saved[1], "h_prev", {T, B, P});
+  for (size_t i = 2; i < saved.size(); ++i) check(saved[i], i == 2 ? "c_prev" : "tanh_c", {T, B, H});
+  return genfast::cpu::recurrence_backward(r, d_output, d_h_n, d_c_n, saved);
 }
 
 // logits (rows, V > 0) of a float type on the CPU with a contiguous last dimension, target
@@ -510,6 +582,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("activation_backward", &activation_backward, "The activation's backward: (dx, dup or an undefined tensor)");
   m.def("cross_entropy_rows", &cross_entropy_rows,
         "Each row's cross-entropy: losses (rows,); with grad_scale, the logits become their gradient");
+  m.def("recurrence_forward", &recurrence_forward,
+        "An LSTM's or GRU's time loop: (output, h_n, c_n, gates, h_prev, c_prev, tanh_c)");
+  m.def("recurrence_backward", &recurrence_backward,
+        "The time loop's backward: (d_x_proj, d_weight_hh, d_bias_hh, dh0, dc0, d_weight_hr)");
   m.def("sample", &sample, "Draws one token per row of logits after temperature, top-k and top-p: tokens (rows,)");
   m.def("rotary_embedding", &rotary_embedding, "Rotates x by the (cos, sin) tables into out (which may be x; a new tensor if None); returns out");
   m.def("layer_norm_forward", &layer_norm_forward, "LayerNorm or RMSNorm (+ residual) forward: (y, h, mean, rstd)");

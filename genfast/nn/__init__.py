@@ -4,5 +4,9 @@ from .activation import GELU, SiLU
 from .attention import MultiheadAttention
 from .diffusion import Timesteps
 from .norm import GroupNorm, LayerNorm, RMSNorm
+from .rnn import GRU, LSTM, GRUCell, LSTMCell
 
-__all__ = ["GELU", "GroupNorm", "LayerNorm", "MultiheadAttention", "RMSNorm", "SiLU", "Timesteps"]
+__all__ = [
+    "GELU", "GRU", "GRUCell", "GroupNorm", "LSTM", "LSTMCell", "LayerNorm", "MultiheadAttention", "RMSNorm", "SiLU",
+    "Timesteps",
+]

@@ -1,0 +1,40 @@
+// LSTM and GRU recurrences on the CPU (rnn.cpp): the time loop of one direction of one layer,
+// after the input projection; the formulas: genfast/reference/rnn.py. Callers check the
+// arguments (csrc/bindings.cpp).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <vector>
+
+namespace genfast::cpu {
+
+enum class Cell { kLSTM, kGRU };
+
+// One direction of one layer, all tensors contiguous and of one math type (float or double).
+// x_proj (T, B, G*H) is x W_ih^T + b_ih, plus b_hh for an LSTM; weight_hh (G*H, P); bias_hh
+// (G*H) for a GRU (whose n gate needs it inside r * (.)); weight_hr (P, H) an LSTM's projection;
+// h0 (B, P), c0 (B, H) for an LSTM; lengths (B,) int64, each at most T, or none for all T.
+struct Recurrence {
+  Cell cell;
+  at::Tensor x_proj, weight_hh, h0;
+  std::optional<at::Tensor> c0, bias_hh, weight_hr, lengths;
+  bool reverse = false;
+};
+
+// Returns output (T, B, P), h_n (B, P), c_n (B, H) (undefined for a GRU), and what the backward
+// reads: gates (T, B, 4H), the activated i, f, g, o of an LSTM or r, z, n and h W_hn^T + b_hn of
+// a GRU; h_prev (T, B, P), the state entering each step; and for an LSTM c_prev (T, B, H), the
+// cell entering each step, and tanh_c (T, B, H), tanh of the cell it leaves.
+std::vector<at::Tensor> recurrence_forward(const Recurrence& r);
+
+// From the gradients of output, h_n and c_n (undefined: zero) and the forward's saved tensors
+// (gates, h_prev, c_prev, tanh_c), returns the gradients of x_proj, weight_hh, bias_hh, h0, c0
+// and weight_hr (undefined where the input is absent).
+std::vector<at::Tensor> recurrence_backward(const Recurrence& r, const at::Tensor& d_output,
+                                            const std::optional<at::Tensor>& d_h_n,
+                                            const std::optional<at::Tensor>& d_c_n,
+                                            const std::vector<at::Tensor>& saved);
+
+}  // namespace genfast::cpu

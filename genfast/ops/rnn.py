@@ -1,0 +1,198 @@
+"""LSTM and GRU layers and cells as the custom op genfast::recurrence: the input projection
+of every time step is one matrix product (torch's), then the time loop runs in native code,
+each step one product h W_hh^T and one fused pass of gate math. Variable lengths are masked
+inside the loop. The specification: genfast/reference/rnn.py.
+
+float16 and bfloat16 run in float32, as the weights' and states' gradients accumulate over
+time steps.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import reference
+from ..backends import extension, resolve
+from ._autograd import eager_function
+from ._checks import check_tensor
+
+_IMPLEMENTED = frozenset({"cpu"})
+_GATES = {"lstm": 4, "gru": 3}
+
+
+def _or_none(t: Tensor | None) -> Tensor | None:
+    """A custom op's empty placeholder (or None) as None."""
+    return None if t is None or t.shape == (0,) else t
+
+
+def _forward(
+    cell: str, x_proj: Tensor, weight_hh: Tensor, h0: Tensor, c0: Tensor | None, bias_hh: Tensor | None,
+    weight_hr: Tensor | None, lengths: Tensor | None, reverse: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(output, h_n, c_n, gates, h_prev, c_prev, tanh_c); what a GRU lacks is an empty tensor."""
+    outputs = extension().recurrence_forward(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, reverse)
+    return tuple(x_proj.new_empty(0) if t is None else t for t in outputs)
+
+
+def _backward(
+    cell: str, x_proj: Tensor, weight_hh: Tensor, h0: Tensor, c0: Tensor | None, bias_hh: Tensor | None,
+    weight_hr: Tensor | None, lengths: Tensor | None, reverse: bool, d_output: Tensor, d_h_n: Tensor | None,
+    d_c_n: Tensor | None, saved: list[Tensor], backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(d_x_proj, d_weight_hh, d_bias_hh, dh0, dc0, d_weight_hr); empty where the input is absent."""
+    grads = extension().recurrence_backward(
+        cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, reverse, d_output, d_h_n, d_c_n, saved
+    )
+    return tuple(x_proj.new_empty(0) if g is None else g for g in grads)
+
+
+recurrence_op = torch.library.custom_op("genfast::recurrence", _forward, mutates_args=())
+recurrence_backward_op = torch.library.custom_op("genfast::recurrence_backward", _backward, mutates_args=())
+
+
+@recurrence_op.register_fake
+def _(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, reverse, backend):
+    T, B, H = x_proj.shape[0], x_proj.shape[1], x_proj.shape[2] // _GATES[cell]
+    empty = lambda: x_proj.new_empty(0)  # noqa: E731
+    lstm = cell == "lstm"
+    return (
+        x_proj.new_empty(T, B, h0.shape[1]), h0.new_empty(h0.shape), c0.new_empty(c0.shape) if lstm else empty(),
+        x_proj.new_empty(T, B, 4 * H), x_proj.new_empty(T, B, h0.shape[1]),
+        x_proj.new_empty(T, B, H) if lstm else empty(), x_proj.new_empty(T, B, H) if lstm else empty(),
+    )
+
+
+@recurrence_backward_op.register_fake
+def _(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, reverse, d_output, d_h_n, d_c_n, saved, backend):
+    like = lambda t: x_proj.new_empty(0) if t is None else t.new_empty(t.shape)  # noqa: E731
+    return like(x_proj), like(weight_hh), like(bias_hh), like(h0), like(c0), like(weight_hr)
+
+
+def _setup_context(ctx, inputs, output):
+    cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, reverse, backend = inputs
+    ctx.cell, ctx.reverse, ctx.backend = cell, reverse, backend
+    saved = output[3:5] if cell == "gru" else output[3:7]
+    ctx.saved_count = len(saved)
+    ctx.save_for_backward(x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, *saved)
+
+
+def _differentiate(ctx, d_output, d_h_n, d_c_n, *unused, backward):
+    x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, *saved = ctx.saved_tensors
+    if d_output is None:
+        d_output = x_proj.new_zeros(x_proj.shape[0], x_proj.shape[1], h0.shape[1])
+    grads = backward(
+        ctx.cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, ctx.reverse, d_output.contiguous(),
+        None if d_h_n is None else d_h_n.contiguous(),
+        None if d_c_n is None or ctx.cell == "gru" else d_c_n.contiguous(), list(saved), ctx.backend,
+    )
+    d_x_proj, d_weight_hh, d_bias_hh, dh0, dc0, d_weight_hr = (_or_none(g) for g in grads)
+    return None, d_x_proj, d_weight_hh, dh0, dc0, d_bias_hh, d_weight_hr, None, None, None
+
+
+recurrence_op.register_autograd(
+    functools.partial(_differentiate, backward=recurrence_backward_op), setup_context=_setup_context
+)
+_RecurrenceFunction = eager_function(
+    _forward, _setup_context, functools.partial(_differentiate, backward=_backward),
+    non_differentiable=(3, 4, 5, 6),
+)
+
+
+def _check_layer(cell: str, input: Tensor, h0: Tensor, c0: Tensor | None, weight_ih: Tensor, weight_hh: Tensor,
+                 bias_ih: Tensor | None, bias_hh: Tensor | None, weight_hr: Tensor | None,
+                 lengths: Tensor | None) -> None:
+    check_tensor("input", input, min_dim=3)
+    if input.dim() != 3:
+        raise ValueError(f"input must be (T, B, input_size), got shape {tuple(input.shape)}")
+    T, B, I = input.shape
+    check_tensor("weight_ih", weight_ih, like=input)
+    gates_rows = weight_ih.shape[0]
+    if weight_ih.dim() != 2 or weight_ih.shape[1] != I or gates_rows % _GATES[cell]:
+        raise ValueError(f"weight_ih must be ({_GATES[cell]} * hidden_size, {I}), got {tuple(weight_ih.shape)}")
+    H = gates_rows // _GATES[cell]
+    P = H if weight_hr is None else weight_hr.shape[0]
+    expected = {"weight_hh": (weight_hh, (gates_rows, P)), "h0": (h0, (B, P)), "c0": (c0, (B, H)),
+                "bias_ih": (bias_ih, (gates_rows,)), "bias_hh": (bias_hh, (gates_rows,)),
+                "weight_hr": (weight_hr, (P, H))}
+    for name, (t, shape) in expected.items():
+        if t is not None:
+            check_tensor(name, t, shape=shape, like=input)
+            if t.dtype != input.dtype:
+                raise TypeError(f"{name} must have input's dtype {input.dtype}, got {t.dtype}")
+    if (bias_ih is None) != (bias_hh is None):
+        raise ValueError("bias_ih and bias_hh must be given together")
+    if lengths is not None:
+        check_tensor("lengths", lengths, dtypes=(torch.int64, torch.int32), shape=(B,))
+        if lengths.numel() and (lengths.min() < 0 or lengths.max() > T):
+            raise ValueError(f"lengths must lie in [0, {T}], got {lengths.tolist()}")
+
+
+def _layer(cell: str, input: Tensor, h0: Tensor, c0: Tensor | None, weight_ih: Tensor, weight_hh: Tensor,
+           bias_ih: Tensor | None, bias_hh: Tensor | None, weight_hr: Tensor | None, lengths: Tensor | None,
+           reverse: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    _check_layer(cell, input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths)
+    backend = resolve(f"{cell}_layer", input.device, _IMPLEMENTED)
+    lstm = cell == "lstm"
+    if backend == "reference" or input.numel() == 0 or h0.numel() == 0:
+        if lstm:
+            return reference.rnn.lstm_layer(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths,
+                                            reverse)
+        return *reference.rnn.gru_layer(input, h0, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reverse), None
+    dtype = input.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr = (
+            None if t is None else t.float() for t in (input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
+        )
+    if lstm:
+        # Both biases add to the gates before any nonlinearity: one sum, in the projection.
+        x_proj = F.linear(input, weight_ih, None if bias_ih is None else bias_ih + bias_hh)
+        bias_hh = None
+    else:
+        x_proj = F.linear(input, weight_ih, bias_ih)
+        if bias_hh is None:  # the kernel reads a GRU's b_hn inside r * (h W_hn^T + b_hn)
+            bias_hh = x_proj.new_zeros(x_proj.shape[-1])
+    args = (
+        cell, x_proj.contiguous(), weight_hh.contiguous(), h0.contiguous(), None if c0 is None else c0.contiguous(),
+        None if bias_hh is None else bias_hh.contiguous(), None if weight_hr is None else weight_hr.contiguous(),
+        None if lengths is None else lengths.to(torch.int64).contiguous(), reverse, backend,
+    )
+    function = recurrence_op if torch.compiler.is_compiling() else _RecurrenceFunction.call
+    output, h_n, c_n = function(*args)[:3]
+    return output.to(dtype), h_n.to(dtype), c_n.to(dtype) if lstm else None
+
+
+def lstm_layer(input: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
+               bias_ih: Tensor | None = None, bias_hh: Tensor | None = None, weight_hr: Tensor | None = None,
+               lengths: Tensor | None = None, reverse: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """One direction of one LSTM layer over input (T, B, I) from states h0 (B, P) and c0 (B, H),
+    with torch.nn.LSTM's weights of that layer and direction: (output (T, B, P), h_n, c_n).
+    lengths (B,) gives each row's number of steps (past them its output is 0 and its state
+    stays); reverse runs each row from its last step back."""
+    check_tensor("c0", c0)
+    return _layer("lstm", input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths, reverse)
+
+
+def gru_layer(input: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor | None = None,
+              bias_hh: Tensor | None = None, lengths: Tensor | None = None,
+              reverse: bool = False) -> tuple[Tensor, Tensor]:
+    """One direction of one GRU layer over input (T, B, I) from h0 (B, H), with torch.nn.GRU's
+    weights of that layer and direction: (output (T, B, H), h_n); lengths and reverse as
+    lstm_layer's."""
+    return _layer("gru", input, h0, None, weight_ih, weight_hh, bias_ih, bias_hh, None, lengths, reverse)[:2]
+
+
+def lstm_cell(input: Tensor, h: Tensor, c: Tensor, weight_ih: Tensor, weight_hh: Tensor,
+              bias_ih: Tensor | None = None, bias_hh: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """One LSTM step, torch.nn.LSTMCell's: input (B, I), h and c (B, H) -> (h', c')."""
+    _, h, c = lstm_layer(input[None], h, c, weight_ih, weight_hh, bias_ih, bias_hh)
+    return h, c
+
+
+def gru_cell(input: Tensor, h: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor | None = None,
+             bias_hh: Tensor | None = None) -> Tensor:
+    """One GRU step, torch.nn.GRUCell's: input (B, I), h (B, H) -> h'."""
+    return gru_layer(input[None], h, weight_ih, weight_hh, bias_ih, bias_hh)[1]

@@ -1,0 +1,233 @@
+"""genfast.nn.LSTM, GRU, LSTMCell and GRUCell against torch.nn's with the same weights, over
+random configurations: outputs, final states and every gradient, within twice the error of
+torch's fp32 modules against float64 ones plus DESIGN.md's fp32 term."""
+
+import copy
+import random
+
+import pytest
+import torch
+from helpers import relative_error, require
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+import genfast
+from genfast.backends import extension
+
+BACKENDS = ("cpu", "reference")
+
+
+def random_configs(kind: str, count: int, seed: int):
+    """(constructor kwargs, T, B, packed, with initial states) drawn at random; odd sizes,
+    T = 1 and batch 1 among them."""
+    rng = random.Random(seed)
+    configs = []
+    for i in range(count):
+        kwargs = dict(input_size=rng.choice([1, 3, 7]), hidden_size=rng.choice([1, 5, 8, 13]),
+                      num_layers=rng.choice([1, 2, 3]), bias=rng.random() < 0.8, batch_first=rng.random() < 0.5,
+                      bidirectional=rng.random() < 0.5)
+        if kind == "lstm" and rng.random() < 0.4:
+            kwargs["proj_size"] = rng.randint(1, kwargs["hidden_size"] - 1) if kwargs["hidden_size"] > 1 else 0
+        T, B = rng.choice([1, 2, 6]), rng.choice([1, 3, 4])
+        configs.append((kwargs, T if i else 1, B if i != 1 else 1, rng.random() < 0.4, rng.random() < 0.5))
+    if kind == "lstm":  # projections, which the draws above may miss
+        configs += [
+            (dict(input_size=5, hidden_size=8, num_layers=2, bias=True, batch_first=True, bidirectional=True,
+                  proj_size=3), 6, 4, True, True),
+            (dict(input_size=4, hidden_size=6, num_layers=1, bias=False, batch_first=False, bidirectional=False,
+                  proj_size=2), 5, 3, False, True),
+        ]
+    return configs
+
+
+MODULES = {"lstm": (nn.LSTM, genfast.nn.LSTM), "gru": (nn.GRU, genfast.nn.GRU)}
+
+
+def twins(kind, kwargs):
+    torch.manual_seed(0)
+    reference = MODULES[kind][0](**kwargs)
+    fused = MODULES[kind][1](**kwargs)
+    fused.load_state_dict(reference.state_dict())
+    return reference, fused
+
+
+def run(module, kind, kwargs, T, B, packed, with_state, generator_seed):
+    """Output, final states and the gradients of every parameter, the input and the states."""
+    generator = torch.Generator().manual_seed(generator_seed)
+    dtype = next(module.parameters()).dtype
+    directions = 2 if kwargs["bidirectional"] else 1
+    layers = kwargs["num_layers"] * directions
+    x = torch.randn(B, T, kwargs["input_size"], generator=generator, dtype=torch.float64)
+    x = (x if kwargs.get("batch_first") else x.transpose(0, 1)).to(dtype).requires_grad_()
+    states = []
+    if with_state:
+        state_size = kwargs.get("proj_size") or kwargs["hidden_size"]
+        states = [torch.randn(layers, B, state_size, generator=generator, dtype=torch.float64).to(dtype)]
+        if kind == "lstm":
+            states.append(torch.randn(layers, B, kwargs["hidden_size"], generator=generator, dtype=torch.float64).to(dtype))
+        states = [s.requires_grad_() for s in states]
+    hx = None if not states else tuple(states) if kind == "lstm" else states[0]
+    lengths = torch.randint(1, T + 1, (B,), generator=generator)
+    if packed:
+        out, final = module(pack_padded_sequence(x, lengths, batch_first=kwargs.get("batch_first", False), enforce_sorted=False), hx)
+        assert isinstance(out, PackedSequence)
+        out = out.data
+    else:
+        out, final = module(x, hx)
+    finals = list(final) if kind == "lstm" else [final]
+    weights = torch.randn(out.shape, generator=generator, dtype=torch.float64).to(dtype)
+    loss = (out * weights).sum() + sum((f * (i + 2)).sum() for i, f in enumerate(finals))
+    grads = torch.autograd.grad(loss, [*module.parameters(), x, *states])
+    return [out, *finals, *grads]
+
+
+CONFIGS = {kind: random_configs(kind, 10, seed=seed) for kind, seed in (("lstm", 1), ("gru", 2))}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind, config", [(kind, i) for kind, configs in CONFIGS.items() for i in range(len(configs))])
+def test_matches_torch_module(kind, config, backend):
+    require(backend)
+    kwargs, T, B, packed, with_state = CONFIGS[kind][config]
+    reference, fused = twins(kind, kwargs)
+    exact = copy.deepcopy(reference).double()
+    arguments = (kind, kwargs, T, B, packed, with_state, config)
+    with genfast.use_backend(backend):
+        got = run(fused, *arguments)
+    want, ref = run(reference, *arguments), run(exact, *arguments)
+    names = ["output", "h_n", *(["c_n"] if kind == "lstm" else []), *(n for n, _ in fused.named_parameters()),
+             "input", "h0", "c0"]
+    for name, g, w, r in zip(names, got, want, ref):
+        assert g.shape == w.shape, name
+        assert relative_error(g, r) <= 2 * relative_error(w, r) + 1e-5, f"{name} of {kwargs}, T={T}, B={B}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
+def test_cells_match_torch(kind, batched, backend):
+    require(backend)
+    torch_class, genfast_class = {"lstm": (nn.LSTMCell, genfast.nn.LSTMCell), "gru": (nn.GRUCell, genfast.nn.GRUCell)}[kind]
+    torch.manual_seed(0)
+    reference = torch_class(5, 7)
+    fused = genfast_class(5, 7)
+    fused.load_state_dict(reference.state_dict())
+    x = torch.randn(3, 5) if batched else torch.randn(5)
+    state_shape = (3, 7) if batched else (7,)
+    hx = (torch.randn(state_shape), torch.randn(state_shape)) if kind == "lstm" else torch.randn(state_shape)
+    for state in (None, hx):
+        with genfast.use_backend(backend):
+            got = fused(x, state)
+        want = reference(x, state)
+        for g, w in zip(got if kind == "lstm" else [got], want if kind == "lstm" else [want]):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_unbatched_input(kind):
+    require("cpu")
+    reference, fused = twins(kind, dict(input_size=3, hidden_size=4, num_layers=2))
+    x = torch.randn(5, 3)
+    h0 = torch.randn(2, 4)
+    hx = (h0, torch.randn(2, 4)) if kind == "lstm" else h0
+    with genfast.use_backend("cpu"):
+        out, final = fused(x, hx)
+    want, want_final = reference(x, hx)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    for g, w in zip(final if kind == "lstm" else [final], want_final if kind == "lstm" else [want_final]):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_packed_output_keeps_the_order():
+    """A PackedSequence comes back with the input's batch sizes and indices."""
+    require("cpu")
+    reference, fused = twins("gru", dict(input_size=3, hidden_size=4, bidirectional=True))
+    packed = pack_padded_sequence(torch.randn(5, 4, 3), torch.tensor([2, 5, 1, 5]), enforce_sorted=False)
+    with genfast.use_backend("cpu"):
+        out, h = fused(packed)
+    want, want_h = reference(packed)
+    assert torch.equal(out.batch_sizes, want.batch_sizes) and torch.equal(out.sorted_indices, want.sorted_indices)
+    torch.testing.assert_close(out.data, want.data, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h, want_h, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_runs_in_float32(dtype):
+    """Low-precision modules run the recurrence in float32: error against float64 at most
+    twice torch's own in that dtype, plus 1e-2."""
+    require("cpu")
+    kwargs = dict(input_size=6, hidden_size=9, num_layers=2, bidirectional=True)
+    reference, fused = twins("lstm", kwargs)
+    exact = copy.deepcopy(reference).double()
+    reference, fused = reference.to(dtype), fused.to(dtype)
+    arguments = ("lstm", kwargs, 5, 3, False, True, 0)
+    with genfast.use_backend("cpu"):
+        got = run(fused, *arguments)
+    want, ref = run(reference, *arguments), run(exact, *arguments)
+    for g, w, r in zip(got, want, ref):
+        assert g.dtype == dtype
+        assert relative_error(g, r) <= 2 * relative_error(w, r) + 1e-2
+
+
+BAD_INPUTS = [
+    ("wrong input size", lambda m: m(torch.randn(4, 2, 5)), RuntimeError, "input.size\\(-1\\) must be equal to input_size"),
+    ("wrong state shape", lambda m: m(torch.randn(4, 2, 3), (torch.zeros(1, 3, 4), torch.zeros(1, 3, 4))),
+     RuntimeError, "Expected hidden\\[0\\] size"),
+    ("integer input", lambda m: m(torch.ones(4, 2, 3, dtype=torch.int64)), ValueError, "RNN input dtype"),
+    ("4-D input", lambda m: m(torch.randn(4, 2, 3, 1)), ValueError, "Expected input to be 2D or 3D"),
+]
+
+
+@pytest.mark.parametrize("what, call, error, fragment", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input(what, call, error, fragment):
+    with pytest.raises(error, match=fragment):
+        call(genfast.nn.LSTM(3, 4))
+
+
+def test_ops_check_their_arguments():
+    with pytest.raises(TypeError, match="input must have dtype"):
+        genfast.ops.gru_layer(torch.ones(4, 2, 3, dtype=torch.int64), torch.zeros(2, 5), torch.randn(15, 3),
+                              torch.randn(15, 5))
+    with pytest.raises(ValueError, match=r"weight_hh must have shape \(15, 5\)"):
+        genfast.ops.gru_layer(torch.randn(4, 2, 3), torch.zeros(2, 5), torch.randn(15, 3), torch.randn(15, 4))
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, 4\]"):
+        genfast.ops.gru_layer(torch.randn(4, 2, 3), torch.zeros(2, 5), torch.randn(15, 3), torch.randn(15, 5),
+                              lengths=torch.tensor([5, 1]))
+
+
+def test_extension_checks_its_arguments():
+    require("cpu")
+    x_proj, w_hh, h0 = torch.randn(4, 2, 20), torch.randn(20, 5), torch.zeros(2, 5)
+    with pytest.raises(RuntimeError, match="an LSTM takes c0"):
+        extension().recurrence_forward("lstm", x_proj, w_hh, h0, None, None, None, None, False)
+    with pytest.raises(RuntimeError, match="weight_hh must be"):
+        extension().recurrence_forward("lstm", x_proj, w_hh.t(), h0, torch.zeros(2, 5), None, None, None, False)
+    with pytest.raises(RuntimeError, match=r"lengths\[1\] = 9"):
+        extension().recurrence_forward("lstm", x_proj, w_hh, h0, torch.zeros(2, 5), None, None,
+                                       torch.tensor([1, 9]), False)
+
+
+class _Tagger(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = genfast.nn.LSTM(4, 6, num_layers=2, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0])
+
+
+def test_compiles_without_graph_break():
+    """torch.compile(fullgraph=True) of a module holding genfast.nn.LSTM (torch's nn.LSTM
+    breaks the graph there): eager's output and input gradient."""
+    require("cpu")
+    torch.manual_seed(0)
+    model, x = _Tagger(), torch.randn(2, 5, 4, requires_grad=True)
+    with genfast.use_backend("cpu"):
+        eager = model(x)
+        (eager_grad,) = torch.autograd.grad(eager.square().sum(), x)
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+        (compiled_grad,) = torch.autograd.grad(compiled.square().sum(), x)
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(compiled_grad, eager_grad)
