@@ -18,8 +18,8 @@ BACKENDS = ("cpu", "reference")
 
 
 def random_configs(kind: str, count: int, seed: int):
-    """(constructor kwargs, T, B, packed, with initial states) drawn at random; odd sizes,
-    T = 1 and batch 1 among them."""
+    """(constructor kwargs, T, B, packed, with initial states) drawn at random, odd sizes,
+    T = 1 and batch 1 among them, and fixed ones that reach every branch of the C++ loops."""
     rng = random.Random(seed)
     configs = []
     for i in range(count):
@@ -30,6 +30,15 @@ def random_configs(kind: str, count: int, seed: int):
             kwargs["proj_size"] = rng.randint(1, kwargs["hidden_size"] - 1) if kwargs["hidden_size"] > 1 else 0
         T, B = rng.choice([1, 2, 6]), rng.choice([1, 3, 4])
         configs.append((kwargs, T if i else 1, B if i != 1 else 1, rng.random() < 0.4, rng.random() < 0.5))
+    # Both C++ loops: the persistent one (batch up to 16, its units split over threads in
+    # blocks of 64 from hidden size 65) and the one of a product per step (larger batches,
+    # projections).
+    configs += [
+        (dict(input_size=5, hidden_size=80, num_layers=2, bias=True, batch_first=False, bidirectional=True),
+         7, 5, True, True),
+        (dict(input_size=6, hidden_size=10, num_layers=1, bias=True, batch_first=True, bidirectional=True),
+         4, 20, True, True),
+    ]
     if kind == "lstm":  # projections, which the draws above may miss
         configs += [
             (dict(input_size=5, hidden_size=8, num_layers=2, bias=True, batch_first=True, bidirectional=True,
@@ -150,6 +159,19 @@ def test_packed_output_keeps_the_order():
     assert torch.equal(out.batch_sizes, want.batch_sizes) and torch.equal(out.sorted_indices, want.sorted_indices)
     torch.testing.assert_close(out.data, want.data, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(h, want_h, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("batch", [3, 20], ids=["persistent loop", "a product per step"])
+def test_float64_matches_torch(kind, batch):
+    require("cpu")
+    kwargs = dict(input_size=4, hidden_size=70, num_layers=2, bidirectional=True)
+    reference, fused = (m.double() for m in twins(kind, kwargs))
+    arguments = (kind, kwargs, 6, batch, True, True, 0)
+    with genfast.use_backend("cpu"):
+        got = run(fused, *arguments)
+    for g, r in zip(got, run(reference, *arguments)):
+        assert relative_error(g, r) <= 1e-10
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

@@ -10,8 +10,12 @@
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 
-#include <algorithm>
+#include <omp.h>
 
+#include <algorithm>
+#include <cstring>
+
+#include "tile_matmul.h"
 #include "vec_math.h"
 
 namespace genfast::cpu {
@@ -121,6 +125,141 @@ void forward_loop(const Recurrence& r, const Shape& n, std::vector<at::Tensor>& 
   }
 }
 
+// y[b][c] = sum_k h[b][k] wt[k][c] for c < kBlock = kVectors vectors of columns and b < kRows:
+// each loaded vector of wt meets every row, and kRows * kVectors independent accumulators hide
+// the latency of the fused multiply-adds.
+template <typename T, int kRows, int kVectors>
+inline __attribute__((always_inline)) void column_block(const T* wt, int64_t ldw, const T* h, int64_t ldh, int64_t P,
+                                                        T* y, int64_t ldy) {
+  constexpr int64_t kLanes = kVectorBytes / sizeof(T);
+  // Unrolled by hand: GCC left these loops rolled, with the accumulators on the stack (8x slower).
+  Vector<T> acc[kRows][kVectors] = {};
+  for (int64_t k = 0; k < P; ++k) {
+    Vector<T> w[kVectors];
+#pragma GCC unroll 8
+    for (int v = 0; v < kVectors; ++v) std::memcpy(&w[v], wt + k * ldw + v * kLanes, sizeof(Vector<T>));
+#pragma GCC unroll 2
+    for (int r = 0; r < kRows; ++r) {
+      const T hk = h[r * ldh + k];
+#pragma GCC unroll 8
+      for (int v = 0; v < kVectors; ++v) acc[r][v] += hk * w[v];
+    }
+  }
+#pragma GCC unroll 2
+  for (int r = 0; r < kRows; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < kVectors; ++v) std::memcpy(y + r * ldy + v * kLanes, &acc[r][v], sizeof(Vector<T>));
+}
+
+// Columns of wt (P rows, row stride ldw) a block computes: one row of h takes eight vectors
+// of columns at once, two rows four each.
+template <typename T>
+constexpr int64_t kColumnBlock = 8 * kVectorBytes / sizeof(T);
+
+// y (B, blocks * kColumnBlock, row stride ldy) = h (B, P) times the panels: each panel a
+// contiguous (P, kColumnBlock) block of columns, read front to back.
+template <typename T>
+void row_products(const T* h, int64_t B, int64_t P, const T* panels, int64_t blocks, T* y, int64_t ldy) {
+  constexpr int64_t kBlock = kColumnBlock<T>, kHalf = kBlock / 2;
+  for (int64_t i = 0; i < blocks; ++i) {
+    const T* panel = panels + i * P * kBlock;
+    T* y_block = y + i * kBlock;
+    int64_t b = 0;
+    for (; b + 2 <= B; b += 2) {
+      column_block<T, 2, 4>(panel, kBlock, h + b * P, P, P, y_block + b * ldy, ldy);
+      column_block<T, 2, 4>(panel + kHalf, kBlock, h + b * P, P, P, y_block + b * ldy + kHalf, ldy);
+    }
+    if (b < B) column_block<T, 1, 8>(panel, kBlock, h + b * P, P, P, y_block + b * ldy, ldy);
+  }
+}
+
+// Batches up to this size take the persistent loop: an ATen product per step costs about 40 us
+// there (threads woken, the weights repacked), where the whole step takes a few.
+constexpr int64_t kPersistentBatch = 16;
+
+// The forward of a small batch without projection, in one OpenMP team for the whole sequence.
+// Each thread owns a slice of hidden units, and the columns of W_hh^T of their G gates, packed,
+// stay in its core's cache from step to step. It computes those gates for every batch row, then their
+// gate math a vector of units at a time, and writes the new state into the other of two
+// buffers; one barrier per step publishes it. Writes what forward_loop writes.
+template <typename T>
+void persistent_forward(const Recurrence& r, const Shape& n, std::vector<at::Tensor>& out) {
+  const bool lstm = r.cell == Cell::kLSTM;
+  const int64_t H = n.H, B = n.B, G = n.G, block = kColumnBlock<T>;
+  // W_hh^T packed as panels (G, blocks, P, block) of whole column blocks, units past H zero:
+  // a panel is read front to back, where columns of W_hh^T itself lie a long stride apart.
+  const int64_t blocks = (H + block - 1) / block;
+  at::Tensor padded = at::zeros({G, blocks * block, H}, r.weight_hh.options());
+  padded.narrow(1, 0, H).copy_(r.weight_hh.view({G, H, H}));
+  const at::Tensor panels = padded.view({G, blocks, block, H}).permute({0, 1, 3, 2}).contiguous();
+  at::Tensor spare = at::empty({B, H}, out[1].options());
+  T* buffers[2] = {out[1].mutable_data_ptr<T>(), spare.mutable_data_ptr<T>()};
+  const T* panel_data = panels.const_data_ptr<T>();
+  const T* xp_all = r.x_proj.const_data_ptr<T>();
+  const T* bias = r.bias_hh ? r.bias_hh->const_data_ptr<T>() : nullptr;
+  T *output = out[0].mutable_data_ptr<T>(), *gates = out[3].mutable_data_ptr<T>(), *h_prev = out[4].mutable_data_ptr<T>();
+  T* c = lstm ? out[2].mutable_data_ptr<T>() : nullptr;
+  T* c_prev = lstm ? out[5].mutable_data_ptr<T>() : nullptr;
+  T* tanh_c = lstm ? out[6].mutable_data_ptr<T>() : nullptr;
+  // Slices of whole column blocks, so that threads write apart.
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks)));
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t id = omp_get_thread_num(), team = omp_get_num_threads();
+    const int64_t j0 = std::min(H, blocks * id / team * block), j1 = std::min(H, blocks * (id + 1) / team * block);
+    const int64_t width = (j1 - j0 + block - 1) / block * block;
+    std::vector<T> products(G * B * width);  // [g][b][j - j0]
+    for (int64_t s = 0; s < n.T; ++s) {
+      const int64_t t = n.time(s);
+      const T* h = buffers[s % 2];
+      T* h_next = buffers[(s + 1) % 2];
+      for (int64_t g = 0; g < G && j1 > j0; ++g)
+        row_products(h, B, H, panel_data + (g * blocks + j0 / block) * H * block, width / block,
+                     products.data() + g * B * width, width);
+      for (int64_t b = 0; b < B && j1 > j0; ++b) {
+        const T* xp = xp_all + (t * B + b) * G * H;
+        T* g4 = gates + (t * B + b) * 4 * H;
+        const int64_t row = (t * B + b) * H;
+        const T *p0 = products.data() + b * width - j0, *p1 = p0 + B * width, *p2 = p1 + B * width;
+        std::copy(h + b * H + j0, h + b * H + j1, h_prev + row + j0);
+        if (!n.live(b, t)) {
+          std::copy(h + b * H + j0, h + b * H + j1, h_next + b * H + j0);
+          std::fill(output + row + j0, output + row + j1, T(0));
+          for (int64_t g = 0; g < 4; ++g) std::fill(g4 + g * H + j0, g4 + g * H + j1, T(0));
+          if (lstm) {
+            std::copy(c + b * H + j0, c + b * H + j1, c_prev + row + j0);
+            std::fill(tanh_c + row + j0, tanh_c + row + j1, T(0));
+          }
+          continue;
+        }
+        if (lstm) {
+          const T* p3 = p2 + B * width;
+#pragma omp simd
+          for (int64_t j = j0; j < j1; ++j) {
+            const T i = sigmoid(xp[j] + p0[j]), f = sigmoid(xp[H + j] + p1[j]);
+            const T gg = tanh_fast(xp[2 * H + j] + p2[j]), o = sigmoid(xp[3 * H + j] + p3[j]);
+            const T previous = c[b * H + j], cell = f * previous + i * gg, tc = tanh_fast(cell);
+            g4[j] = i, g4[H + j] = f, g4[2 * H + j] = gg, g4[3 * H + j] = o;
+            c_prev[row + j] = previous, tanh_c[row + j] = tc, c[b * H + j] = cell;
+            h_next[b * H + j] = o * tc, output[row + j] = o * tc;
+          }
+        } else {
+#pragma omp simd
+          for (int64_t j = j0; j < j1; ++j) {
+            const T h_n = p2[j] + bias[2 * H + j];
+            const T rg = sigmoid(xp[j] + p0[j] + bias[j]), z = sigmoid(xp[H + j] + p1[j] + bias[H + j]);
+            const T ng = tanh_fast(xp[2 * H + j] + rg * h_n), next = (T(1) - z) * ng + z * h[b * H + j];
+            g4[j] = rg, g4[H + j] = z, g4[2 * H + j] = ng, g4[3 * H + j] = h_n;
+            h_next[b * H + j] = next, output[row + j] = next;
+          }
+        }
+      }
+#pragma omp barrier
+    }
+  }
+  if (n.T % 2) out[1].copy_(spare);  // the last state was written into the spare buffer
+}
+
 template <typename T>
 void backward_loop(const Recurrence& r, const Shape& n, const at::Tensor& d_output, const std::vector<at::Tensor>& saved,
                    const at::Tensor& dh, const at::Tensor& dc, const at::Tensor& d_x_proj, const at::Tensor& d_h_gates,
@@ -208,10 +347,11 @@ std::vector<at::Tensor> recurrence_forward(const Recurrence& r) {
       lstm ? at::empty({n.T, n.B, n.H}, options) : at::Tensor(),
       lstm ? at::empty({n.T, n.B, n.H}, options) : at::Tensor(),
   };
+  const bool persistent = n.B <= kPersistentBatch && !r.weight_hr;
   if (r.x_proj.scalar_type() == at::kDouble) {
-    forward_loop<double>(r, n, out);
+    persistent ? persistent_forward<double>(r, n, out) : forward_loop<double>(r, n, out);
   } else {
-    forward_loop<float>(r, n, out);
+    persistent ? persistent_forward<float>(r, n, out) : forward_loop<float>(r, n, out);
   }
   return out;
 }
