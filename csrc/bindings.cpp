@@ -200,11 +200,12 @@ std::vector<Tensor> activation_backward(const Tensor& dy, const Tensor& x, const
 
 // cell "lstm" or "gru"; x_proj (T, B, G*H), weight_hh (G*H, P), h0 (B, P), c0 (B, H) (LSTM),
 // bias_hh (G*H) (GRU), weight_hr (P, H) (LSTM with a projection), lengths (B,) int64 in
-// [0, T]: contiguous CPU tensors of one float or double type (lengths aside).
+// [0, T]: contiguous CPU tensors of one float or double type (lengths aside). Without save,
+// the forward keeps one step of what the backward reads (inference).
 genfast::cpu::Recurrence recurrence(const std::string& cell, const Tensor& x_proj, const Tensor& weight_hh,
                                     const Tensor& h0, const std::optional<Tensor>& c0,
                                     const std::optional<Tensor>& bias_hh, const std::optional<Tensor>& weight_hr,
-                                    const std::optional<Tensor>& lengths, bool reverse) {
+                                    const std::optional<Tensor>& lengths, bool reverse, bool save) {
   TORCH_CHECK(cell == "lstm" || cell == "gru", "cell must be \"lstm\" or \"gru\", got ", cell);
   const bool lstm = cell == "lstm";
   const auto dtype = x_proj.scalar_type();
@@ -235,14 +236,15 @@ genfast::cpu::Recurrence recurrence(const std::string& cell, const Tensor& x_pro
       TORCH_CHECK(ls[b] >= 0 && ls[b] <= T, "lengths[", b, "] = ", ls[b], " is not in [0, ", T, "]");
   }
   return {lstm ? genfast::cpu::Cell::kLSTM : genfast::cpu::Cell::kGRU, x_proj, weight_hh, h0, c0, bias_hh,
-          weight_hr, lengths, reverse};
+          weight_hr, lengths, reverse, save};
 }
 
 std::vector<Tensor> recurrence_forward(const std::string& cell, const Tensor& x_proj, const Tensor& weight_hh,
                                        const Tensor& h0, const std::optional<Tensor>& c0,
                                        const std::optional<Tensor>& bias_hh, const std::optional<Tensor>& weight_hr,
-                                       const std::optional<Tensor>& lengths, bool reverse) {
-  return genfast::cpu::recurrence_forward(recurrence(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, reverse));
+                                       const std::optional<Tensor>& lengths, bool reverse, bool save) {
+  return genfast::cpu::recurrence_forward(
+      recurrence(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, reverse, save));
 }
 
 // saved: the forward's gates, h_prev and, for an LSTM, c_prev and tanh_c.
@@ -252,7 +254,7 @@ std::vector<Tensor> recurrence_backward(const std::string& cell, const Tensor& x
                                         const std::optional<Tensor>& lengths, bool reverse, const Tensor& d_output,
                                         const std::optional<Tensor>& d_h_n, const std::optional<Tensor>& d_c_n,
                                         const std::vector<Tensor>& saved) {
-  const auto r = recurrence(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, reverse);
+  const auto r = recurrence(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, reverse, true);
   const int64_t T = x_proj.size(0), B = x_proj.size(1), P = h0.size(1), H = x_proj.size(2) / (r.cell == genfast::cpu::Cell::kLSTM ? 4 : 3);
   auto check = [&](const Tensor& t, const char* name, std::vector<int64_t> shape) {
     TORCH_CHECK(t.sizes() == at::IntArrayRef(shape) && t.scalar_type() == x_proj.scalar_type() && t.is_contiguous(),

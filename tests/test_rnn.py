@@ -114,15 +114,16 @@ def test_matches_torch_module(kind, config, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 @pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
-def test_cells_match_torch(kind, batched, backend):
+@pytest.mark.parametrize("hidden", [7, 80])  # 80: units split over threads
+def test_cells_match_torch(kind, batched, hidden, backend):
     require(backend)
     torch_class, genfast_class = {"lstm": (nn.LSTMCell, genfast.nn.LSTMCell), "gru": (nn.GRUCell, genfast.nn.GRUCell)}[kind]
     torch.manual_seed(0)
-    reference = torch_class(5, 7)
-    fused = genfast_class(5, 7)
+    reference = torch_class(5, hidden)
+    fused = genfast_class(5, hidden)
     fused.load_state_dict(reference.state_dict())
     x = torch.randn(3, 5) if batched else torch.randn(5)
-    state_shape = (3, 7) if batched else (7,)
+    state_shape = (3, hidden) if batched else (hidden,)
     hx = (torch.randn(state_shape), torch.randn(state_shape)) if kind == "lstm" else torch.randn(state_shape)
     for state in (None, hx):
         with genfast.use_backend(backend):
@@ -146,6 +147,24 @@ def test_unbatched_input(kind):
     for g, w in zip(final if kind == "lstm" else [final], want_final if kind == "lstm" else [want_final]):
         assert g.shape == w.shape
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("batch", [3, 20], ids=["persistent loop", "a product per step"])
+def test_inference_matches_training_forward(kind, batch):
+    """Under no_grad the loops keep one step of what the backward reads: the same outputs."""
+    require("cpu")
+    _, fused = twins(kind, dict(input_size=4, hidden_size=70, bidirectional=True))
+    x = torch.randn(9, batch, 4)
+    lengths = torch.randint(1, 10, (batch,), generator=torch.Generator().manual_seed(3))
+    packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+    with genfast.use_backend("cpu"):
+        training = fused(packed)
+        with torch.no_grad():
+            inference = fused(packed)
+    torch.testing.assert_close(inference[0].data, training[0].data, rtol=0, atol=0)
+    for a, b in zip(inference[1] if kind == "lstm" else [inference[1]], training[1] if kind == "lstm" else [training[1]]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_packed_output_keeps_the_order():
@@ -222,12 +241,13 @@ def test_extension_checks_its_arguments():
     require("cpu")
     x_proj, w_hh, h0 = torch.randn(4, 2, 20), torch.randn(20, 5), torch.zeros(2, 5)
     with pytest.raises(RuntimeError, match="an LSTM takes c0"):
-        extension().recurrence_forward("lstm", x_proj, w_hh, h0, None, None, None, None, False)
+        extension().recurrence_forward("lstm", x_proj, w_hh, h0, None, None, None, None, False, True)
     with pytest.raises(RuntimeError, match="weight_hh must be"):
-        extension().recurrence_forward("lstm", x_proj, w_hh.t(), h0, torch.zeros(2, 5), None, None, None, False)
+        extension().recurrence_forward("lstm", x_proj, w_hh.t(), h0, torch.zeros(2, 5), None, None, None, False,
+                                       True)
     with pytest.raises(RuntimeError, match=r"lengths\[1\] = 9"):
         extension().recurrence_forward("lstm", x_proj, w_hh, h0, torch.zeros(2, 5), None, None,
-                                       torch.tensor([1, 9]), False)
+                                       torch.tensor([1, 9]), False, True)
 
 
 class _Tagger(nn.Module):

@@ -41,7 +41,7 @@ void for_each_row(int64_t rows, int64_t row_elements, Body&& body) {
 struct Shape {
   int64_t T, B, H, P, G;
   const int64_t* lengths;
-  bool reverse;
+  bool reverse, save;
 
   explicit Shape(const Recurrence& r)
       : T(r.x_proj.size(0)),
@@ -50,11 +50,15 @@ struct Shape {
         P(r.h0.size(1)),
         G(r.cell == Cell::kLSTM ? 4 : 3),
         lengths(r.lengths ? r.lengths->const_data_ptr<int64_t>() : nullptr),
-        reverse(r.reverse) {}
+        reverse(r.reverse),
+        save(r.save) {}
 
   bool live(int64_t b, int64_t t) const { return !lengths || t < lengths[b]; }
   // The time index of the s-th step the forward takes.
   int64_t time(int64_t s) const { return reverse ? T - 1 - s : s; }
+  // Where step t's tensors for the backward go: their own place, or one scratch step.
+  int64_t slot(int64_t t) const { return save ? t : 0; }
+  int64_t saved_steps() const { return save ? T : 1; }
 };
 
 template <typename T>
@@ -71,17 +75,17 @@ void forward_loop(const Recurrence& r, const Shape& n, std::vector<at::Tensor>& 
   T* tanh_c = lstm ? out[6].mutable_data_ptr<T>() : nullptr;
   for (int64_t s = 0; s < n.T; ++s) {
     const int64_t t = n.time(s);
-    h_prev[t].copy_(h);
+    h_prev[n.slot(t)].copy_(h);
     at::mm_out(h_gates, h, r.weight_hh.t());
     const T* xp_t = r.x_proj.const_data_ptr<T>() + t * B * n.G * H;
     const T* hg = h_gates.const_data_ptr<T>();
-    T* gates_t = gates.mutable_data_ptr<T>() + t * B * 4 * H;
+    T* gates_t = gates.mutable_data_ptr<T>() + n.slot(t) * B * 4 * H;
     T* out_t = output.mutable_data_ptr<T>() + t * B * P;
     T* cell_t = projected ? cell_out.mutable_data_ptr<T>() : out_t;
     for_each_row(B, n.G * H, [&](int64_t b) {
       const T *xp = xp_t + b * n.G * H, *hp = hg + b * n.G * H;
       T* g4 = gates_t + b * 4 * H;
-      const int64_t row = t * B * H + b * H;
+      const int64_t row = n.slot(t) * B * H + b * H;
       if (!n.live(b, t)) {
         std::fill(g4, g4 + 4 * H, T(0));
         std::fill(out_t + b * P, out_t + (b + 1) * P, T(0));
@@ -100,8 +104,9 @@ void forward_loop(const Recurrence& r, const Shape& n, std::vector<at::Tensor>& 
           g4[j] = i, g4[H + j] = f, g4[2 * H + j] = g, g4[3 * H + j] = o;
           c_prev[row + j] = previous, tanh_c[row + j] = tc, c_data[b * H + j] = cell;
           cell_t[b * H + j] = o * tc;
-          if (!projected) h_data[b * H + j] = o * tc;
         }
+        // Outside the loop: a conditional store inside kept GCC from vectorising it (10x slower).
+        if (!projected) std::copy(cell_t + b * H, cell_t + (b + 1) * H, h_data + b * H);
       } else {
 #pragma omp simd
         for (int64_t j = 0; j < H; ++j) {
@@ -138,14 +143,14 @@ inline __attribute__((always_inline)) void column_block(const T* wt, int64_t ldw
     Vector<T> w[kVectors];
 #pragma GCC unroll 8
     for (int v = 0; v < kVectors; ++v) std::memcpy(&w[v], wt + k * ldw + v * kLanes, sizeof(Vector<T>));
-#pragma GCC unroll 2
+#pragma GCC unroll 6
     for (int r = 0; r < kRows; ++r) {
       const T hk = h[r * ldh + k];
 #pragma GCC unroll 8
       for (int v = 0; v < kVectors; ++v) acc[r][v] += hk * w[v];
     }
   }
-#pragma GCC unroll 2
+#pragma GCC unroll 6
   for (int r = 0; r < kRows; ++r)
 #pragma GCC unroll 8
     for (int v = 0; v < kVectors; ++v) std::memcpy(y + r * ldy + v * kLanes, &acc[r][v], sizeof(Vector<T>));
@@ -157,14 +162,24 @@ template <typename T>
 constexpr int64_t kColumnBlock = 8 * kVectorBytes / sizeof(T);
 
 // y (B, blocks * kColumnBlock, row stride ldy) = h (B, P) times the panels: each panel a
-// contiguous (P, kColumnBlock) block of columns, read front to back.
+// contiguous (P, kColumnBlock) block of columns, read front to back. From six rows on, strips of
+// two vectors meet six rows at a time (a strip's 2 loads feed 12 multiply-adds, as in
+// tile_matmul); fewer rows take the whole block at once.
 template <typename T>
 void row_products(const T* h, int64_t B, int64_t P, const T* panels, int64_t blocks, T* y, int64_t ldy) {
-  constexpr int64_t kBlock = kColumnBlock<T>, kHalf = kBlock / 2;
+  constexpr int64_t kBlock = kColumnBlock<T>, kHalf = kBlock / 2, kStrip = kBlock / 4;
   for (int64_t i = 0; i < blocks; ++i) {
     const T* panel = panels + i * P * kBlock;
     T* y_block = y + i * kBlock;
     int64_t b = 0;
+    if (B >= 6) {
+      for (int64_t s = 0; s < kBlock; s += kStrip) {
+        for (b = 0; b + 6 <= B; b += 6)
+          column_block<T, 6, 2>(panel + s, kBlock, h + b * P, P, P, y_block + b * ldy + s, ldy);
+        for (; b < B; ++b) column_block<T, 1, 2>(panel + s, kBlock, h + b * P, P, P, y_block + b * ldy + s, ldy);
+      }
+      continue;
+    }
     for (; b + 2 <= B; b += 2) {
       column_block<T, 2, 4>(panel, kBlock, h + b * P, P, P, y_block + b * ldy, ldy);
       column_block<T, 2, 4>(panel + kHalf, kBlock, h + b * P, P, P, y_block + b * ldy + kHalf, ldy);
@@ -173,9 +188,49 @@ void row_products(const T* h, int64_t B, int64_t P, const T* panels, int64_t blo
   }
 }
 
+// products[g][b][j - j0] = W_hh[g H + j] . h[b] for the units j in [j0, j1), from W_hh's rows
+// as they are: for a few steps, where packing W_hh^T would cost more than it saves. A unit's G
+// rows meet each batch row together, their sums split over two accumulators each (2G chains
+// of fused multiply-adds in flight).
+template <int G, typename T>
+void unit_dots(const T* w, int64_t H, int64_t P, const T* h, int64_t B, int64_t j0, int64_t j1, T* products,
+               int64_t width) {
+  constexpr int64_t kLanes = kVectorBytes / sizeof(T);
+  for (int64_t j = j0; j < j1; ++j)
+    for (int64_t b = 0; b < B; ++b) {
+      const T* hb = h + b * P;
+      Vector<T> acc[G][2] = {};
+      int64_t k = 0;
+      for (; k + 2 * kLanes <= P; k += 2 * kLanes) {
+        Vector<T> h0, h1;
+        std::memcpy(&h0, hb + k, sizeof(h0));
+        std::memcpy(&h1, hb + k + kLanes, sizeof(h1));
+#pragma GCC unroll 4
+        for (int g = 0; g < G; ++g) {
+          Vector<T> w0, w1;
+          std::memcpy(&w0, w + (g * H + j) * P + k, sizeof(w0));
+          std::memcpy(&w1, w + (g * H + j) * P + k + kLanes, sizeof(w1));
+          acc[g][0] += w0 * h0;
+          acc[g][1] += w1 * h1;
+        }
+      }
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) {
+        const Vector<T> both = acc[g][0] + acc[g][1];
+        T sum = 0;
+        for (int64_t lane = 0; lane < kLanes; ++lane) sum += both[lane];
+        for (int64_t rest = k; rest < P; ++rest) sum += w[(g * H + j) * P + rest] * hb[rest];
+        products[(g * B + b) * width + j - j0] = sum;
+      }
+    }
+}
+
+// A sequence this short reads W_hh's rows in place rather than packing W_hh^T (the cells).
+constexpr int64_t kPackFromSteps = 4;
+
 // Batches up to this size take the persistent loop: an ATen product per step costs about 40 us
 // there (threads woken, the weights repacked), where the whole step takes a few.
-constexpr int64_t kPersistentBatch = 16;
+constexpr int64_t kPersistentBatch = 64;
 
 // The forward of a small batch without projection, in one OpenMP team for the whole sequence.
 // Each thread owns a slice of hidden units, and the columns of W_hh^T of their G gates, packed,
@@ -189,12 +244,17 @@ void persistent_forward(const Recurrence& r, const Shape& n, std::vector<at::Ten
   // W_hh^T packed as panels (G, blocks, P, block) of whole column blocks, units past H zero:
   // a panel is read front to back, where columns of W_hh^T itself lie a long stride apart.
   const int64_t blocks = (H + block - 1) / block;
-  at::Tensor padded = at::zeros({G, blocks * block, H}, r.weight_hh.options());
-  padded.narrow(1, 0, H).copy_(r.weight_hh.view({G, H, H}));
-  const at::Tensor panels = padded.view({G, blocks, block, H}).permute({0, 1, 3, 2}).contiguous();
+  const bool packed = n.T >= kPackFromSteps;
+  at::Tensor panels;
+  if (packed) {
+    at::Tensor padded = at::zeros({G, blocks * block, H}, r.weight_hh.options());
+    padded.narrow(1, 0, H).copy_(r.weight_hh.view({G, H, H}));
+    panels = padded.view({G, blocks, block, H}).permute({0, 1, 3, 2}).contiguous();
+  }
+  const T* w = r.weight_hh.const_data_ptr<T>();
   at::Tensor spare = at::empty({B, H}, out[1].options());
   T* buffers[2] = {out[1].mutable_data_ptr<T>(), spare.mutable_data_ptr<T>()};
-  const T* panel_data = panels.const_data_ptr<T>();
+  const T* panel_data = packed ? panels.const_data_ptr<T>() : nullptr;
   const T* xp_all = r.x_proj.const_data_ptr<T>();
   const T* bias = r.bias_hh ? r.bias_hh->const_data_ptr<T>() : nullptr;
   T *output = out[0].mutable_data_ptr<T>(), *gates = out[3].mutable_data_ptr<T>(), *h_prev = out[4].mutable_data_ptr<T>();
@@ -213,18 +273,26 @@ void persistent_forward(const Recurrence& r, const Shape& n, std::vector<at::Ten
       const int64_t t = n.time(s);
       const T* h = buffers[s % 2];
       T* h_next = buffers[(s + 1) % 2];
-      for (int64_t g = 0; g < G && j1 > j0; ++g)
+      if (!packed) {
+        if (lstm) {
+          unit_dots<4>(w, H, H, h, B, j0, j1, products.data(), width);
+        } else {
+          unit_dots<3>(w, H, H, h, B, j0, j1, products.data(), width);
+        }
+      }
+      for (int64_t g = 0; g < G && j1 > j0 && packed; ++g)
         row_products(h, B, H, panel_data + (g * blocks + j0 / block) * H * block, width / block,
                      products.data() + g * B * width, width);
       for (int64_t b = 0; b < B && j1 > j0; ++b) {
         const T* xp = xp_all + (t * B + b) * G * H;
-        T* g4 = gates + (t * B + b) * 4 * H;
-        const int64_t row = (t * B + b) * H;
+        T* g4 = gates + (n.slot(t) * B + b) * 4 * H;
+        T* out = output + (t * B + b) * H;
+        const int64_t row = (n.slot(t) * B + b) * H;
         const T *p0 = products.data() + b * width - j0, *p1 = p0 + B * width, *p2 = p1 + B * width;
         std::copy(h + b * H + j0, h + b * H + j1, h_prev + row + j0);
         if (!n.live(b, t)) {
           std::copy(h + b * H + j0, h + b * H + j1, h_next + b * H + j0);
-          std::fill(output + row + j0, output + row + j1, T(0));
+          std::fill(out + j0, out + j1, T(0));
           for (int64_t g = 0; g < 4; ++g) std::fill(g4 + g * H + j0, g4 + g * H + j1, T(0));
           if (lstm) {
             std::copy(c + b * H + j0, c + b * H + j1, c_prev + row + j0);
@@ -241,7 +309,7 @@ void persistent_forward(const Recurrence& r, const Shape& n, std::vector<at::Ten
             const T previous = c[b * H + j], cell = f * previous + i * gg, tc = tanh_fast(cell);
             g4[j] = i, g4[H + j] = f, g4[2 * H + j] = gg, g4[3 * H + j] = o;
             c_prev[row + j] = previous, tanh_c[row + j] = tc, c[b * H + j] = cell;
-            h_next[b * H + j] = o * tc, output[row + j] = o * tc;
+            h_next[b * H + j] = o * tc, out[j] = o * tc;
           }
         } else {
 #pragma omp simd
@@ -250,7 +318,7 @@ void persistent_forward(const Recurrence& r, const Shape& n, std::vector<at::Ten
             const T rg = sigmoid(xp[j] + p0[j] + bias[j]), z = sigmoid(xp[H + j] + p1[j] + bias[H + j]);
             const T ng = tanh_fast(xp[2 * H + j] + rg * h_n), next = (T(1) - z) * ng + z * h[b * H + j];
             g4[j] = rg, g4[H + j] = z, g4[2 * H + j] = ng, g4[3 * H + j] = h_n;
-            h_next[b * H + j] = next, output[row + j] = next;
+            h_next[b * H + j] = next, out[j] = next;
           }
         }
       }
@@ -342,10 +410,10 @@ std::vector<at::Tensor> recurrence_forward(const Recurrence& r) {
       at::empty({n.T, n.B, n.P}, options),
       r.h0.clone(),
       lstm ? r.c0->clone() : at::Tensor(),
-      at::empty({n.T, n.B, 4 * n.H}, options),
-      at::empty({n.T, n.B, n.P}, options),
-      lstm ? at::empty({n.T, n.B, n.H}, options) : at::Tensor(),
-      lstm ? at::empty({n.T, n.B, n.H}, options) : at::Tensor(),
+      at::empty({n.saved_steps(), n.B, 4 * n.H}, options),
+      at::empty({n.saved_steps(), n.B, n.P}, options),
+      lstm ? at::empty({n.saved_steps(), n.B, n.H}, options) : at::Tensor(),
+      lstm ? at::empty({n.saved_steps(), n.B, n.H}, options) : at::Tensor(),
   };
   const bool persistent = n.B <= kPersistentBatch && !r.weight_hr;
   if (r.x_proj.scalar_type() == at::kDouble) {

@@ -16,11 +16,13 @@ enum class Cell { kLSTM, kGRU };
 // x_proj (T, B, G*H) is x W_ih^T + b_ih, plus b_hh for an LSTM; weight_hh (G*H, P); bias_hh
 // (G*H) for a GRU (whose n gate needs it inside r * (.)); weight_hr (P, H) an LSTM's projection;
 // h0 (B, P), c0 (B, H) for an LSTM; lengths (B,) int64, each at most T, or none for all T.
+// Without save (inference), what the backward reads is kept for one step only.
 struct Recurrence {
   Cell cell;
   at::Tensor x_proj, weight_hh, h0;
   std::optional<at::Tensor> c0, bias_hh, weight_hr, lengths;
   bool reverse = false;
+  bool save = true;
 };
 
 // Returns output (T, B, P), h_n (B, P), c_n (B, H) (undefined for a GRU), and what the backward

@@ -31,10 +31,13 @@ def _or_none(t: Tensor | None) -> Tensor | None:
 
 def _forward(
     cell: str, x_proj: Tensor, weight_hh: Tensor, h0: Tensor, c0: Tensor | None, bias_hh: Tensor | None,
-    weight_hr: Tensor | None, lengths: Tensor | None, reverse: bool, backend: str,
+    weight_hr: Tensor | None, lengths: Tensor | None, reverse: bool, save: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(output, h_n, c_n, gates, h_prev, c_prev, tanh_c); what a GRU lacks is an empty tensor."""
-    outputs = extension().recurrence_forward(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, reverse)
+    """(output, h_n, c_n, gates, h_prev, c_prev, tanh_c); what a GRU lacks is an empty tensor.
+    The last four, what the backward reads, cover one step only without save."""
+    outputs = extension().recurrence_forward(
+        cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, reverse, save
+    )
     return tuple(x_proj.new_empty(0) if t is None else t for t in outputs)
 
 
@@ -55,14 +58,15 @@ recurrence_backward_op = torch.library.custom_op("genfast::recurrence_backward",
 
 
 @recurrence_op.register_fake
-def _(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, reverse, backend):
+def _(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, reverse, save, backend):
     T, B, H = x_proj.shape[0], x_proj.shape[1], x_proj.shape[2] // _GATES[cell]
+    steps = T if save else 1
     empty = lambda: x_proj.new_empty(0)  # noqa: E731
     lstm = cell == "lstm"
     return (
         x_proj.new_empty(T, B, h0.shape[1]), h0.new_empty(h0.shape), c0.new_empty(c0.shape) if lstm else empty(),
-        x_proj.new_empty(T, B, 4 * H), x_proj.new_empty(T, B, h0.shape[1]),
-        x_proj.new_empty(T, B, H) if lstm else empty(), x_proj.new_empty(T, B, H) if lstm else empty(),
+        x_proj.new_empty(steps, B, 4 * H), x_proj.new_empty(steps, B, h0.shape[1]),
+        x_proj.new_empty(steps, B, H) if lstm else empty(), x_proj.new_empty(steps, B, H) if lstm else empty(),
     )
 
 
@@ -73,7 +77,7 @@ def _(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, reverse, d_o
 
 
 def _setup_context(ctx, inputs, output):
-    cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, reverse, backend = inputs
+    cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, reverse, _, backend = inputs
     ctx.cell, ctx.reverse, ctx.backend = cell, reverse, backend
     saved = output[3:5] if cell == "gru" else output[3:7]
     ctx.saved_count = len(saved)
@@ -90,7 +94,7 @@ def _differentiate(ctx, d_output, d_h_n, d_c_n, *unused, backward):
         None if d_c_n is None or ctx.cell == "gru" else d_c_n.contiguous(), list(saved), ctx.backend,
     )
     d_x_proj, d_weight_hh, d_bias_hh, dh0, dc0, d_weight_hr = (_or_none(g) for g in grads)
-    return None, d_x_proj, d_weight_hh, dh0, dc0, d_bias_hh, d_weight_hr, None, None, None
+    return None, d_x_proj, d_weight_hh, dh0, dc0, d_bias_hh, d_weight_hr, None, None, None, None
 
 
 recurrence_op.register_autograd(
@@ -155,10 +159,13 @@ def _layer(cell: str, input: Tensor, h0: Tensor, c0: Tensor | None, weight_ih: T
         x_proj = F.linear(input, weight_ih, bias_ih)
         if bias_hh is None:  # the kernel reads a GRU's b_hn inside r * (h W_hn^T + b_hn)
             bias_hh = x_proj.new_zeros(x_proj.shape[-1])
+    save = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x_proj, weight_hh, h0, c0, bias_hh, weight_hr)
+    )
     args = (
         cell, x_proj.contiguous(), weight_hh.contiguous(), h0.contiguous(), None if c0 is None else c0.contiguous(),
         None if bias_hh is None else bias_hh.contiguous(), None if weight_hr is None else weight_hr.contiguous(),
-        None if lengths is None else lengths.to(torch.int64).contiguous(), reverse, backend,
+        None if lengths is None else lengths.to(torch.int64).contiguous(), reverse, save, backend,
     )
     function = recurrence_op if torch.compiler.is_compiling() else _RecurrenceFunction.call
     output, h_n, c_n = function(*args)[:3]
