@@ -44,6 +44,13 @@ def assert_close_to_reference(out, ref64, torch_out, atol: float, what: str) -> 
 
 
 
+def assert_like_torch_build(names, got, want, ref, atol: float = 1e-5) -> None:
+    """The architectures' rule: each tensor of the genfast build (got) is within twice the error
+    of the torch.nn build in fp32 (want) against the float64 build (ref), plus ``atol``."""
+    for name, g, w, r in zip(names, got, want, ref, strict=True):
+        assert relative_error(g, r) <= 2 * relative_error(w, r) + atol, name
+
+
 def twin_models(build):
     """(torch.nn build, genfast build) of one architecture with the same weights: build(fused)
     makes a model, the torch.nn one first from seed 0."""

@@ -2,7 +2,11 @@
 
 from .bert import BERT, BERTConfig
 from .gpt import GPT, GPTConfig, KVCache
+from .rnn import LSTMLM, GRUEncoderDecoder, RNNConfig
 from .t5 import T5, T5Config
 from .unet import UNet, sample
 
-__all__ = ["BERT", "BERTConfig", "GPT", "GPTConfig", "KVCache", "T5", "T5Config", "UNet", "sample"]
+__all__ = [
+    "BERT", "BERTConfig", "GPT", "GPTConfig", "GRUEncoderDecoder", "KVCache", "LSTMLM", "RNNConfig", "T5", "T5Config",
+    "UNet", "sample",
+]

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import nn as genfast_nn
-from .. import ops, reference
-from .layers import add_norm
+from .. import ops
+from .layers import add_norm, lm_loss, sample_next
 
 
 @dataclass(frozen=True)
@@ -124,10 +124,7 @@ class GPT(nn.Module):
         """The mean cross-entropy of the next tokens targets (B, S) given tokens (B, S). The
         genfast build computes it from the last hidden states by
         genfast.ops.linear_cross_entropy, never holding the (B, S, vocab_size) logits."""
-        hidden = self.final_hidden_states(tokens)
-        if self.fused:
-            return ops.linear_cross_entropy(hidden, self.lm_head.weight, targets, ignore_index=ignore_index)
-        return F.cross_entropy(self.lm_head(hidden).flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
+        return lm_loss(self.final_hidden_states(tokens), self.lm_head, targets, ignore_index, self.fused)
 
     def final_hidden_states(self, tokens: Tensor, cache: KVCache | None = None) -> Tensor:
         """The normalised hidden states (B, S, dim) that lm_head maps to logits."""
@@ -172,11 +169,7 @@ class GPT(nn.Module):
         logits = self(tokens, cache)[:, -1]
         drawn = []
         for step in range(max_new_tokens):
-            uniform = torch.rand(tokens.shape[0], generator=generator, device=tokens.device)
-            if self.fused:
-                token = ops.sample_tokens(logits, temperature, top_k, top_p, uniform=uniform)
-            else:
-                token = reference.sampling.sample(logits, temperature, top_k, top_p, uniform)
+            token = sample_next(logits, temperature, top_k, top_p, generator, self.fused)
             drawn.append(token)
             if step + 1 < max_new_tokens:
                 logits = self(token[:, None], cache)[:, -1]

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .. import nn as genfast_nn
 from .. import ops
-from .layers import add_norm
+from .layers import add_norm, lm_loss
 
 
 @dataclass(frozen=True)
@@ -198,6 +198,4 @@ class T5(nn.Module):
         """The mean cross-entropy of targets (B, T), the tokens the decoder should emit; the
         genfast build computes it by genfast.ops.linear_cross_entropy, without the logits."""
         hidden = self.decoder_hidden_states(tokens, decoder_tokens, attention_mask)
-        if self.fused:
-            return ops.linear_cross_entropy(hidden, self.lm_head.weight, targets, ignore_index=ignore_index)
-        return F.cross_entropy(self.lm_head(hidden).flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
+        return lm_loss(hidden, self.lm_head, targets, ignore_index, self.fused)
