@@ -2,8 +2,8 @@
 where transformers is installed the attention, norm and MLP layers of its GPT-2 and Llama
 models (genfast/huggingface.py).
 
-Each genfast module subclasses the torch.nn module it replaces and overrides
-only ``forward``, so a swap is a change of class: the module object, its
+Each genfast module subclasses the torch.nn module it replaces (LSTM and GRU: its
+base, nn.RNNBase) and overrides only ``forward``, so a swap is a change of class: the module object, its
 parameters, buffers, hooks and state_dict keys stay as they were, and so do
 the references other code holds to it. Only modules of exactly the torch
 class are swapped; a subclass may have its own forward.
@@ -25,6 +25,12 @@ _SWAPS: dict[type[nn.Module], tuple[type[nn.Module], dict[str, object]]] = {
     nn.GELU: (genfast_nn.GELU, {}),
     nn.SiLU: (genfast_nn.SiLU, {}),
     nn.MultiheadAttention: (genfast_nn.MultiheadAttention, {}),
+    # genfast's LSTM and GRU are siblings of torch's on nn.RNNBase (torch.compile will not
+    # trace an nn.LSTM): the same attributes, so the class changes as for a subclass.
+    nn.LSTM: (genfast_nn.LSTM, {}),
+    nn.GRU: (genfast_nn.GRU, {}),
+    nn.LSTMCell: (genfast_nn.LSTMCell, {}),
+    nn.GRUCell: (genfast_nn.GRUCell, {}),
 }
 
 

@@ -69,6 +69,31 @@ def test_swaps_in_place_and_keeps_outputs_and_gradients():
         torch.testing.assert_close(param.grad, ref_param.grad, rtol=1e-4, atol=1e-4, msg=name)
 
 
+class _Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(3, 5, num_layers=2, batch_first=True, bidirectional=True)
+        self.gru = nn.GRU(10, 4)
+        self.cell = nn.GRUCell(4, 6)
+
+    def forward(self, x):
+        h = self.gru(self.lstm(x)[0].transpose(0, 1))[0]
+        return self.cell(h[-1])
+
+
+def test_swaps_recurrent_layers():
+    require("cpu")
+    torch.manual_seed(0)
+    model = _Recurrent()
+    reference = copy.deepcopy(model)
+    assert genfast.optimize(model) == {"lstm": nn.LSTM, "gru": nn.GRU, "cell": nn.GRUCell}
+    assert type(model.lstm) is genfast.nn.LSTM and type(model.gru) is genfast.nn.GRU
+    x = torch.randn(2, 7, 3)
+    with genfast.use_backend("cpu"):
+        out = model(x)
+    torch.testing.assert_close(out, reference(x), rtol=1e-5, atol=1e-6)
+
+
 def test_swapped_group_norm_has_no_activation():
     norm = nn.GroupNorm(2, 4)
     genfast.optimize(norm)
