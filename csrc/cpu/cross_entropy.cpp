@@ -23,8 +23,7 @@ struct RowStatistics {
 
 template <typename acc_t>
 RowStatistics<acc_t> row_statistics(const acc_t* z, int64_t V) {
-  acc_t row_max = z[0];
-  for (int64_t j = 0; j < V; ++j) row_max = z[j] > row_max ? z[j] : row_max;
+  const acc_t row_max = lane_max(V, z);
   const acc_t exp_sum = lane_sum<acc_t>(V, [&](int64_t j) { return exp_fast(z[j] - row_max); });
   return {row_max + std::log(exp_sum), lane_sum<acc_t>(V, [&](int64_t j) { return z[j]; })};
 }

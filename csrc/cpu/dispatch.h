@@ -49,4 +49,20 @@ inline acc_t lane_sum(int64_t n, Term&& term) {
   return sum;
 }
 
+// max over i < n (n > 0) of x[i], in 16 independent lanes: a scalar running maximum is a chain
+// of dependent compares that GCC does not vectorise without -ffast-math. NaN is not propagated.
+template <typename acc_t>
+inline acc_t lane_max(int64_t n, const acc_t* x) {
+  constexpr int64_t kLanes = 16;
+  acc_t lanes[kLanes];
+  for (int64_t k = 0; k < kLanes; ++k) lanes[k] = x[0];
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t k = 0; k < kLanes; ++k) lanes[k] = x[i + k] > lanes[k] ? x[i + k] : lanes[k];
+  acc_t result = x[0];
+  for (; i < n; ++i) result = x[i] > result ? x[i] : result;
+  for (int64_t k = 0; k < kLanes; ++k) result = lanes[k] > result ? lanes[k] : result;
+  return result;
+}
+
 }  // namespace genfast::cpu
