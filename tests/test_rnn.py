@@ -30,14 +30,14 @@ def random_configs(kind: str, count: int, seed: int):
             kwargs["proj_size"] = rng.randint(1, kwargs["hidden_size"] - 1) if kwargs["hidden_size"] > 1 else 0
         T, B = rng.choice([1, 2, 6]), rng.choice([1, 3, 4])
         configs.append((kwargs, T if i else 1, B if i != 1 else 1, rng.random() < 0.4, rng.random() < 0.5))
-    # Both C++ loops: the persistent one (batch up to 16, its units split over threads in
+    # Both C++ loops: the persistent one (batch up to 64, its units split over threads in
     # blocks of 64 from hidden size 65) and the one of a product per step (larger batches,
     # projections).
     configs += [
         (dict(input_size=5, hidden_size=80, num_layers=2, bias=True, batch_first=False, bidirectional=True),
          7, 5, True, True),
         (dict(input_size=6, hidden_size=10, num_layers=1, bias=True, batch_first=True, bidirectional=True),
-         4, 20, True, True),
+         4, 70, True, True),
     ]
     if kind == "lstm":  # projections, which the draws above may miss
         configs += [
@@ -150,7 +150,7 @@ def test_unbatched_input(kind):
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
-@pytest.mark.parametrize("batch", [3, 20], ids=["persistent loop", "a product per step"])
+@pytest.mark.parametrize("batch", [3, 70], ids=["persistent loop", "a product per step"])
 def test_inference_matches_training_forward(kind, batch):
     """Under no_grad the loops keep one step of what the backward reads: the same outputs."""
     require("cpu")
@@ -167,6 +167,25 @@ def test_inference_matches_training_forward(kind, batch):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("batch", [4, 70], ids=["persistent loop", "a product per step"])
+def test_layers_with_unsorted_lengths(batch, reverse):
+    """The ops take lengths in any order (a packed batch's are sorted, and only then do the
+    loops shrink each step's product to the rows still running)."""
+    require("cpu")
+    generator = torch.Generator().manual_seed(4)
+    T, I, H = 6, 3, 9
+    x, h0, c0 = torch.randn(T, batch, I, generator=generator), torch.randn(batch, H), torch.randn(batch, H)
+    lengths = torch.randint(0, T + 1, (batch,), generator=generator)
+    w_ih, w_hh, b_ih, b_hh = (torch.randn(4 * H, I), torch.randn(4 * H, H) / 3, torch.randn(4 * H), torch.randn(4 * H))
+    with genfast.use_backend("cpu"):
+        got = genfast.ops.lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=lengths, reverse=reverse)
+    with genfast.use_backend("reference"):
+        want = genfast.ops.lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=lengths, reverse=reverse)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
 def test_packed_output_keeps_the_order():
     """A PackedSequence comes back with the input's batch sizes and indices."""
     require("cpu")
@@ -181,7 +200,7 @@ def test_packed_output_keeps_the_order():
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
-@pytest.mark.parametrize("batch", [3, 20], ids=["persistent loop", "a product per step"])
+@pytest.mark.parametrize("batch", [3, 70], ids=["persistent loop", "a product per step"])
 def test_float64_matches_torch(kind, batch):
     require("cpu")
     kwargs = dict(input_size=4, hidden_size=70, num_layers=2, bidirectional=True)

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <functional>
 
 #include "tile_matmul.h"
 #include "vec_math.h"
@@ -43,6 +44,8 @@ struct Shape {
   const int64_t* lengths;
   bool reverse, save;
 
+  bool sorted = false;  // lengths never increase along the batch, as in a PackedSequence
+
   explicit Shape(const Recurrence& r)
       : T(r.x_proj.size(0)),
         B(r.x_proj.size(1)),
@@ -51,9 +54,17 @@ struct Shape {
         G(r.cell == Cell::kLSTM ? 4 : 3),
         lengths(r.lengths ? r.lengths->const_data_ptr<int64_t>() : nullptr),
         reverse(r.reverse),
-        save(r.save) {}
+        save(r.save) {
+    sorted = lengths && std::is_sorted(lengths, lengths + B, std::greater<int64_t>());
+  }
 
   bool live(int64_t b, int64_t t) const { return !lengths || t < lengths[b]; }
+  // The rows that need step t's products: with sorted lengths only the first ones, those
+  // still running (a packed batch's products shrink as its sequences end).
+  int64_t product_rows(int64_t t) const {
+    if (!sorted) return B;
+    return std::partition_point(lengths, lengths + B, [t](int64_t length) { return t < length; }) - lengths;
+  }
   // The time index of the s-th step the forward takes.
   int64_t time(int64_t s) const { return reverse ? T - 1 - s : s; }
   // Where step t's tensors for the backward go: their own place, or one scratch step.
@@ -76,7 +87,9 @@ void forward_loop(const Recurrence& r, const Shape& n, std::vector<at::Tensor>& 
   for (int64_t s = 0; s < n.T; ++s) {
     const int64_t t = n.time(s);
     h_prev[n.slot(t)].copy_(h);
-    at::mm_out(h_gates, h, r.weight_hh.t());
+    const int64_t rows = n.product_rows(t);
+    at::Tensor stepping_gates = h_gates.narrow(0, 0, rows);
+    at::mm_out(stepping_gates, h.narrow(0, 0, rows), r.weight_hh.t());
     const T* xp_t = r.x_proj.const_data_ptr<T>() + t * B * n.G * H;
     const T* hg = h_gates.const_data_ptr<T>();
     T* gates_t = gates.mutable_data_ptr<T>() + n.slot(t) * B * 4 * H;
@@ -119,7 +132,8 @@ void forward_loop(const Recurrence& r, const Shape& n, std::vector<at::Tensor>& 
       }
     });
     if (projected) {  // h = (o tanh c) W_hr^T for the rows that stepped
-      at::mm_out(projection, cell_out, r.weight_hr->t());
+      at::Tensor stepping = projection.narrow(0, 0, rows);
+      at::mm_out(stepping, cell_out.narrow(0, 0, rows), r.weight_hr->t());
       const T* projected_h = projection.const_data_ptr<T>();
       for (int64_t b = 0; b < B; ++b) {
         if (!n.live(b, t)) continue;
@@ -188,16 +202,17 @@ void row_products(const T* h, int64_t B, int64_t P, const T* panels, int64_t blo
   }
 }
 
-// products[g][b][j - j0] = W_hh[g H + j] . h[b] for the units j in [j0, j1), from W_hh's rows
+// products[g][b][j - j0] = W_hh[g H + j] . h[b] for the units j in [j0, j1) and the first rows
+// of the B in h, from W_hh's rows
 // as they are: for a few steps, where packing W_hh^T would cost more than it saves. A unit's G
 // rows meet each batch row together, their sums split over two accumulators each (2G chains
 // of fused multiply-adds in flight).
 template <int G, typename T>
-void unit_dots(const T* w, int64_t H, int64_t P, const T* h, int64_t B, int64_t j0, int64_t j1, T* products,
-               int64_t width) {
+void unit_dots(const T* w, int64_t H, int64_t P, const T* h, int64_t rows, int64_t B, int64_t j0, int64_t j1,
+               T* products, int64_t width) {
   constexpr int64_t kLanes = kVectorBytes / sizeof(T);
   for (int64_t j = j0; j < j1; ++j)
-    for (int64_t b = 0; b < B; ++b) {
+    for (int64_t b = 0; b < rows; ++b) {
       const T* hb = h + b * P;
       Vector<T> acc[G][2] = {};
       int64_t k = 0;
@@ -275,13 +290,13 @@ void persistent_forward(const Recurrence& r, const Shape& n, std::vector<at::Ten
       T* h_next = buffers[(s + 1) % 2];
       if (!packed) {
         if (lstm) {
-          unit_dots<4>(w, H, H, h, B, j0, j1, products.data(), width);
+          unit_dots<4>(w, H, H, h, n.product_rows(t), B, j0, j1, products.data(), width);
         } else {
-          unit_dots<3>(w, H, H, h, B, j0, j1, products.data(), width);
+          unit_dots<3>(w, H, H, h, n.product_rows(t), B, j0, j1, products.data(), width);
         }
       }
       for (int64_t g = 0; g < G && j1 > j0 && packed; ++g)
-        row_products(h, B, H, panel_data + (g * blocks + j0 / block) * H * block, width / block,
+        row_products(h, n.product_rows(t), H, panel_data + (g * blocks + j0 / block) * H * block, width / block,
                      products.data() + g * B * width, width);
       for (int64_t b = 0; b < B && j1 > j0; ++b) {
         const T* xp = xp_all + (t * B + b) * G * H;
@@ -389,7 +404,9 @@ void backward_loop(const Recurrence& r, const Shape& n, const at::Tensor& d_outp
     });
     // The state's gradient through h W_hh^T, plus a GRU's direct z h term; rows that did not
     // step pass theirs on unchanged.
-    at::mm_out(dh_next, d_h_gates[t], r.weight_hh);
+    const int64_t rows = n.product_rows(t);
+    at::Tensor stepping = dh_next.narrow(0, 0, rows);
+    at::mm_out(stepping, d_h_gates[t].narrow(0, 0, rows), r.weight_hh);
     const T* through = dh_next.const_data_ptr<T>();
     for (int64_t b = 0; b < B; ++b) {
       if (!n.live(b, t)) continue;

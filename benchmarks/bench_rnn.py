@@ -1,0 +1,108 @@
+"""LSTM and GRU layers and cells, genfast.nn against torch.nn with the same weights:
+- PyTorch's fastrnns shape (T=100, batch 64, input = hidden = 512), forward and a training
+  step (forward, loss, backward), where both sit near the matrix-product rate;
+- the same batch packed with lengths spread over 1..T (a PackedSequence);
+- streaming inference, batch 1, input = hidden = 256, T=100, where per-step overhead rules;
+- a user's loop over LSTMCell and GRUCell for 100 steps, batch 16, hidden 256.
+torch.compile is left out: it refuses to trace nn.LSTM and nn.GRU (a graph break).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import genfast
+
+from .harness import Case, Provider, genfast_providers
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    steps: int
+    batch: int
+    size: int  # input and hidden
+    packed: bool = False
+    cell: bool = False
+
+
+SHAPES = [
+    Shape("fastrnns", 100, 64, 512),
+    Shape("fastrnns packed", 100, 64, 512, packed=True),
+    Shape("streaming", 100, 1, 256),
+    Shape("cell loop", 100, 16, 256, cell=True),
+]
+KINDS = {"lstm": 4, "gru": 3}  # gates
+
+
+def _modules(kind: str, shape: Shape) -> tuple[type[nn.Module], type[nn.Module]]:
+    name = kind.upper() + ("Cell" if shape.cell else "")
+    return getattr(nn, name), getattr(genfast.nn, name)
+
+
+def _call(kind: str, shape: Shape, model: nn.Module, x, training: bool):
+    if shape.cell:
+        state = None
+        outputs = []
+        for t in range(x.shape[0]):
+            state = model(x[t], state)
+            outputs.append(state[0] if kind == "lstm" else state)
+        output = torch.stack(outputs)
+    else:
+        output = model(x)[0]
+        output = output.data if shape.packed else output
+    if training:
+        output.square().mean().backward()
+    return output
+
+
+def rnn_case(kind: str, shape: Shape, training: bool) -> Case:
+    def make_inputs(device: torch.device) -> dict:
+        torch.manual_seed(0)
+        torch_class, genfast_class = _modules(kind, shape)
+        reference = torch_class(shape.size, shape.size).to(device)
+        fused = genfast_class(shape.size, shape.size).to(device)
+        fused.load_state_dict(reference.state_dict())
+        x = torch.randn(shape.steps, shape.batch, shape.size, device=device)
+        if shape.packed:
+            lengths = torch.linspace(shape.steps, 1, shape.batch).round().long()
+            x = pack_padded_sequence(x, lengths)
+        return {"kind": kind, "shape": shape, "models": {"genfast": fused, "torch": reference}, "x": x,
+                "training": training}
+
+    products = 3 if training else 1
+    flops = products * 2 * shape.steps * shape.batch * KINDS[kind] * shape.size * 2 * shape.size
+    weight_bytes = KINDS[kind] * shape.size * 2 * shape.size * 4
+    what = "training step" if training else "forward"
+    return Case(f"{shape.name} {what}, T={shape.steps} batch {shape.batch} size {shape.size}", kind, "forward",
+                shape.steps * shape.batch * shape.size, make_inputs, weight_bytes, flops,
+                quick=shape.name == "fastrnns" and not training, variant=f"{shape.name}, {what}", devices=("cpu",))
+
+
+CASES = [
+    rnn_case(kind, shape, training)
+    for kind in KINDS
+    for shape in SHAPES
+    for training in ((False, True) if shape.name.startswith("fastrnns") else (False,))
+]
+
+
+def _run(which: str) -> Callable:
+    def run(kind, shape, models, x, training):
+        model = models[which]
+        if not training:
+            with torch.no_grad():
+                return _call(kind, shape, model, x, False)
+        model.zero_grad(set_to_none=True)
+        return _call(kind, shape, model, x, True).detach()
+
+    return run
+
+
+def providers(device_type: str) -> list[Provider]:
+    return [*genfast_providers(_run("genfast"), device_type), Provider("torch.nn", _run("torch"))]
