@@ -61,6 +61,11 @@ def _call(kind: str, shape: Shape, model: nn.Module, x, training: bool):
     return output
 
 
+def _lengths(shape: Shape) -> torch.Tensor:
+    """A packed batch's lengths, spread evenly from T down to 1."""
+    return torch.linspace(shape.steps, 1, shape.batch).round().long()
+
+
 def rnn_case(kind: str, shape: Shape, training: bool) -> Case:
     def make_inputs(device: torch.device) -> dict:
         torch.manual_seed(0)
@@ -70,13 +75,13 @@ def rnn_case(kind: str, shape: Shape, training: bool) -> Case:
         fused.load_state_dict(reference.state_dict())
         x = torch.randn(shape.steps, shape.batch, shape.size, device=device)
         if shape.packed:
-            lengths = torch.linspace(shape.steps, 1, shape.batch).round().long()
-            x = pack_padded_sequence(x, lengths)
+            x = pack_padded_sequence(x, _lengths(shape))
         return {"kind": kind, "shape": shape, "models": {"genfast": fused, "torch": reference}, "x": x,
                 "training": training}
 
     products = 3 if training else 1
-    flops = products * 2 * shape.steps * shape.batch * KINDS[kind] * shape.size * 2 * shape.size
+    steps = int(_lengths(shape).sum()) if shape.packed else shape.steps * shape.batch  # summed over rows
+    flops = products * 2 * steps * KINDS[kind] * shape.size * 2 * shape.size
     weight_bytes = KINDS[kind] * shape.size * 2 * shape.size * 4
     what = "training step" if training else "forward"
     return Case(f"{shape.name} {what}, T={shape.steps} batch {shape.batch} size {shape.size}", kind, "forward",
