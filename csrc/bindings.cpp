@@ -466,7 +466,8 @@ Tensor scale(const Tensor& x, double scale) {
 genfast::cpu::AttentionProblem attention_problem(const Tensor& q, const Tensor& k, const Tensor& v,
                                                  const std::optional<Tensor>& mask,
                                                  const std::optional<Tensor>& alibi_slopes, double scale,
-                                                 double softcap, int64_t window_left, int64_t window_right) {
+                                                 double softcap, int64_t window_left, int64_t window_right,
+                                                 double dropout_p, int64_t dropout_seed) {
   const auto dtype = q.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
               "query must be float32, float16, bfloat16 or float64, got ", dtype);
@@ -494,21 +495,27 @@ genfast::cpu::AttentionProblem attention_problem(const Tensor& q, const Tensor& 
   TORCH_CHECK(softcap >= 0, "softcap must be >= 0 (0 for none), got ", softcap);
   TORCH_CHECK(window_left >= -1 && window_right >= -1, "window bounds must be >= -1 (-1 for none), got (",
               window_left, ", ", window_right, ")");
-  return {q, k, v, mask, alibi_slopes, scale, softcap, window_left, window_right};
+  TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, "dropout_p must lie in [0, 1), got ", dropout_p);
+  TORCH_CHECK(dropout_seed >= 0, "dropout_seed must be >= 0, got ", dropout_seed);
+  return {q, k, v, mask, alibi_slopes, scale, softcap, window_left, window_right, dropout_p,
+          static_cast<uint64_t>(dropout_seed)};
 }
 
 std::vector<Tensor> attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
                                       const std::optional<Tensor>& mask, const std::optional<Tensor>& alibi_slopes,
-                                      double scale, double softcap, int64_t window_left, int64_t window_right) {
-  return genfast::cpu::attention_forward(
-      attention_problem(q, k, v, mask, alibi_slopes, scale, softcap, window_left, window_right));
+                                      double scale, double softcap, int64_t window_left, int64_t window_right,
+                                      double dropout_p, int64_t dropout_seed) {
+  return genfast::cpu::attention_forward(attention_problem(q, k, v, mask, alibi_slopes, scale, softcap, window_left,
+                                                           window_right, dropout_p, dropout_seed));
 }
 
 std::vector<Tensor> attention_backward(const Tensor& q, const Tensor& k, const Tensor& v,
                                        const std::optional<Tensor>& mask, const std::optional<Tensor>& alibi_slopes,
                                        double scale, double softcap, int64_t window_left, int64_t window_right,
-                                       const Tensor& out, const Tensor& lse, const Tensor& dout, bool mask_grad) {
-  auto problem = attention_problem(q, k, v, mask, alibi_slopes, scale, softcap, window_left, window_right);
+                                       double dropout_p, int64_t dropout_seed, const Tensor& out, const Tensor& lse,
+                                       const Tensor& dout, bool mask_grad) {
+  auto problem = attention_problem(q, k, v, mask, alibi_slopes, scale, softcap, window_left, window_right, dropout_p,
+                                   dropout_seed);
   const std::vector<int64_t> out_shape{q.size(0), q.size(1), q.size(2), v.size(3)};
   for (const auto& [t, name] : {std::pair{&out, "out"}, std::pair{&dout, "dout"}})
     TORCH_CHECK(t->sizes() == at::IntArrayRef(out_shape) && t->scalar_type() == q.scalar_type() && t->is_cpu() &&

@@ -7,7 +7,8 @@ with an online softmax; it writes the output and each row's log-sum-exp. The
 backward recomputes the scores from the log-sum-exp: one kernel per block of keys
 accumulates dk and dv over the queries of every query head that reads them (and
 writes the mask's gradient), another per block of queries accumulates dq. Neither
-uses atomics, so results do not depend on scheduling.
+uses atomics, so results do not depend on scheduling. Dropout's keep mask is
+recomputed from its seed wherever a tile of weights is, never stored.
 """
 
 import functools
@@ -15,6 +16,8 @@ import functools
 import torch
 import triton
 import triton.language as tl
+
+from ..reference.attention import dropout_threshold
 
 
 @triton.jit
@@ -56,6 +59,26 @@ def _scores(
 
 
 @triton.jit
+def _dropout_keep(seed, threshold, head, rows, j0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Which weights of queries `rows` and keys j0 + [0, BLOCK_N) of head `head` (b * H + h)
+    dropout keeps: word j % 4 of Philox4x32-10 at counter (j // 4, i, head, 0), shifted right by
+    8, at least threshold (genfast/reference/attention.py's dropout_keep); j0 a multiple of 4.
+    One Philox call per four keys, its words interleaved so that key 4q + l gets word l."""
+    zero = tl.zeros((BLOCK_M, BLOCK_N // 4), tl.uint32)
+    quads = zero + (j0 // 4 + tl.arange(0, BLOCK_N // 4))[None, :].to(tl.uint32)
+    queries = zero + rows[:, None].to(tl.uint32)
+    w0, w1, w2, w3 = tl.philox(seed, quads, queries, zero + head.to(tl.uint32), zero)
+    words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_M, BLOCK_N))
+    return (words >> 8).to(tl.int32) >= threshold
+
+
+@triton.jit
+def _keep_scale(threshold, dtype: tl.constexpr):
+    """1 / the probability that _dropout_keep keeps a weight, in dtype (exact in float64)."""
+    return 16777216.0 / (16777216 - threshold).to(dtype)
+
+
+@triton.jit
 def _query_block(H, GROUP, BLOCK_M: tl.constexpr):
     """This program's (batch x head, batch, head, key head, first query): grid (query blocks, B x H)."""
     bh = tl.program_id(1)
@@ -92,15 +115,18 @@ def _inner_key_tiles(i0, BLOCK_M: tl.constexpr, S_K, last, window_left, window_r
 
 
 @triton.jit
-def _online_softmax_step(s, v, row_max, row_sum, acc, PRECISION: tl.constexpr):
+def _online_softmax_step(s, v, row_max, row_sum, acc, PRECISION: tl.constexpr, keep=None):
     """Folds one tile of scores s (rows x keys) and its values v into the running maximum, sum
-    and weighted values of each row."""
+    and weighted values of each row; a weight that `keep` (dropout's, if given) does not keep
+    is left out of the weighted values but not of the sum."""
     new_max = tl.maximum(row_max, tl.max(s, 1))
     # Until a row sees a key its maximum is -inf: subtracting 0 keeps every exp at 0.
     base = tl.where(new_max == float("-inf"), 0.0, new_max)
     p = tl.exp(s - base[:, None])
     rescale = tl.exp(row_max - base)
     row_sum = row_sum * rescale + tl.sum(p, 1)
+    if keep is not None:
+        p = tl.where(keep, p, 0.0)
     acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return new_max, row_sum, acc
 
@@ -110,12 +136,12 @@ def _attention_forward_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, mask_ptr, slopes_ptr,
     q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, o_sb, o_sh, o_ss,
     mask_sb, mask_sh, mask_si, mask_sj, slope_sb, slope_sh,
-    H, GROUP, S_Q, S_K, D, DV, scale, softcap, window_left, window_right,
-    MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
+    H, GROUP, S_Q, S_K, D, DV, scale, softcap, window_left, window_right, dropout_seed, drop_threshold,
+    MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """out = softmax(scores) v and lse = log sum exp(scores) for BLOCK_M queries of one head.
+    """out = dropout(softmax(scores)) v and lse = log sum exp(scores) for BLOCK_M queries of one head.
 
     Reads the block's queries once, and every key and value row that one of them sees
     (tiles beyond the causal edge or the window are not visited); writes out's rows in
@@ -150,9 +176,15 @@ def _attention_forward_kernel(
         s, _ = _scores(q, k_t, rows, cols, S_Q, S_K, scale, softcap, slope, mask_rows, mask_sj, window_left,
                        window_right, (j0 < inner_first) | (j0 >= inner_end), MASK_KIND, HAS_ALIBI, HAS_SOFTCAP,
                        PRECISION)
-        row_max, row_sum, acc = _online_softmax_step(s, v, row_max, row_sum, acc, PRECISION)
+        keep = None
+        if DROPOUT:
+            keep = _dropout_keep(dropout_seed, drop_threshold, bh, rows, j0, BLOCK_M, BLOCK_N)
+        row_max, row_sum, acc = _online_softmax_step(s, v, row_max, row_sum, acc, PRECISION, keep)
     seen = row_sum > 0
-    out = acc / tl.where(seen, row_sum, 1.0)[:, None]
+    norm = 1.0 / tl.where(seen, row_sum, 1.0)
+    if DROPOUT:
+        norm *= _keep_scale(drop_threshold, compute)
+    out = acc * norm[:, None]
     tl.store(out_ptr + b * o_sb + h * o_sh + rows[:, None].to(tl.int64) * o_ss + value_dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < S_Q) & (value_dims[None, :] < DV))
     lse = tl.where(seen, row_max + tl.log(tl.where(seen, row_sum, 1.0)), float("-inf"))
@@ -164,13 +196,14 @@ def _attention_backward_kv_kernel(
     q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dmask_ptr, mask_ptr, slopes_ptr,
     q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, do_sb, do_sh, do_ss,
     mask_sb, mask_sh, mask_si, mask_sj, slope_sb, slope_sh,
-    H, GROUP, S_Q, S_K, D, DV, scale, softcap, window_left, window_right,
-    MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, MASK_GRAD: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    H, GROUP, S_Q, S_K, D, DV, scale, softcap, window_left, window_right, dropout_seed, drop_threshold,
+    MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+    MASK_GRAD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """dk and dv of BLOCK_N keys of one key head, summed over the GROUP query heads that read it:
-    dv = sum P^T dO, dk = scale sum dS^T q with dS = P (dO v^T - delta), computed as P^T and
+    dv = sum P_d^T dO, dk = scale sum dS^T q with dS = P (Z dO v^T - delta), P_d = Z P and Z
+    dropout's keep_scale where kept, 0 where dropped (1 without dropout); computed as P^T and
     dS^T directly. Reads the block's keys and values once and the queries, output gradients,
     lse and delta of every query that sees them; writes dk and dv (contiguous) and, with
     MASK_GRAD, dS into dmask (contiguous)."""
@@ -226,8 +259,15 @@ def _attention_backward_kv_kernel(
                                     HAS_ALIBI, HAS_SOFTCAP, PRECISION, TRANSPOSED=True)
             # A row that saw no key has lse -inf and zero weights: subtracting +inf keeps them 0.
             p_t = tl.exp(s_t - tl.where(lse == float("-inf"), float("inf"), lse)[None, :])
-            dv += tl.dot(p_t.to(d_o.dtype), d_o, input_precision=PRECISION)
-            ds_t = p_t * (tl.dot(v, tl.trans(d_o), input_precision=PRECISION) - delta[None, :])
+            weights_t = p_t
+            dp_t = tl.dot(v, tl.trans(d_o), input_precision=PRECISION)
+            if DROPOUT:
+                keep = _dropout_keep(dropout_seed, drop_threshold, b * H + h, rows, j0, BLOCK_M, BLOCK_N)
+                factor_t = tl.where(tl.trans(keep), _keep_scale(drop_threshold, compute), 0.0)
+                weights_t = p_t * factor_t
+                dp_t = dp_t * factor_t
+            dv += tl.dot(weights_t.to(d_o.dtype), d_o, input_precision=PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
             if MASK_GRAD:
                 tl.store(dmask_ptr + row_stats[None, :].to(tl.int64) * S_K + cols[:, None], ds_t,
                          mask=in_rows[None, :] & (cols[:, None] < S_K))
@@ -247,12 +287,12 @@ def _attention_backward_q_kernel(
     q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, mask_ptr, slopes_ptr,
     q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, do_sb, do_sh, do_ss,
     mask_sb, mask_sh, mask_si, mask_sj, slope_sb, slope_sh,
-    H, GROUP, S_Q, S_K, D, DV, scale, softcap, window_left, window_right,
-    MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
+    H, GROUP, S_Q, S_K, D, DV, scale, softcap, window_left, window_right, dropout_seed, drop_threshold,
+    MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """dq = scale sum dS k for BLOCK_M queries of one head. Reads the block's queries and output
+    """dq = scale sum dS k for BLOCK_M queries of one head (dS as the other backward kernel's)." Reads the block's queries and output
     gradients once and every key and value row they see; writes dq (contiguous)."""
     compute = lse_ptr.dtype.element_ty
     bh, b, h, kv, i0 = _query_block(H, GROUP, BLOCK_M)
@@ -289,7 +329,11 @@ def _attention_backward_q_kernel(
                             window_left, window_right, (j0 < inner_first) | (j0 >= inner_end), MASK_KIND,
                             HAS_ALIBI, HAS_SOFTCAP, PRECISION)
         p = tl.exp(s - base[:, None])
-        ds = p * (tl.dot(d_o, tl.trans(v), input_precision=PRECISION) - delta[:, None])
+        dp = tl.dot(d_o, tl.trans(v), input_precision=PRECISION)
+        if DROPOUT:
+            keep = _dropout_keep(dropout_seed, drop_threshold, bh, rows, j0, BLOCK_M, BLOCK_N)
+            dp = dp * tl.where(keep, _keep_scale(drop_threshold, compute), 0.0)
+        ds = p * (dp - delta[:, None])
         if HAS_SOFTCAP:
             t = capped / softcap
             ds = ds * (1.0 - t * t)
@@ -329,7 +373,7 @@ def tile_config(direction, dtype, block_d, device_type):
     return dict(BLOCK_M=32 if direction == "backward" else 64, BLOCK_N=32, num_warps=8, num_stages=2)
 
 
-def _settings(q, k, v, mask, alibi_slopes, scale, softcap, window_left, window_right):
+def _settings(q, k, v, mask, alibi_slopes, scale, softcap, window_left, window_right, dropout_p, dropout_seed):
     """The kernels' shared arguments after the tensors: strides, sizes and compile-time flags."""
     B, H, S_Q, D = q.shape
     H_K, S_K, DV = k.shape[1], k.shape[2], v.shape[3]
@@ -345,12 +389,14 @@ def _settings(q, k, v, mask, alibi_slopes, scale, softcap, window_left, window_r
     # (triton#11584): compute in fp32 there. float64 is computed as loaded.
     upcast = q.dtype in (torch.float16, torch.bfloat16) and q.device.type == "cpu"
     block_d, block_dv = max(triton.next_power_of_2(D), 16), max(triton.next_power_of_2(DV), 16)
+    threshold = dropout_threshold(dropout_p)
     constants = dict(
-        MASK_KIND=mask_kind, HAS_ALIBI=alibi_slopes is not None, HAS_SOFTCAP=softcap > 0, UPCAST=upcast,
+        MASK_KIND=mask_kind, HAS_ALIBI=alibi_slopes is not None, HAS_SOFTCAP=softcap > 0, DROPOUT=threshold > 0,
+        UPCAST=upcast,
         PRECISION="ieee" if upcast or q.dtype in (torch.float32, torch.float64) else None,
         BLOCK_D=block_d, BLOCK_DV=block_dv,
     )
-    sizes = (H, H // H_K, S_Q, S_K, D, DV, scale, softcap, window_left, window_right)
+    sizes = (H, H // H_K, S_Q, S_K, D, DV, scale, softcap, window_left, window_right, dropout_seed, threshold)
     return compute, mask_arg, slopes, (*mask_strides, *slope_strides, *sizes), constants
 
 
@@ -360,13 +406,14 @@ def _scaled_in_float64(q, scale):
     return (q * scale, 1.0) if q.dtype == torch.float64 else (q, scale)
 
 
-def attention_forward(q, k, v, mask, alibi_slopes, scale, softcap, window_left, window_right):
+def attention_forward(q, k, v, mask, alibi_slopes, scale, softcap, window_left, window_right, dropout_p,
+                      dropout_seed):
     """Returns out (B, H, S_q, D_v) in q's dtype and lse (B, H, S_q) in the math dtype; the
     arguments as csrc/cpu/attention.h's AttentionProblem."""
     B, H, S_Q, _ = q.shape
     q, scale = _scaled_in_float64(q, scale)
     compute, mask_arg, slopes, shared, constants = _settings(
-        q, k, v, mask, alibi_slopes, scale, softcap, window_left, window_right
+        q, k, v, mask, alibi_slopes, scale, softcap, window_left, window_right, dropout_p, dropout_seed
     )
     out = torch.empty(B, H, S_Q, v.shape[3], dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, S_Q, dtype=compute, device=q.device)
@@ -379,15 +426,15 @@ def attention_forward(q, k, v, mask, alibi_slopes, scale, softcap, window_left, 
     return out, lse
 
 
-def attention_backward(q, k, v, mask, alibi_slopes, scale, softcap, window_left, window_right, out, lse, dout,
-                       mask_grad):
+def attention_backward(q, k, v, mask, alibi_slopes, scale, softcap, window_left, window_right, dropout_p,
+                       dropout_seed, out, lse, dout, mask_grad):
     """Returns dq, dk, dv (contiguous, in q's dtype) and, with mask_grad, the (B, H, S_q, S_k)
     gradient of an additive mask in the math dtype (else None)."""
     B, H, S_Q, _ = q.shape
     H_K, S_K = k.shape[1], k.shape[2]
     q, kernel_scale = _scaled_in_float64(q, scale)
     compute, mask_arg, slopes, shared, constants = _settings(
-        q, k, v, mask, alibi_slopes, kernel_scale, softcap, window_left, window_right
+        q, k, v, mask, alibi_slopes, kernel_scale, softcap, window_left, window_right, dropout_p, dropout_seed
     )
     delta = (dout.to(compute) * out.to(compute)).sum(-1).contiguous()
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))

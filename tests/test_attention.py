@@ -11,6 +11,7 @@ from helpers import assert_close_to_reference, assert_compiles_like_eager, inter
 import genfast
 from genfast.backends import extension
 from genfast.reference import attention as reference
+from genfast.reference.random import seed_from_torch
 
 # The backends with attention kernels (no CUDA C++ one).
 BACKENDS = ("reference", "cpu", "triton")
@@ -61,12 +62,16 @@ def resolve_extras(extras, shape, device):
     return extras
 
 
-def torch_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, **extras):
+def torch_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, dropout_p=0.0, **extras):
     """PyTorch's own attention in the inputs' dtype: F.scaled_dot_product_attention, or for
-    what it cannot express, the reference's formula run in that dtype."""
-    if extras:
+    what it cannot express (genfast's extras, its dropout stream), the reference's formula
+    run in that dtype."""
+    if extras or dropout_p:
         s = reference.scores(q, k, attn_mask, is_causal, scale, enable_gqa, **extras)
         weights = torch.softmax(s, -1).masked_fill(s.isneginf().all(-1, keepdim=True), 0)
+        if dropout_p:
+            keep = reference.dropout_keep(seed_from_torch(), dropout_p, weights.shape, weights.device)
+            weights = weights * keep * reference.dropout_scale(dropout_p)
         if enable_gqa:
             v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
         return weights @ v
@@ -89,6 +94,8 @@ def check(backend, shape, dtype, atol, layout="contiguous", mask=None, **kwargs)
             m.requires_grad_()
             leaves.append(m)
         extras = {key: value.to(cast) if isinstance(value, torch.Tensor) else value for key, value in kwargs.items()}
+        # Each run draws the same dropout seed.
+        torch.manual_seed(0)
         out = fn(*leaves[:3], attn_mask=m, **extras)
         return out, torch.autograd.grad((out * dout.to(cast)).sum(), leaves)
 
@@ -219,6 +226,23 @@ def test_shapes_beyond_four_dimensions(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_reads_no_key_past_the_end(backend):
+    """A window that leaves the last block of queries no key (S_q > S_k) reads no key or value
+    row past the end: those rows hold NaN here, which any read would carry into the results."""
+    device = require(backend)
+    q = torch.randn(1, 2, 130, 64, device=device, requires_grad=True)
+    k, v = (torch.full((1, 2, 200, 64), math.nan, device=device) for _ in range(2))
+    k[:, :, :65], v[:, :, :65] = torch.randn(2, 1, 2, 65, 64, device=device)
+    k, v = (t[:, :, :65].requires_grad_() for t in (k, v))
+    with genfast.use_backend(backend):
+        out = genfast.ops.scaled_dot_product_attention(q, k, v, window_size=(30, 2))
+    expected = reference.scaled_dot_product_attention(q, k, v, window_size=(30, 2))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert not any(g.isnan().any() for g in grads)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty(backend):
     device = require(backend)
     q, k, v = (torch.randn(2, 3, 0, 16, device=device) for _ in range(3))
@@ -226,14 +250,39 @@ def test_empty(backend):
         assert genfast.ops.scaled_dot_product_attention(q, k, v).shape == (2, 3, 0, 16)
 
 
-def test_dropout_runs_the_reference():
-    """The kernels do not drop out: dropout_p > 0 runs the reference, same seed, same result."""
-    q, k, v = make_inputs(SHAPES[2], torch.float32, "cpu")
-    torch.manual_seed(0)
-    out = genfast.ops.scaled_dot_product_attention(q, k, v, dropout_p=0.5, enable_gqa=True)
-    torch.manual_seed(0)
-    expected = reference.scaled_dot_product_attention(q, k, v, dropout_p=0.5, enable_gqa=True)
-    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[2], SHAPES[4], SHAPES[5]], ids=str)
+def test_dropout(backend, shape, is_causal):
+    """The kernels drop the weights the reference drops for the same torch seed, forward and
+    backward (a weight dropped in one and kept in the other would be far off)."""
+    check(backend, shape, torch.float32, 1e-5, is_causal=is_causal, dropout_p=0.3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, atol", DTYPES, ids=str)
+def test_dropout_dtypes(backend, dtype, atol):
+    check(backend, SHAPES[3], dtype, atol, dropout_p=0.1, window_size=(30, 2), alibi_slopes="per_head")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_with_mask_gradient(backend):
+    mask = torch.randn(1, 2, 1, 130).requires_grad_()
+    check(backend, SHAPES[4], torch.float32, 1e-5, mask=mask.to(require(backend)), dropout_p=0.5)
+
+
+def test_dropout_keep_statistics():
+    """dropout_keep keeps each weight with probability 1 - p (within 5 standard errors), a
+    fresh pattern per seed, head and row, and the same one for the same seed."""
+    shape = (2, 3, 50, 101)
+    for p in (0.1, 0.5, 0.9):
+        keep = reference.dropout_keep(7, p, shape)
+        error = 5 * math.sqrt(p * (1 - p) / keep.numel())
+        assert abs(keep.float().mean().item() - (1 - p)) < error
+        assert torch.equal(keep, reference.dropout_keep(7, p, shape))
+        assert not torch.equal(keep, reference.dropout_keep(8, p, shape))
+        assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0, 0], keep[0, 0, 1])
+    assert reference.dropout_scale(0.5) == 2.0
 
 
 BAD_INPUTS = [  # (what, changes to the arguments, error type, message fragment)
@@ -268,22 +317,47 @@ def test_extension_checks_its_arguments():
     q, k, v = make_inputs(SHAPES[2], torch.float32, "cpu")
     ext = extension()
     with pytest.raises(RuntimeError, match="heads must divide"):
-        ext.attention_forward(q, torch.randn(2, 3, 67, 32), torch.randn(2, 3, 67, 32), None, None, 1.0, 0.0, -1, -1)
+        ext.attention_forward(
+            q, torch.randn(2, 3, 67, 32), torch.randn(2, 3, 67, 32), None, None, 1.0, 0.0, -1, -1, 0.0, 0
+        )
     with pytest.raises(RuntimeError, match="attn_mask must be expanded"):
-        ext.attention_forward(q, k, v, torch.ones(67, 67, dtype=torch.bool), None, 1.0, 0.0, -1, -1)
+        ext.attention_forward(q, k, v, torch.ones(67, 67, dtype=torch.bool), None, 1.0, 0.0, -1, -1, 0.0, 0)
     with pytest.raises(RuntimeError, match="contiguous last dimension"):
-        ext.attention_forward(q.transpose(2, 3), k, v, None, None, 1.0, 0.0, -1, -1)
+        ext.attention_forward(q.transpose(2, 3), k, v, None, None, 1.0, 0.0, -1, -1, 0.0, 0)
+    with pytest.raises(RuntimeError, match="dropout_p"):
+        ext.attention_forward(q, k, v, None, None, 1.0, 0.0, -1, -1, 1.0, 0)
 
 
 class _CausalSelfAttention(torch.nn.Module):
+    def __init__(self, dropout_p=0.0):
+        super().__init__()
+        self.dropout_p = dropout_p
+
     def forward(self, x):
         q, k, v = x.chunk(3, dim=-1)
-        return genfast.ops.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return genfast.ops.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout_p, is_causal=True)
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 def test_compiles(compiler):
     assert_compiles_like_eager(_CausalSelfAttention(), torch.randn(2, 2, 19, 48), compiler)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_dropout_compiles(compiler):
+    """Compiled, the dropout seed is drawn inside the graph: with inductor leaving random ops
+    to torch (fallback_random), one torch seed drops the same weights as in eager."""
+    require("cpu")
+    module = _CausalSelfAttention(dropout_p=0.25)
+    x = torch.randn(2, 2, 19, 48)
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True, backend=compiler)
+    with torch._inductor.config.patch(fallback_random=True), genfast.use_backend("cpu"):
+        torch.manual_seed(3)
+        out = compiled(x)
+        torch.manual_seed(3)
+        expected = module(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 MHA_CONFIGS = [  # (constructor keyword arguments, self-attention)

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "dispatch.h"
+#include "philox.h"
 #include "tile_matmul.h"
 #include "vec_math.h"
 
@@ -31,6 +32,15 @@ namespace genfast::cpu {
 namespace {
 
 constexpr int64_t kBlockQ = 64, kBlockK = 64;
+static_assert(kBlockK <= kPhiloxMaxCount, "a tile row's dropout is one philox_row_bits call");
+
+// Dropout compares 24 random bits with dropout_p in steps of 2^-24
+// (genfast/reference/attention.py's dropout_threshold).
+constexpr uint32_t kDropoutLevels = 1u << 24;
+
+uint32_t dropout_threshold(double dropout_p) {
+  return static_cast<uint32_t>(std::min<double>(std::nearbyint(dropout_p * kDropoutLevels), kDropoutLevels - 1));
+}
 
 // The rows of a (B, H, S, X) tensor whose last dimension is contiguous, or the blocks of a
 // (B, H, blocks, X, kBlockK) one (blocked_transpose's).
@@ -64,6 +74,11 @@ struct Problem {
   int64_t mask_stride[4] = {};
   const T* slopes = nullptr;
   int64_t slope_stride[2] = {};
+  // Dropout keeps a weight when the top 24 bits of its Philox word reach drop_threshold, and
+  // scales it by keep_scale; drop_threshold 0 keeps every weight.
+  uint64_t seed;
+  uint32_t drop_threshold;
+  T keep_scale;
 
   Problem(const AttentionProblem& p, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_)
       : q(rows_of<T>(q_)),
@@ -79,7 +94,10 @@ struct Problem {
         scale(static_cast<T>(p.scale)),
         softcap(static_cast<T>(p.softcap)),
         left(p.window_left),
-        right(p.window_right) {
+        right(p.window_right),
+        seed(p.dropout_seed),
+        drop_threshold(dropout_threshold(p.dropout_p)),
+        keep_scale(static_cast<T>(T(kDropoutLevels) / T(kDropoutLevels - drop_threshold))) {
     if (p.mask) {
       const at::Tensor& mask = *p.mask;
       if (mask.scalar_type() == at::kBool) {
@@ -98,11 +116,25 @@ struct Problem {
 
   int64_t group() const { return heads / kv_heads; }
 
-  // The keys [first, last) that some query of [i0, i1) sees.
+  bool dropout() const { return drop_threshold > 0; }
+
+  // factor[c]: keep_scale if dropout keeps the weight of query i and key j0 + c of head (b, h),
+  // else 0; c < n <= kPhiloxMaxCount.
+  void keep_factors(int64_t b, int64_t h, int64_t i, int64_t j0, int64_t n, T* factor) const {
+    uint32_t words[kPhiloxMaxCount];
+    philox_row_bits(seed, static_cast<uint32_t>(i), static_cast<uint32_t>(b * heads + h), j0, n, words);
+    const uint32_t threshold = drop_threshold;
+    const T scale = keep_scale;
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) factor[c] = (words[c] >> 8) >= threshold ? scale : T(0);
+  }
+
+  // The keys [first, last) that some query of [i0, i1) sees; (0, 0) when none does (a window
+  // past the last key), so that a loop from first's block start does not run.
   std::pair<int64_t, int64_t> key_range(int64_t i0, int64_t i1) const {
     const int64_t first = left >= 0 ? std::max<int64_t>(0, i0 - left) : 0;
     const int64_t last = right >= 0 ? std::min(keys, i1 + right) : keys;
-    return {first, std::max(first, last)};
+    return first < last ? std::pair{first, last} : std::pair<int64_t, int64_t>{0, 0};
   }
 
   // The queries [first, last) that see some key of [j0, j1).
@@ -225,7 +257,7 @@ template <typename T>
 struct ForwardBlock {
   const Problem<T>& p;
   Rows<const T*> keys_t;
-  std::vector<T> queries, scores, acc, values, row_max, row_sum;
+  std::vector<T> queries, scores, acc, values, row_max, row_sum, keep;
 
   ForwardBlock(const Problem<T>& problem, Rows<const T*> keys_transposed)
       : p(problem),
@@ -235,7 +267,8 @@ struct ForwardBlock {
         acc(kBlockQ * padded_columns<T>(problem.value_dim)),
         values(kBlockK * padded_columns<T>(problem.value_dim)),
         row_max(kBlockQ),
-        row_sum(kBlockQ) {}
+        row_sum(kBlockQ),
+        keep(problem.dropout() ? kBlockK : 0) {}
 
   void run(int64_t b, int64_t h, int64_t i0, Rows<T*> out, T* lse) {
     const int64_t m = std::min(kBlockQ, p.queries - i0), kv_head = h / p.group();
@@ -264,6 +297,12 @@ struct ForwardBlock {
         const T rescale = exp_fast(row_max[r] - base);
         row_sum[r] = row_sum[r] * rescale + padded_row_sum(row, width);
         row_max[r] = new_max;
+        // The sum is the softmax's; dropout zeroes weights only in the values' product.
+        if (p.dropout()) {
+          p.keep_factors(b, h, i0 + r, j0, n, keep.data());
+#pragma omp simd
+          for (int64_t c = 0; c < n; ++c) row[c] *= keep[c];
+        }
         if (rescale != T(1)) {
           T* acc_row = acc.data() + r * dv_width;
 #pragma omp simd
@@ -292,7 +331,7 @@ struct BackwardHead {
   const T* lse;
   Rows<T*> dq, dk, dv, dmask;
   int64_t d_width, dv_width;
-  std::vector<T> dq_acc, delta, queries, probs, dprobs, capped, dk_acc, dv_acc, dout_pack, k_pack;
+  std::vector<T> dq_acc, delta, queries, probs, dprobs, capped, keep, dropped, dk_acc, dv_acc, dout_pack, k_pack;
 
   BackwardHead(const Problem<T>& problem, Rows<const T*> keys_transposed, Rows<const T*> values_transposed,
                Rows<const T*> out_, Rows<const T*> dout_, const T* lse_, Rows<T*> dq_, Rows<T*> dk_, Rows<T*> dv_,
@@ -315,6 +354,8 @@ struct BackwardHead {
         probs(kBlockQ * padded_columns<T>(kBlockK)),
         dprobs(kBlockQ * padded_columns<T>(kBlockK)),
         capped(problem.softcap > 0 ? kBlockQ * padded_columns<T>(kBlockK) : 0),
+        keep(problem.dropout() ? kBlockQ * padded_columns<T>(kBlockK) : 0),
+        dropped(keep.size()),
         dk_acc(kBlockK * d_width),
         dv_acc(kBlockK * dv_width),
         dout_pack(kBlockQ * dv_width),
@@ -367,16 +408,36 @@ struct BackwardHead {
 #pragma omp simd
           for (int64_t c = 0; c < n; ++c) row[c] = exp_fast(row[c] - base);
         }
+        // With dropout, the values were weighted by P's kept entries, scaled: dv reads those.
+        const T* weights = P;
+        if (p.dropout()) {
+          for (int64_t r = 0; r < m; ++r) {
+            T* factor = keep.data() + r * width;
+            p.keep_factors(b, h, i0 + r, j0, n, factor);
+            const T* prob = P + r * width;
+            T* kept = dropped.data() + r * width;
+#pragma omp simd
+            for (int64_t c = 0; c < n; ++c) kept[c] = prob[c] * factor[c];
+          }
+          weights = dropped.data();
+        }
         const auto [d_o_op, ld_do] = b_operand(d_o, m, p.value_dim, dout.row, dout_pack.data());
-        tile_matmul<true>(n, dv_width, m, P, 1, width, d_o_op, ld_do, dv_acc.data(), dv_width);
+        tile_matmul<true>(n, dv_width, m, weights, 1, width, d_o_op, ld_do, dv_acc.data(), dv_width);
         tile_matmul<false>(m, width, p.value_dim, d_o, dout.row, 1, values_t.at(b, kv_head, j0 / kBlockK), kBlockK,
                            dS, width);
         for (int64_t r = 0; r < m; ++r) {
           const T row_delta = delta[g * p.queries + i0 + r];
           const T* prob = P + r * width;
           T* ds = dS + r * width;
+          if (p.dropout()) {
+            // The gradient of a dropped weight is the kept one's, scaled, and 0 where dropped.
+            const T* factor = keep.data() + r * width;
 #pragma omp simd
-          for (int64_t c = 0; c < n; ++c) ds[c] = prob[c] * (ds[c] - row_delta);
+            for (int64_t c = 0; c < n; ++c) ds[c] = prob[c] * (ds[c] * factor[c] - row_delta);
+          } else {
+#pragma omp simd
+            for (int64_t c = 0; c < n; ++c) ds[c] = prob[c] * (ds[c] - row_delta);
+          }
           if (dmask.data) std::copy(ds, ds + n, dmask.at(b, h, i0 + r) + j0);
           if (!capped.empty()) {
             // d/ds of c tanh(s / c) is 1 - tanh^2.

@@ -14,11 +14,15 @@ namespace genfast::cpu {
 // h / (H / H_k). mask, expanded to (B, H, S_q, S_k): bool (keep where true) or q's math type
 // (added). alibi_slopes, expanded to (B, H), in the math type. softcap 0 is none. Query i
 // sees keys i - window_left ..= i + window_right, -1 for no bound: causal is window_right 0.
+// dropout_p > 0 drops the weights genfast/reference/attention.py's dropout_keep drops for
+// dropout_seed.
 struct AttentionProblem {
   at::Tensor q, k, v;
   std::optional<at::Tensor> mask, alibi_slopes;
   double scale = 1.0, softcap = 0.0;
   int64_t window_left = -1, window_right = -1;
+  double dropout_p = 0.0;
+  uint64_t dropout_seed = 0;
 };
 
 // Returns the output (B, H, S_q, D_v) in q's dtype and the log-sum-exp of each row's scores

@@ -8,7 +8,9 @@ Both backends (C++ for CPU tensors, Triton) work flash-attention style: no
 (S_q, S_k) matrix is stored, and tiles that causality or a window mask out
 entirely are skipped. The forward saves each row's log-sum-exp; the backward
 recomputes the scores tile by tile from it. A float attn_mask that requires grad
-gets its gradient.
+gets its gradient. Dropout is drawn in the kernels from a counter-based stream
+keyed by a seed from torch's generator, so the backward recomputes the same
+weights' fate instead of storing it.
 """
 
 from __future__ import annotations
@@ -44,20 +46,27 @@ def _forward(
     v: Tensor,
     mask: Tensor | None,
     alibi_slopes: Tensor | None,
+    dropout_seed: Tensor | None,
     scale: float,
     softcap: float,
     window_left: int,
     window_right: int,
+    dropout_p: float,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     """Returns the output (B, H, S_q, D_v) in q's dtype and the rows' log-sum-exp (B, H, S_q)
     in the math type. q, k, v: (B, H or H_k, S, D) with a contiguous last dimension; mask
     expanded to (B, H, S_q, S_k), bool or the math type; alibi_slopes expanded to (B, H);
-    softcap 0 and window bounds -1 mean none."""
+    softcap 0 and window bounds -1 mean none; dropout_seed a CPU int64 scalar, or None
+    without dropout."""
     out, lse = _kernels(backend).attention_forward(
-        q, k, v, mask, alibi_slopes, scale, softcap, window_left, window_right
+        q, k, v, mask, alibi_slopes, scale, softcap, window_left, window_right, dropout_p, _seed(dropout_seed)
     )
     return out, lse
+
+
+def _seed(dropout_seed: Tensor | None) -> int:
+    return 0 if dropout_seed is None else int(dropout_seed)
 
 
 def _backward(
@@ -66,10 +75,12 @@ def _backward(
     v: Tensor,
     mask: Tensor | None,
     alibi_slopes: Tensor | None,
+    dropout_seed: Tensor | None,
     scale: float,
     softcap: float,
     window_left: int,
     window_right: int,
+    dropout_p: float,
     out: Tensor,
     lse: Tensor,
     dout: Tensor,
@@ -79,7 +90,8 @@ def _backward(
     """Returns dq, dk, dv and the (B, H, S_q, S_k) gradient of an additive mask (empty
     without mask_grad)."""
     dq, dk, dv, dmask = _kernels(backend).attention_backward(
-        q, k, v, mask, alibi_slopes, scale, softcap, window_left, window_right, out, lse, dout, mask_grad
+        q, k, v, mask, alibi_slopes, scale, softcap, window_left, window_right, dropout_p, _seed(dropout_seed),
+        out, lse, dout, mask_grad,
     )
     return dq, dk, dv, q.new_empty(0) if dmask is None else dmask
 
@@ -95,31 +107,34 @@ def _math_dtype(t: Tensor) -> torch.dtype:
 
 
 @attention_op.register_fake
-def _(q, k, v, mask, alibi_slopes, scale, softcap, window_left, window_right, backend):
+def _(q, k, v, mask, alibi_slopes, dropout_seed, scale, softcap, window_left, window_right, dropout_p, backend):
     return q.new_empty((*q.shape[:3], v.shape[3])), q.new_empty(q.shape[:3], dtype=_math_dtype(q))
 
 
 @attention_backward_op.register_fake
-def _(q, k, v, mask, alibi_slopes, scale, softcap, window_left, window_right, out, lse, dout, mask_grad, backend):
+def _(q, k, v, mask, alibi_slopes, dropout_seed, scale, softcap, window_left, window_right, dropout_p, out, lse, dout,
+      mask_grad, backend):
     dmask = q.new_empty((*q.shape[:3], k.shape[2]), dtype=_math_dtype(q)) if mask_grad else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, alibi_slopes, *settings, backend = inputs
+    q, k, v, mask, alibi_slopes, dropout_seed, *settings, backend = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, mask, alibi_slopes, out, lse)
+    ctx.save_for_backward(q, k, v, mask, alibi_slopes, dropout_seed, out, lse)
     ctx.settings, ctx.backend = settings, backend
 
 
 def _differentiate(ctx, dout, _dlse, backward):
     if dout is None:
-        return (None,) * 10
-    q, k, v, mask, alibi_slopes, out, lse = ctx.saved_tensors
+        return (None,) * 12
+    q, k, v, mask, alibi_slopes, dropout_seed, out, lse = ctx.saved_tensors
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     mask_grad = ctx.needs_input_grad[3]
-    dq, dk, dv, dmask = backward(q, k, v, mask, alibi_slopes, *ctx.settings, out, lse, dout, mask_grad, ctx.backend)
-    return dq, dk, dv, dmask if mask_grad else None, None, None, None, None, None, None
+    dq, dk, dv, dmask = backward(
+        q, k, v, mask, alibi_slopes, dropout_seed, *ctx.settings, out, lse, dout, mask_grad, ctx.backend
+    )
+    return dq, dk, dv, dmask if mask_grad else None, *(None,) * 8
 
 
 attention_op.register_autograd(
@@ -174,7 +189,10 @@ def scaled_dot_product_attention(
     enable_gqa lets H_k divide H. Beyond torch: window_size=(left, right) keeps keys
     i - left ..= i + right (-1: no bound), alibi_slopes (H,) or (..., H) subtracts
     slope * |i - j|, softcap c replaces a score s by c * tanh(s / c) before the mask.
-    dropout_p > 0 runs the reference (the kernels do not drop out).
+    dropout_p > 0 zeroes each attention weight with that probability and scales the kept
+    ones by 1 / (1 - dropout_p), as torch does; which weights is decided by a counter-based
+    stream (genfast/reference/attention.py's dropout_keep) whose seed is drawn from torch's
+    default CPU generator, so that torch.manual_seed reproduces it on every backend.
     """
     check_tensor("query", query, min_dim=2)
     check_tensor("key", key, min_dim=2, like=query)
@@ -225,7 +243,7 @@ def scaled_dot_product_attention(
         raise ValueError(f"softcap must be a positive float or None, got {softcap!r}")
 
     backend = resolve("scaled_dot_product_attention", query.device, _IMPLEMENTED)
-    if backend == "reference" or dropout_p > 0 or query.numel() == 0 or key.numel() == 0 or value.numel() == 0:
+    if backend == "reference" or query.numel() == 0 or key.numel() == 0 or value.numel() == 0:
         return reference.attention.scaled_dot_product_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window, alibi_slopes, softcap
         )
@@ -243,11 +261,13 @@ def scaled_dot_product_attention(
     left, right = window if window is not None else (-1, -1)
     if is_causal:
         right = 0 if right < 0 else min(right, 0)
+    # reference.random.seed_from_torch's draw, left a tensor so that torch.compile traces it.
+    dropout_seed = torch.randint(2**62, ()) if dropout_p > 0 else None
     args = (
-        q, k, v, mask, slopes,
+        q, k, v, mask, slopes, dropout_seed,
         1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale),
         0.0 if softcap is None else float(softcap),
-        left, right, backend,
+        left, right, float(dropout_p), backend,
     )
     out, _ = attention_op(*args) if torch.compiler.is_compiling() else _AttentionFunction.call(*args)
     return out.view(*query.shape[:-1], value.shape[-1])

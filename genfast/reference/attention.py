@@ -9,7 +9,9 @@ softcap. The score of query i and key j, in this order:
     s = -inf  where j > i (is_causal), or outside i - left <= j <= i + right (window_size)
 
 then softmax over j (a row with no key left gives zeros, as torch's) and the
-weighted sum of the values. Positions are aligned at the top left, as torch's
+weighted sum of the values. Dropout zeroes each weight with probability dropout_p and
+scales the others to keep the expectation; which it zeroes comes from a counter-based
+stream (dropout_keep), so that every backend drops the same weights for one seed. Positions are aligned at the top left, as torch's
 is_causal: query i sits at key position i whatever the lengths.
 """
 
@@ -18,7 +20,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
+
+from .random import philox4x32, seed_from_torch
 
 
 def allowed_keys(
@@ -77,6 +80,30 @@ def scores(
     return s
 
 
+def dropout_threshold(dropout_p: float) -> int:
+    """A weight is dropped when the top 24 bits of its random word fall below this."""
+    return min(round(dropout_p * 2**24), 2**24 - 1)
+
+
+def dropout_keep(seed: int, dropout_p: float, shape: tuple[int, int, int, int], device=None) -> torch.Tensor:
+    """The (B, H, S_q, S_k) bool matrix of the attention weights dropout keeps: weight
+    (b, h, i, j) is kept when word j % 4 of Philox4x32-10 at counter (j // 4, i, b * H + h, 0)
+    under key seed, shifted right by 8, is at least dropout_threshold(dropout_p). So each
+    weight is dropped with probability threshold / 2^24, dropout_p rounded to 2^-24."""
+    batch, heads, queries, keys = shape
+    j = torch.arange(keys, device=device)
+    i = torch.arange(queries, device=device)[:, None]
+    head = torch.arange(batch * heads, device=device)[:, None, None]
+    words = torch.stack(torch.broadcast_tensors(*philox4x32(seed, j // 4, i, head)))
+    word = words.gather(0, (j % 4).expand(1, *words.shape[1:]))[0]
+    return ((word >> 8) >= dropout_threshold(dropout_p)).reshape(shape)
+
+
+def dropout_scale(dropout_p: float) -> float:
+    """1 / the probability that dropout_keep keeps a weight."""
+    return 2**24 / (2**24 - dropout_threshold(dropout_p))
+
+
 def scaled_dot_product_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -89,11 +116,13 @@ def scaled_dot_product_attention(
     window_size: tuple[int, int] | None = None,
     alibi_slopes: torch.Tensor | None = None,
     softcap: float | None = None,
+    dropout_seed: int | None = None,
 ) -> torch.Tensor:
     """softmax(scores) @ value, computed in fp32 for fp16/bf16 inputs and rounded once.
 
     query (B, H, S_q, E), key (B, H_k, S_k, E), value (B, H_k, S_k, E_v); H_k divides H
     with enable_gqa. attn_mask broadcasts to (B, H, S_q, S_k); alibi_slopes is (H,) or (B, H).
+    dropout_seed keys dropout_keep's stream; None draws it from torch's generator.
     """
     compute = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
     q, k, v = (t.to(compute) for t in (query, key, value))
@@ -103,7 +132,12 @@ def scaled_dot_product_attention(
     # A row with every key masked out has no softmax; torch gives it zero weights.
     weights = torch.softmax(s, dim=-1).masked_fill(s.isneginf().all(-1, keepdim=True), 0.0)
     if dropout_p > 0:
-        weights = F.dropout(weights, dropout_p)
+        seed = seed_from_torch() if dropout_seed is None else dropout_seed
+        # Leading dimensions flattened into the batch, as the kernels see them.
+        heads = weights.shape[-3] if weights.dim() > 2 else 1
+        shape = (math.prod(weights.shape[:-3]), heads, *weights.shape[-2:])
+        keep = dropout_keep(seed, dropout_p, shape, weights.device)
+        weights = weights * keep.reshape(weights.shape) * dropout_scale(dropout_p)
     return (weights @ v).to(query.dtype)
 
 

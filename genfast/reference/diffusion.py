@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .random import philox4x32
+
 
 @dataclass(frozen=True)
 class StepCoefficients:
@@ -50,40 +52,13 @@ class StepCoefficients:
     learned_variance: tuple[float, float] | None = None
 
 
-_PHILOX_ROUND = (0xD2511F53, 0xCD9E8D57)
-_PHILOX_KEY_STEP = (0x9E3779B9, 0xBB67AE85)
-_LOW32 = 0xFFFFFFFF
-
-
-def _mul_hi_lo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
-    """(high, low) 32 bits of the 64-bit product a * b, for b holding uint32 values in int64
-    (b split in 16-bit halves, so that no product overflows int64)."""
-    low_product = a * (b & 0xFFFF)
-    middle = a * (b >> 16) + (low_product >> 16)
-    return middle >> 16, ((middle & 0xFFFF) << 16) | (low_product & 0xFFFF)
-
-
-def philox4x32(counter: Tensor, seed: int) -> list[Tensor]:
-    """Philox4x32-10 (Salmon et al., 2011) of the counters (counter, 0, 0, 0) under the 64-bit
-    key seed: four uint32 words per counter, in int64 tensors. Triton's tl.randint4x(seed, counter)
-    for int32 counters."""
-    c = [counter & _LOW32, torch.zeros_like(counter), torch.zeros_like(counter), torch.zeros_like(counter)]
-    k = [seed & _LOW32, (seed >> 32) & _LOW32]
-    for _ in range(10):
-        hi_b, lo_b = _mul_hi_lo(_PHILOX_ROUND[1], c[2])
-        hi_a, lo_a = _mul_hi_lo(_PHILOX_ROUND[0], c[0])
-        c = [hi_b ^ c[1] ^ k[0], lo_b, hi_a ^ c[3] ^ k[1], lo_a]
-        k = [(k[0] + _PHILOX_KEY_STEP[0]) & _LOW32, (k[1] + _PHILOX_KEY_STEP[1]) & _LOW32]
-    return c
-
-
 def philox_normal(seed: int, shape: tuple[int, ...], device=None, dtype: torch.dtype = torch.float32) -> Tensor:
     """The standard normal noise of fused_noise: element e of the flattened shape is lane e % 4 of
     Philox4x32-10 at counter e // 4, its words (w0, w1, w2, w3) paired by Box-Muller,
         u = ((w >> 8) + 0.5) / 2^24,  r = sqrt(-2 ln u0),  lanes r cos(2 pi u1), r sin(2 pi u1)
     and likewise from (w2, w3). Reproducible per seed; not torch.randn's numbers."""
     elements = torch.arange(math.prod(shape), device=device)
-    words = philox4x32(elements // 4, seed)
+    words = philox4x32(seed, elements // 4)
     lane = elements % 4
     pair = lane >= 2
     first = torch.where(pair, words[2], words[0])
