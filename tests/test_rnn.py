@@ -14,7 +14,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 import genfast
 from genfast.backends import extension
 
-BACKENDS = ("cpu", "reference")
+BACKENDS = ("cpu", "triton", "reference")
 
 
 def random_configs(kind: str, count: int, seed: int):

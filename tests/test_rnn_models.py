@@ -23,7 +23,7 @@ def tokens(*shape, seed):
     return torch.randint(0, CONFIG.vocab_size, shape, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
 def test_lstm_lm_training_step_matches_torch_layers(backend):
     require(backend)
     reference, fused, exact = builds(LSTMLM)
@@ -42,7 +42,7 @@ def test_lstm_lm_training_step_matches_torch_layers(backend):
     helpers.assert_like_torch_build(names, got, step(reference), step(exact))
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
 def test_gru_encoder_decoder_training_step_matches_torch_layers(backend):
     """Padded sources of different lengths, which the encoder reads packed."""
     require(backend)

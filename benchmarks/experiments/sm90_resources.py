@@ -1,4 +1,4 @@
-"""What each Triton attention and sampling kernel costs an H100/H200 in shared memory,
+"""What each Triton attention, sampling and recurrence kernel costs an H100/H200 in shared memory,
 registers and spilled stack, read without a GPU: the launchers run on meta tensors, each
 launch is compiled for sm_90 instead of run, and cuobjdump (shipped with Triton) reports the
 cubin's resources. Flags a kernel over the 227 KB of shared memory a block may use (it would
@@ -21,7 +21,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from genfast.kernels import attention, sampling  # noqa: E402
+from genfast.kernels import attention, rnn, sampling  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 SHARED_LIMIT = 232448
@@ -96,6 +96,27 @@ def main() -> None:
         if dtype != torch.float64:
             logits = torch.empty(4, 50257, dtype=dtype, device=meta)
             sampling.sample(logits, 0.8, 50, 0.9, torch.empty(4, device=meta))
+    recurrences()
+
+
+def recurrences() -> None:
+    """The recurrence kernels, which run in fp32 or fp64: LSTM with and without a projection,
+    GRU, with lengths."""
+    meta = torch.device("meta")
+    for dtype in (torch.float32, torch.float64):
+        for cell, gates, projection in (("lstm", 4, None), ("lstm", 4, 128), ("gru", 3, None)):
+            T, B, H = 100, 64, 512
+            P = projection or H
+            x_proj = torch.empty(T, B, gates * H, dtype=dtype, device=meta)
+            weight_hh = torch.empty(gates * H, P, dtype=dtype, device=meta)
+            h0, c0 = torch.empty(B, P, dtype=dtype, device=meta), torch.empty(B, H, dtype=dtype, device=meta)
+            bias_hh = None if cell == "lstm" else torch.empty(gates * H, dtype=dtype, device=meta)
+            weight_hr = None if projection is None else torch.empty(P, H, dtype=dtype, device=meta)
+            lengths = torch.empty(B, dtype=torch.int64, device=meta)
+            output, _, _, *saved = rnn.recurrence_forward(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths,
+                                                          False, True)
+            rnn.recurrence_backward(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, False, output,
+                                    None, None, [t for t in saved if t is not None])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """LSTM and GRU layers and cells as the custom op genfast::recurrence: the input projection
-of every time step is one matrix product (torch's), then the time loop runs in native code,
-each step one product h W_hh^T and one fused pass of gate math. Variable lengths are masked
+of every time step is one matrix product (torch's), then the time loop runs in native code
+(csrc/cpu/rnn.cpp, or one Triton kernel: kernels/rnn.py), each step one product h W_hh^T and
+one fused pass of gate math. Variable lengths are masked
 inside the loop. The specification: genfast/reference/rnn.py.
 
 float16 and bfloat16 run in float32, as the weights' and states' gradients accumulate over
@@ -20,8 +21,17 @@ from ..backends import extension, resolve
 from ._autograd import eager_function
 from ._checks import check_tensor
 
-_IMPLEMENTED = frozenset({"cpu"})
+_IMPLEMENTED = frozenset({"cpu", "triton"})
 _GATES = {"lstm": 4, "gru": 3}
+
+
+def _kernels(backend: str):
+    """The backend's recurrence kernels: genfast.kernels.rnn (triton) or the extension (cpu)."""
+    if backend == "triton":
+        from ..kernels import rnn
+
+        return rnn
+    return extension()
 
 
 def _or_none(t: Tensor | None) -> Tensor | None:
@@ -35,7 +45,7 @@ def _forward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(output, h_n, c_n, gates, h_prev, c_prev, tanh_c); what a GRU lacks is an empty tensor.
     The last four, what the backward reads, cover one step only without save."""
-    outputs = extension().recurrence_forward(
+    outputs = _kernels(backend).recurrence_forward(
         cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, reverse, save
     )
     return tuple(x_proj.new_empty(0) if t is None else t for t in outputs)
@@ -47,7 +57,7 @@ def _backward(
     d_c_n: Tensor | None, saved: list[Tensor], backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(d_x_proj, d_weight_hh, d_bias_hh, dh0, dc0, d_weight_hr); empty where the input is absent."""
-    grads = extension().recurrence_backward(
+    grads = _kernels(backend).recurrence_backward(
         cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, reverse, d_output, d_h_n, d_c_n, saved
     )
     return tuple(x_proj.new_empty(0) if g is None else g for g in grads)
