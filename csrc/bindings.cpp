@@ -25,6 +25,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "cuda/norm.h"
+#include "cuda/rnn.h"
 #endif
 
 namespace {
@@ -215,9 +216,10 @@ genfast::cpu::Recurrence recurrence(const std::string& cell, const Tensor& x_pro
   const int64_t T = x_proj.size(0), B = x_proj.size(1), H = x_proj.size(2) / (lstm ? 4 : 3);
   const int64_t P = weight_hr ? weight_hr->size(0) : H;
   auto check = [&](const Tensor& t, const char* name, std::vector<int64_t> shape) {
-    TORCH_CHECK(t.sizes() == at::IntArrayRef(shape) && t.scalar_type() == dtype && t.is_contiguous() && t.is_cpu(),
-                name, " must be a contiguous ", dtype, " CPU tensor of shape ", at::IntArrayRef(shape), ", got ",
-                t.sizes(), " ", t.scalar_type());
+    TORCH_CHECK(t.sizes() == at::IntArrayRef(shape) && t.scalar_type() == dtype && t.is_contiguous() &&
+                    t.device() == x_proj.device(),
+                name, " must be a contiguous ", dtype, " tensor on ", x_proj.device(), " of shape ",
+                at::IntArrayRef(shape), ", got ", t.sizes(), " ", t.scalar_type(), " on ", t.device());
   };
   check(x_proj, "x_proj", {T, B, x_proj.size(2)});
   check(weight_hh, "weight_hh", {x_proj.size(2), P});
@@ -229,22 +231,73 @@ genfast::cpu::Recurrence recurrence(const std::string& cell, const Tensor& x_pro
   if (weight_hr) check(*weight_hr, "weight_hr", {P, H});
   if (lengths) {
     TORCH_CHECK(lengths->dim() == 1 && lengths->size(0) == B && lengths->scalar_type() == at::kLong &&
-                    lengths->is_contiguous() && lengths->is_cpu(),
-                "lengths must be a contiguous int64 CPU tensor of shape (", B, ",)");
-    const int64_t* ls = lengths->const_data_ptr<int64_t>();
-    for (int64_t b = 0; b < B; ++b)
-      TORCH_CHECK(ls[b] >= 0 && ls[b] <= T, "lengths[", b, "] = ", ls[b], " is not in [0, ", T, "]");
+                    lengths->is_contiguous() && lengths->device() == x_proj.device(),
+                "lengths must be a contiguous int64 tensor of shape (", B, ",) on ", x_proj.device());
+    // On a GPU, reading them would wait for it: the Python op checks them.
+    if (lengths->is_cpu()) {
+      const int64_t* ls = lengths->const_data_ptr<int64_t>();
+      for (int64_t b = 0; b < B; ++b)
+        TORCH_CHECK(ls[b] >= 0 && ls[b] <= T, "lengths[", b, "] = ", ls[b], " is not in [0, ", T, "]");
+    }
   }
   return {lstm ? genfast::cpu::Cell::kLSTM : genfast::cpu::Cell::kGRU, x_proj, weight_hh, h0, c0, bias_hh,
           weight_hr, lengths, reverse, save};
 }
 
+#ifdef GENFAST_WITH_CUDA
+
+// Whether csrc/cuda/rnn.cu's persistent kernel runs a cell ("lstm" or "gru") of this batch and
+// hidden size on CUDA device `device`.
+bool persistent_recurrence_fits(const std::string& cell, int64_t batch, int64_t hidden, int64_t device) {
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  bool fits = false;
+  C10_CUDA_CHECK(genfast::cuda::persistent_recurrence_fits(cell == "lstm", batch, hidden, &fits));
+  return fits;
+}
+
+// The persistent kernel's forward of a checked float32 recurrence without a projection.
+std::vector<Tensor> persistent_recurrence_forward(const genfast::cpu::Recurrence& r) {
+  TORCH_CHECK(r.x_proj.scalar_type() == at::kFloat && !r.weight_hr,
+              "the CUDA recurrence takes float32 and no projection; the Triton kernels take the rest");
+  const c10::cuda::CUDAGuard guard(r.x_proj.device());
+  const bool lstm = r.cell == genfast::cpu::Cell::kLSTM;
+  const int64_t T = r.x_proj.size(0), B = r.x_proj.size(1), H = r.h0.size(1), steps = r.save ? T : 1;
+  const auto options = r.x_proj.options();
+  Tensor h_state = at::empty({2, B, H}, options);
+  h_state[0].copy_(r.h0);
+  Tensor c_state = lstm ? r.c0->clone() : Tensor();
+  Tensor output = at::empty({T, B, H}, options);
+  Tensor gates = at::empty({steps, B, 4 * H}, options), h_prev = at::empty({steps, B, H}, options);
+  Tensor c_prev = lstm ? at::empty({steps, B, H}, options) : Tensor();
+  Tensor tanh_c = lstm ? at::empty({steps, B, H}, options) : Tensor();
+  const genfast::cuda::PersistentRecurrence problem{
+      lstm, T, B, H, r.x_proj.const_data_ptr<float>(), r.weight_hh.const_data_ptr<float>(),
+      r.bias_hh ? r.bias_hh->const_data_ptr<float>() : nullptr,
+      r.lengths ? r.lengths->const_data_ptr<int64_t>() : nullptr, r.reverse, h_state.mutable_data_ptr<float>(),
+      lstm ? c_state.mutable_data_ptr<float>() : nullptr, output.mutable_data_ptr<float>(),
+      r.save ? gates.mutable_data_ptr<float>() : nullptr, r.save ? h_prev.mutable_data_ptr<float>() : nullptr,
+      r.save && lstm ? c_prev.mutable_data_ptr<float>() : nullptr,
+      r.save && lstm ? tanh_c.mutable_data_ptr<float>() : nullptr};
+  const cudaError_t status =
+      genfast::cuda::persistent_recurrence_forward(problem, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(status != cudaErrorInvalidValue, "the persistent recurrence does not fit batch ", B, " and hidden size ",
+              H, " on this GPU (persistent_recurrence_fits says which do)");
+  C10_CUDA_CHECK(status);
+  return {output, h_state[T % 2].clone(), c_state, gates, h_prev, c_prev, tanh_c};
+}
+
+#endif
+
 std::vector<Tensor> recurrence_forward(const std::string& cell, const Tensor& x_proj, const Tensor& weight_hh,
                                        const Tensor& h0, const std::optional<Tensor>& c0,
                                        const std::optional<Tensor>& bias_hh, const std::optional<Tensor>& weight_hr,
                                        const std::optional<Tensor>& lengths, bool reverse, bool save) {
-  return genfast::cpu::recurrence_forward(
-      recurrence(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, reverse, save));
+  const auto r = recurrence(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, reverse, save);
+  if (x_proj.is_cpu()) return genfast::cpu::recurrence_forward(r);
+#ifdef GENFAST_WITH_CUDA
+  if (x_proj.is_cuda()) return persistent_recurrence_forward(r);
+#endif
+  TORCH_CHECK(false, "recurrence_forward: no kernel for ", x_proj.device(), " tensors in this build");
 }
 
 // saved: the forward's gates, h_prev and, for an LSTM, c_prev and tanh_c.
@@ -255,6 +308,7 @@ std::vector<Tensor> recurrence_backward(const std::string& cell, const Tensor& x
                                         const std::optional<Tensor>& d_h_n, const std::optional<Tensor>& d_c_n,
                                         const std::vector<Tensor>& saved) {
   const auto r = recurrence(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, reverse, true);
+  TORCH_CHECK(x_proj.is_cpu(), "recurrence_backward runs CPU tensors; on a GPU the Triton kernels run it");
   const int64_t T = x_proj.size(0), B = x_proj.size(1), P = h0.size(1), H = x_proj.size(2) / (r.cell == genfast::cpu::Cell::kLSTM ? 4 : 3);
   auto check = [&](const Tensor& t, const char* name, std::vector<int64_t> shape) {
     TORCH_CHECK(t.sizes() == at::IntArrayRef(shape) && t.scalar_type() == x_proj.scalar_type() && t.is_contiguous(),
@@ -582,6 +636,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "genfast's C++ (CPU) and CUDA kernels";
 #ifdef GENFAST_WITH_CUDA
   m.attr("has_cuda") = true;
+  m.def("persistent_recurrence_fits", &persistent_recurrence_fits,
+        "Whether the persistent CUDA recurrence runs (cell, batch, hidden) on a device");
 #else
   m.attr("has_cuda") = false;
 #endif

@@ -122,12 +122,14 @@ _AUTO_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
 
 
 @functools.cache
-def _auto(op: str, device_type: str, implemented: frozenset[str]) -> str:
+def _auto(op: str, device_type: str, implemented: frozenset[str], unproven: frozenset[str]) -> str:
     reasons = []
     for name in _AUTO_ORDER.get(device_type, ()):
         if name not in implemented:
             continue
         reason = unavailable_reason(name, device_type)
+        if reason is None and name in unproven:
+            reason = f"its kernel has not yet run on this hardware; genfast.use_backend({name!r}) runs it"
         if reason is None:
             return name
         reasons.append(f"{name}: {reason}")
@@ -142,14 +144,17 @@ def _auto(op: str, device_type: str, implemented: frozenset[str]) -> str:
 # torch.compile runs this at trace time and bakes the answer into the graph:
 # the backend is a property of the compiled program, like its dtypes.
 @torch.compiler.assume_constant_result
-def resolve(op: str, device: torch.device, implemented: frozenset[str]) -> str:
+def resolve(op: str, device: torch.device, implemented: frozenset[str],
+            unproven: frozenset[str] = frozenset()) -> str:
     """The backend that runs ``op`` on ``device``, or a clear error.
 
-    ``implemented`` names the backends that have a kernel for ``op``.
+    ``implemented`` names the backends that have a kernel for ``op``; ``unproven``, those of
+    them whose kernels have passed their tests only off their hardware (Triton's interpreter,
+    nvcc): "auto" passes them by until a run on the hardware has checked them.
     """
     name = get_backend()
     if name == "auto":
-        return _auto(op, device.type, implemented)
+        return _auto(op, device.type, implemented, unproven)
     if name != "reference" and name not in implemented:
         raise BackendUnavailableError(f"genfast: {op} has no {name} kernel (it has {sorted(implemented)})")
     if reason := unavailable_reason(name, device.type):

@@ -33,6 +33,19 @@ def test_explicit_backend_that_cannot_run_raises():
         genfast.ops.group_norm(x, 2)
 
 
+def test_auto_passes_unproven_kernels_by():
+    """A kernel not yet run on its hardware runs when chosen, but auto says why it took the
+    reference instead."""
+    if backends.unavailable_reason("cpu", "cpu"):
+        pytest.skip("the C++ extension is not built")
+    implemented = frozenset({"cpu"})
+    with pytest.warns(UserWarning, match="not yet run on this hardware"):
+        assert backends.resolve("test_op", torch.device("cpu"), implemented, frozenset({"cpu"})) == "reference"
+    assert backends.resolve("test_op", torch.device("cpu"), implemented) == "cpu"
+    with genfast.use_backend("cpu"):
+        assert backends.resolve("test_op", torch.device("cpu"), implemented, frozenset({"cpu"})) == "cpu"
+
+
 def test_reference_backend_runs_plain_pytorch():
     x = torch.randn(2, 4, 3, requires_grad=True)
     with genfast.use_backend("reference"):

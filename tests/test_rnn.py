@@ -14,7 +14,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 import genfast
 from genfast.backends import extension
 
-BACKENDS = ("cpu", "triton", "reference")
+BACKENDS = ("cpu", "cuda", "triton", "reference")
 
 
 def random_configs(kind: str, count: int, seed: int):
@@ -60,21 +60,22 @@ def twins(kind, kwargs):
     return reference, fused
 
 
-def run(module, kind, kwargs, T, B, packed, with_state, generator_seed):
-    """Output, final states and the gradients of every parameter, the input and the states."""
+def run(module, kind, kwargs, T, B, packed, with_state, generator_seed, device="cpu"):
+    """Output, final states and the gradients of every parameter, the input and the states, on
+    the CPU; the inputs drawn on the CPU, then moved to module's device."""
     generator = torch.Generator().manual_seed(generator_seed)
     dtype = next(module.parameters()).dtype
     directions = 2 if kwargs["bidirectional"] else 1
     layers = kwargs["num_layers"] * directions
     x = torch.randn(B, T, kwargs["input_size"], generator=generator, dtype=torch.float64)
-    x = (x if kwargs.get("batch_first") else x.transpose(0, 1)).to(dtype).requires_grad_()
+    x = (x if kwargs.get("batch_first") else x.transpose(0, 1)).to(device, dtype).requires_grad_()
     states = []
     if with_state:
         state_size = kwargs.get("proj_size") or kwargs["hidden_size"]
-        states = [torch.randn(layers, B, state_size, generator=generator, dtype=torch.float64).to(dtype)]
+        states = [torch.randn(layers, B, state_size, generator=generator, dtype=torch.float64)]
         if kind == "lstm":
-            states.append(torch.randn(layers, B, kwargs["hidden_size"], generator=generator, dtype=torch.float64).to(dtype))
-        states = [s.requires_grad_() for s in states]
+            states.append(torch.randn(layers, B, kwargs["hidden_size"], generator=generator, dtype=torch.float64))
+        states = [s.to(device, dtype).requires_grad_() for s in states]
     hx = None if not states else tuple(states) if kind == "lstm" else states[0]
     lengths = torch.randint(1, T + 1, (B,), generator=generator)
     if packed:
@@ -84,10 +85,10 @@ def run(module, kind, kwargs, T, B, packed, with_state, generator_seed):
     else:
         out, final = module(x, hx)
     finals = list(final) if kind == "lstm" else [final]
-    weights = torch.randn(out.shape, generator=generator, dtype=torch.float64).to(dtype)
+    weights = torch.randn(out.shape, generator=generator, dtype=torch.float64).to(device, dtype)
     loss = (out * weights).sum() + sum((f * (i + 2)).sum() for i, f in enumerate(finals))
     grads = torch.autograd.grad(loss, [*module.parameters(), x, *states])
-    return [out, *finals, *grads]
+    return [t.cpu() for t in (out, *finals, *grads)]
 
 
 CONFIGS = {kind: random_configs(kind, 10, seed=seed) for kind, seed in (("lstm", 1), ("gru", 2))}
@@ -96,13 +97,13 @@ CONFIGS = {kind: random_configs(kind, 10, seed=seed) for kind, seed in (("lstm",
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind, config", [(kind, i) for kind, configs in CONFIGS.items() for i in range(len(configs))])
 def test_matches_torch_module(kind, config, backend):
-    require(backend)
+    device = require(backend)
     kwargs, T, B, packed, with_state = CONFIGS[kind][config]
     reference, fused = twins(kind, kwargs)
     exact = copy.deepcopy(reference).double()
     arguments = (kind, kwargs, T, B, packed, with_state, config)
     with genfast.use_backend(backend):
-        got = run(fused, *arguments)
+        got = run(fused.to(device), *arguments, device=device)
     want, ref = run(reference, *arguments), run(exact, *arguments)
     names = ["output", "h_n", *(["c_n"] if kind == "lstm" else []), *(n for n, _ in fused.named_parameters()),
              "input", "h0", "c0"]
@@ -111,12 +112,31 @@ def test_matches_torch_module(kind, config, backend):
         assert relative_error(g, r) <= 2 * relative_error(w, r) + 1e-5, f"{name} of {kwargs}, T={T}, B={B}"
 
 
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_gpu_kernels_at_model_sizes(kind, backend):
+    """On a GPU: several units per block of the persistent kernel, several tiles per program of
+    Triton's, packed and bidirectional (no GPU: only Triton runs, in its interpreter, on CPU)."""
+    device = require(backend)
+    if device == "cpu" and backend == "triton":
+        pytest.skip("these sizes take minutes in Triton's interpreter; the random configurations test it")
+    kwargs = dict(input_size=64, hidden_size=300, num_layers=1, bias=True, batch_first=False, bidirectional=True)
+    reference, fused = twins(kind, kwargs)
+    exact = copy.deepcopy(reference).double()
+    arguments = (kind, kwargs, 20, 16, True, True, 0)
+    with genfast.use_backend(backend):
+        got = run(fused.to(device), *arguments, device=device)
+    want, ref = run(reference, *arguments), run(exact, *arguments)
+    for g, w, r in zip(got, want, ref):
+        assert relative_error(g, r) <= 2 * relative_error(w, r) + 1e-5
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 @pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
 @pytest.mark.parametrize("hidden", [7, 80])  # 80: units split over threads
 def test_cells_match_torch(kind, batched, hidden, backend):
-    require(backend)
+    device = require(backend)
     torch_class, genfast_class = {"lstm": (nn.LSTMCell, genfast.nn.LSTMCell), "gru": (nn.GRUCell, genfast.nn.GRUCell)}[kind]
     torch.manual_seed(0)
     reference = torch_class(5, hidden)
@@ -125,12 +145,14 @@ def test_cells_match_torch(kind, batched, hidden, backend):
     x = torch.randn(3, 5) if batched else torch.randn(5)
     state_shape = (3, hidden) if batched else (hidden,)
     hx = (torch.randn(state_shape), torch.randn(state_shape)) if kind == "lstm" else torch.randn(state_shape)
+    fused.to(device)
     for state in (None, hx):
+        on_device = None if state is None else tuple(s.to(device) for s in state) if kind == "lstm" else state.to(device)
         with genfast.use_backend(backend):
-            got = fused(x, state)
+            got = fused(x.to(device), on_device)
         want = reference(x, state)
         for g, w in zip(got if kind == "lstm" else [got], want if kind == "lstm" else [want]):
-            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(g.cpu(), w, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])

@@ -23,40 +23,41 @@ def tokens(*shape, seed):
     return torch.randint(0, CONFIG.vocab_size, shape, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+@pytest.mark.parametrize("backend", ["cpu", "cuda", "triton", "reference"])
 def test_lstm_lm_training_step_matches_torch_layers(backend):
-    require(backend)
+    device = require(backend)
     reference, fused, exact = builds(LSTMLM)
     sequence = tokens(3, 12, seed=1)
     targets = sequence[:, 1:].clone()
     targets[0, -3:] = -100
 
-    def step(model):
-        logits, (h, c) = model(sequence[:, :-1])
-        loss = model.loss(sequence[:, :-1], targets)
-        return [logits, h, c, loss, *torch.autograd.grad(loss, list(model.parameters()))]
+    def step(model, device="cpu"):
+        logits, (h, c) = model(sequence[:, :-1].to(device))
+        loss = model.loss(sequence[:, :-1].to(device), targets.to(device))
+        return [t.cpu() for t in (logits, h, c, loss, *torch.autograd.grad(loss, list(model.parameters())))]
 
     with genfast.use_backend(backend):
-        got = step(fused)
+        got = step(fused.to(device), device)
     names = ["logits", "h_n", "c_n", "loss", *(name for name, _ in fused.named_parameters())]
     helpers.assert_like_torch_build(names, got, step(reference), step(exact))
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+@pytest.mark.parametrize("backend", ["cpu", "cuda", "triton", "reference"])
 def test_gru_encoder_decoder_training_step_matches_torch_layers(backend):
     """Padded sources of different lengths, which the encoder reads packed."""
-    require(backend)
+    device = require(backend)
     reference, fused, exact = builds(GRUEncoderDecoder)
     source, lengths = tokens(4, 9, seed=2), torch.tensor([9, 4, 1, 6])
     target = tokens(4, 7, seed=3)
 
-    def step(model):
-        logits = model(source, lengths, target[:, :-1])
-        loss = model.loss(source, lengths, target[:, :-1], target[:, 1:])
-        return [logits, loss, *torch.autograd.grad(loss, list(model.parameters()))]
+    def step(model, device="cpu"):
+        source_, target_ = source.to(device), target.to(device)
+        logits = model(source_, lengths, target_[:, :-1])
+        loss = model.loss(source_, lengths, target_[:, :-1], target_[:, 1:])
+        return [t.cpu() for t in (logits, loss, *torch.autograd.grad(loss, list(model.parameters())))]
 
     with genfast.use_backend(backend):
-        got = step(fused)
+        got = step(fused.to(device), device)
     names = ["logits", "loss", *(name for name, _ in fused.named_parameters())]
     helpers.assert_like_torch_build(names, got, step(reference), step(exact))
 

@@ -1,7 +1,8 @@
 """LSTM and GRU layers and cells as the custom op genfast::recurrence: the input projection
-of every time step is one matrix product (torch's), then the time loop runs in native code
-(csrc/cpu/rnn.cpp, or one Triton kernel: kernels/rnn.py), each step one product h W_hh^T and
-one fused pass of gate math. Variable lengths are masked
+of every time step is one matrix product (torch's), then the time loop runs in native code,
+each step one product h W_hh^T and one fused pass of gate math: csrc/cpu/rnn.cpp on a CPU; on
+a GPU, csrc/cuda/rnn.cu's persistent kernel (the "cuda" backend, forward only, where it fits)
+or one Triton kernel per direction (kernels/rnn.py). Variable lengths are masked
 inside the loop. The specification: genfast/reference/rnn.py.
 
 float16 and bfloat16 run in float32, as the weights' and states' gradients accumulate over
@@ -17,21 +18,35 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
-from ..backends import extension, resolve
+from ..backends import BackendUnavailableError, extension, resolve, unavailable_reason
 from ._autograd import eager_function
 from ._checks import check_tensor
 
-_IMPLEMENTED = frozenset({"cpu", "triton"})
+_IMPLEMENTED = frozenset({"cpu", "cuda", "triton"})
+# The GPU kernels have passed their tests in Triton's interpreter and nvcc's compile check, not
+# yet on a GPU: "auto" leaves them out until benchmarks/run_on_gpu.sh has run them there.
+_UNPROVEN = frozenset({"cuda", "triton"})
 _GATES = {"lstm": 4, "gru": 3}
 
 
 def _kernels(backend: str):
-    """The backend's recurrence kernels: genfast.kernels.rnn (triton) or the extension (cpu)."""
+    """The backend's recurrence kernels: genfast.kernels.rnn (triton) or the extension (cpu,
+    and cuda's persistent forward)."""
     if backend == "triton":
         from ..kernels import rnn
 
         return rnn
     return extension()
+
+
+@torch.compiler.assume_constant_result
+def _gpu_backend(cell: str, batch: int, hidden: int, device_index: int, float32: bool, projection: bool) -> str:
+    """For the cuda backend: "cuda" where the persistent kernel runs the forward (float32, no
+    projection, every block resident on the GPU), else "triton"; Triton runs every backward."""
+    if reason := unavailable_reason("triton", "cuda"):
+        raise BackendUnavailableError(f"genfast: the cuda backend's recurrences need Triton beside it: {reason}")
+    fits = float32 and not projection and extension().persistent_recurrence_fits(cell, batch, hidden, device_index)
+    return "cuda" if fits else "triton"
 
 
 def _or_none(t: Tensor | None) -> Tensor | None:
@@ -57,7 +72,7 @@ def _backward(
     d_c_n: Tensor | None, saved: list[Tensor], backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(d_x_proj, d_weight_hh, d_bias_hh, dh0, dc0, d_weight_hr); empty where the input is absent."""
-    grads = _kernels(backend).recurrence_backward(
+    grads = _kernels("triton" if backend == "cuda" else backend).recurrence_backward(
         cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, reverse, d_output, d_h_n, d_c_n, saved
     )
     return tuple(x_proj.new_empty(0) if g is None else g for g in grads)
@@ -161,7 +176,7 @@ def _layer(cell: str, input: Tensor, h0: Tensor, c0: Tensor | None, weight_ih: T
            bias_ih: Tensor | None, bias_hh: Tensor | None, weight_hr: Tensor | None, lengths: Tensor | None,
            reverse: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     _check_layer(cell, input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths)
-    backend = resolve(f"{cell}_layer", input.device, _IMPLEMENTED)
+    backend = resolve(f"{cell}_layer", input.device, _IMPLEMENTED, _UNPROVEN)
     lstm = cell == "lstm"
     if backend == "reference" or input.numel() == 0 or h0.numel() == 0:
         if lstm:
@@ -181,13 +196,16 @@ def _layer(cell: str, input: Tensor, h0: Tensor, c0: Tensor | None, weight_ih: T
         x_proj = _project(input, weight_ih, bias_ih, lengths)
         if bias_hh is None:  # the kernel reads a GRU's b_hn inside r * (h W_hn^T + b_hn)
             bias_hh = x_proj.new_zeros(x_proj.shape[-1])
+    if backend == "cuda":
+        backend = _gpu_backend(cell, x_proj.shape[1], x_proj.shape[2] // _GATES[cell], input.device.index,
+                               x_proj.dtype == torch.float32, weight_hr is not None)
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x_proj, weight_hh, h0, c0, bias_hh, weight_hr)
     )
     args = (
         cell, x_proj.contiguous(), weight_hh.contiguous(), h0.contiguous(), None if c0 is None else c0.contiguous(),
         None if bias_hh is None else bias_hh.contiguous(), None if weight_hr is None else weight_hr.contiguous(),
-        None if lengths is None else lengths.to(torch.int64).contiguous(), reverse, save, backend,
+        None if lengths is None else lengths.to(x_proj.device, torch.int64).contiguous(), reverse, save, backend,
     )
     function = recurrence_op if torch.compiler.is_compiling() else _RecurrenceFunction.call
     output, h_n, c_n = function(*args)[:3]
