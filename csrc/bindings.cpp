@@ -201,12 +201,14 @@ std::vector<Tensor> activation_backward(const Tensor& dy, const Tensor& x, const
 
 // cell "lstm" or "gru"; x_proj (T, B, G*H), weight_hh (G*H, P), h0 (B, P), c0 (B, H) (LSTM),
 // bias_hh (G*H) (GRU), weight_hr (P, H) (LSTM with a projection), lengths (B,) int64 in
-// [0, T]: contiguous CPU tensors of one float or double type (lengths aside). Without save,
-// the forward keeps one step of what the backward reads (inference).
+// [0, T], zoneout_h (T, B, P) and zoneout_c (T, B, H) (LSTM): contiguous tensors on one device
+// of one float or double type (lengths aside). Without save, the forward keeps one step of
+// what the backward reads (inference).
 genfast::cpu::Recurrence recurrence(const std::string& cell, const Tensor& x_proj, const Tensor& weight_hh,
                                     const Tensor& h0, const std::optional<Tensor>& c0,
                                     const std::optional<Tensor>& bias_hh, const std::optional<Tensor>& weight_hr,
-                                    const std::optional<Tensor>& lengths, bool reverse, bool save) {
+                                    const std::optional<Tensor>& lengths, const std::optional<Tensor>& zoneout_h,
+                                    const std::optional<Tensor>& zoneout_c, bool reverse, bool save) {
   TORCH_CHECK(cell == "lstm" || cell == "gru", "cell must be \"lstm\" or \"gru\", got ", cell);
   const bool lstm = cell == "lstm";
   const auto dtype = x_proj.scalar_type();
@@ -229,6 +231,9 @@ genfast::cpu::Recurrence recurrence(const std::string& cell, const Tensor& x_pro
   if (c0) check(*c0, "c0", {B, H});
   if (bias_hh) check(*bias_hh, "bias_hh", {x_proj.size(2)});
   if (weight_hr) check(*weight_hr, "weight_hr", {P, H});
+  TORCH_CHECK(lstm || !zoneout_c, "a GRU has no cell state to zone out");
+  if (zoneout_h) check(*zoneout_h, "zoneout_h", {T, B, P});
+  if (zoneout_c) check(*zoneout_c, "zoneout_c", {T, B, H});
   if (lengths) {
     TORCH_CHECK(lengths->dim() == 1 && lengths->size(0) == B && lengths->scalar_type() == at::kLong &&
                     lengths->is_contiguous() && lengths->device() == x_proj.device(),
@@ -240,8 +245,8 @@ genfast::cpu::Recurrence recurrence(const std::string& cell, const Tensor& x_pro
         TORCH_CHECK(ls[b] >= 0 && ls[b] <= T, "lengths[", b, "] = ", ls[b], " is not in [0, ", T, "]");
     }
   }
-  return {lstm ? genfast::cpu::Cell::kLSTM : genfast::cpu::Cell::kGRU, x_proj, weight_hh, h0, c0, bias_hh,
-          weight_hr, lengths, reverse, save};
+  return {lstm ? genfast::cpu::Cell::kLSTM : genfast::cpu::Cell::kGRU,
+          x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, zoneout_h, zoneout_c, reverse, save};
 }
 
 #ifdef GENFAST_WITH_CUDA
@@ -257,8 +262,8 @@ bool persistent_recurrence_fits(const std::string& cell, int64_t batch, int64_t 
 
 // The persistent kernel's forward of a checked float32 recurrence without a projection.
 std::vector<Tensor> persistent_recurrence_forward(const genfast::cpu::Recurrence& r) {
-  TORCH_CHECK(r.x_proj.scalar_type() == at::kFloat && !r.weight_hr,
-              "the CUDA recurrence takes float32 and no projection; the Triton kernels take the rest");
+  TORCH_CHECK(r.x_proj.scalar_type() == at::kFloat && !r.weight_hr && !r.zoneout_h && !r.zoneout_c,
+              "the CUDA recurrence takes float32, no projection and no zoneout; the Triton kernels take the rest");
   const c10::cuda::CUDAGuard guard(r.x_proj.device());
   const bool lstm = r.cell == genfast::cpu::Cell::kLSTM;
   const int64_t T = r.x_proj.size(0), B = r.x_proj.size(1), H = r.h0.size(1), steps = r.save ? T : 1;
@@ -291,8 +296,10 @@ std::vector<Tensor> persistent_recurrence_forward(const genfast::cpu::Recurrence
 std::vector<Tensor> recurrence_forward(const std::string& cell, const Tensor& x_proj, const Tensor& weight_hh,
                                        const Tensor& h0, const std::optional<Tensor>& c0,
                                        const std::optional<Tensor>& bias_hh, const std::optional<Tensor>& weight_hr,
-                                       const std::optional<Tensor>& lengths, bool reverse, bool save) {
-  const auto r = recurrence(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, reverse, save);
+                                       const std::optional<Tensor>& lengths, const std::optional<Tensor>& zoneout_h,
+                                       const std::optional<Tensor>& zoneout_c, bool reverse, bool save) {
+  const auto r =
+      recurrence(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, zoneout_h, zoneout_c, reverse, save);
   if (x_proj.is_cpu()) return genfast::cpu::recurrence_forward(r);
 #ifdef GENFAST_WITH_CUDA
   if (x_proj.is_cuda()) return persistent_recurrence_forward(r);
@@ -304,10 +311,12 @@ std::vector<Tensor> recurrence_forward(const std::string& cell, const Tensor& x_
 std::vector<Tensor> recurrence_backward(const std::string& cell, const Tensor& x_proj, const Tensor& weight_hh,
                                         const Tensor& h0, const std::optional<Tensor>& c0,
                                         const std::optional<Tensor>& bias_hh, const std::optional<Tensor>& weight_hr,
-                                        const std::optional<Tensor>& lengths, bool reverse, const Tensor& d_output,
+                                        const std::optional<Tensor>& lengths, const std::optional<Tensor>& zoneout_h,
+                                        const std::optional<Tensor>& zoneout_c, bool reverse, const Tensor& d_output,
                                         const std::optional<Tensor>& d_h_n, const std::optional<Tensor>& d_c_n,
                                         const std::vector<Tensor>& saved) {
-  const auto r = recurrence(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, reverse, true);
+  const auto r =
+      recurrence(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, zoneout_h, zoneout_c, reverse, true);
   TORCH_CHECK(x_proj.is_cpu(), "recurrence_backward runs CPU tensors; on a GPU the Triton kernels run it");
   const int64_t T = x_proj.size(0), B = x_proj.size(1), P = h0.size(1), H = x_proj.size(2) / (r.cell == genfast::cpu::Cell::kLSTM ? 4 : 3);
   auto check = [&](const Tensor& t, const char* name, std::vector<int64_t> shape) {

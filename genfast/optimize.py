@@ -27,8 +27,8 @@ _SWAPS: dict[type[nn.Module], tuple[type[nn.Module], dict[str, object]]] = {
     nn.MultiheadAttention: (genfast_nn.MultiheadAttention, {}),
     # genfast's LSTM and GRU are siblings of torch's on nn.RNNBase (torch.compile will not
     # trace an nn.LSTM): the same attributes, so the class changes as for a subclass.
-    nn.LSTM: (genfast_nn.LSTM, {}),
-    nn.GRU: (genfast_nn.GRU, {}),
+    nn.LSTM: (genfast_nn.LSTM, {"zoneout_cell": 0.0, "zoneout_hidden": 0.0}),
+    nn.GRU: (genfast_nn.GRU, {"zoneout_hidden": 0.0}),
     nn.LSTMCell: (genfast_nn.LSTMCell, {}),
     nn.GRUCell: (genfast_nn.GRUCell, {}),
 }

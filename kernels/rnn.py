@@ -47,11 +47,12 @@ def _step_index(s, T, REVERSE: tl.constexpr):
 
 @triton.jit
 def _recurrence_forward_kernel(
-    x_ptr, w_hh_ptr, b_hh_ptr, w_hr_ptr, lengths_ptr, h_state_ptr, c_state_ptr, m_ptr,
+    x_ptr, w_hh_ptr, b_hh_ptr, w_hr_ptr, lengths_ptr, zoneout_h_ptr, zoneout_c_ptr, h_state_ptr, c_state_ptr, m_ptr,
     out_ptr, gates_ptr, h_prev_ptr, c_prev_ptr, tanh_c_ptr,
     T, B, H, P,
-    LSTM: tl.constexpr, PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, SAVE: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_K: tl.constexpr,
+    LSTM: tl.constexpr, PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, ZONEOUT_H: tl.constexpr,
+    ZONEOUT_C: tl.constexpr, REVERSE: tl.constexpr, SAVE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Every step of BLOCK_B batch rows. Fuses the recurrent products with the gate math, the
     cell update, the projection (PROJ) and the lengths' masking. Reads x_proj (T, B, G H),
@@ -59,7 +60,8 @@ def _recurrence_forward_kernel(
     half 0 holding h0 and c0; writes the other half each step, the output (T, B, P) and with
     SAVE what the backward reads: gates (T, B, 4H: LSTM i, f, g, o; GRU r, z, n and
     h W_hn^T + b_hn), h_prev (T, B, P), c_prev and tanh_c (T, B, H). m (B, H) holds o tanh(c)
-    for the projection."""
+    for the projection. With ZONEOUT_H / ZONEOUT_C, reads the zoneout masks (T, B, P) and
+    (T, B, H) and mixes each new state with the one before."""
     G: tl.constexpr = 4 if LSTM else 3
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     in_rows = rows < B
@@ -101,7 +103,11 @@ def _recurrence_forward_kernel(
                 c = f * c_old + i * g
                 tanh_c = _tanh(c)
                 m = o * tanh_c
-                tl.store(c_write + state, tl.where(live[:, None], c, c_old), mask=tile)
+                c_kept = c
+                if ZONEOUT_C:
+                    share = tl.load(zoneout_c_ptr + step_rows[:, None] * H + units[None, :], mask=tile, other=0.0)
+                    c_kept = c + share * (c_old - c)
+                tl.store(c_write + state, tl.where(live[:, None], c_kept, c_old), mask=tile)
                 if SAVE:
                     tl.store(saved, i, mask=tile)
                     tl.store(saved + H, f, mask=tile)
@@ -124,6 +130,9 @@ def _recurrence_forward_kernel(
             if PROJ:
                 tl.store(m_ptr + state, m, mask=tile)
             else:
+                if ZONEOUT_H:
+                    share = tl.load(zoneout_h_ptr + step_rows[:, None] * P + units[None, :], mask=tile, other=0.0)
+                    m = m + share * (h_old - m)
                 tl.store(h_write + state, tl.where(live[:, None], m, h_old), mask=tile)
                 tl.store(out_ptr + step_rows[:, None] * P + units[None, :], tl.where(live[:, None], m, 0.0),
                          mask=tile)
@@ -139,6 +148,9 @@ def _recurrence_forward_kernel(
                              w_hr_ptr, 1, H, cols, in_cols, PRECISION, BLOCK_K)
                 h_old = tl.load(h_read + rows[:, None] * P + cols[None, :], mask=tile, other=0.0,
                                 cache_modifier=".cg")
+                if ZONEOUT_H:
+                    share = tl.load(zoneout_h_ptr + step_rows[:, None] * P + cols[None, :], mask=tile, other=0.0)
+                    h = h + share * (h_old - h)
                 tl.store(h_write + rows[:, None] * P + cols[None, :], tl.where(live[:, None], h, h_old), mask=tile)
                 tl.store(out_ptr + step_rows[:, None] * P + cols[None, :], tl.where(live[:, None], h, 0.0), mask=tile)
                 if SAVE:
@@ -148,11 +160,12 @@ def _recurrence_forward_kernel(
 
 @triton.jit
 def _recurrence_backward_kernel(
-    w_hh_ptr, w_hr_ptr, lengths_ptr, gates_ptr, h_prev_ptr, c_prev_ptr, tanh_c_ptr, d_out_ptr,
-    dh_state_ptr, dc_state_ptr, carry_ptr, dh_ptr, d_x_ptr, d_hidden_ptr, d_h_steps_ptr,
+    w_hh_ptr, w_hr_ptr, lengths_ptr, zoneout_h_ptr, zoneout_c_ptr, gates_ptr, h_prev_ptr, c_prev_ptr, tanh_c_ptr,
+    d_out_ptr, dh_state_ptr, dc_state_ptr, carry_ptr, dh_ptr, d_x_ptr, d_hidden_ptr, d_h_steps_ptr,
     T, B, H, P,
-    LSTM: tl.constexpr, PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_K: tl.constexpr,
+    LSTM: tl.constexpr, PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, ZONEOUT_H: tl.constexpr,
+    ZONEOUT_C: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_U: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Every step of BLOCK_B batch rows, last first: the gradients of the pre-activation gates
     and of the states entering each step. Reads the forward's saved tensors, d_output and the
@@ -160,7 +173,8 @@ def _recurrence_backward_kernel(
     holding those of h_n and c_n; writes the other half each step, d_x (T, B, G H), the
     gradient of x_proj, and for a GRU d_hidden (T, B, 3H), that of h W_hh^T + b_hh (an LSTM's
     is d_x). With PROJ, dh (B, P) holds the step's gradient of h and d_h_steps (T, B, P) keeps
-    it for W_hr's gradient. carry (B, P) holds the part of dh_prev that skips W_hh."""
+    it for W_hr's gradient. carry (B, P) holds the part of dh_prev that skips W_hh (zoneout's
+    share included)."""
     G: tl.constexpr = 4 if LSTM else 3
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     in_rows = rows < B
@@ -185,9 +199,13 @@ def _recurrence_backward_kernel(
                 dh_in = tl.load(dh_read + at, mask=tile, other=0.0, cache_modifier=".cg")
                 dh = tl.where(live[:, None], dh_in + tl.load(d_out_ptr + step_rows[:, None] * P + cols[None, :],
                                                              mask=tile, other=0.0), 0.0)
+                kept = tl.zeros_like(dh)
+                if ZONEOUT_H:
+                    kept = dh * tl.load(zoneout_h_ptr + step_rows[:, None] * P + cols[None, :], mask=tile, other=0.0)
+                    dh -= kept
                 tl.store(dh_ptr + at, dh, mask=tile)
                 tl.store(d_h_steps_ptr + step_rows[:, None] * P + cols[None, :], dh, mask=tile)
-                tl.store(carry_ptr + at, tl.where(live[:, None], 0.0, dh_in), mask=tile)
+                tl.store(carry_ptr + at, tl.where(live[:, None], kept, dh_in), mask=tile)
             tl.debug_barrier()
         for u0 in range(0, H, BLOCK_U):
             units = u0 + tl.arange(0, BLOCK_U)
@@ -201,6 +219,10 @@ def _recurrence_backward_kernel(
                 dh_in = tl.load(dh_read + state, mask=tile, other=0.0, cache_modifier=".cg")
                 dm = dh_in + tl.where(live[:, None], tl.load(d_out_ptr + step_rows[:, None] * P + units[None, :],
                                                              mask=tile, other=0.0), 0.0)
+                kept = tl.zeros_like(dm)
+                if ZONEOUT_H:
+                    kept = dm * tl.load(zoneout_h_ptr + step_rows[:, None] * P + units[None, :], mask=tile, other=0.0)
+                    dm -= kept
             saved = gates_ptr + step_rows[:, None] * (4 * H) + units[None, :]
             grads = d_x_ptr + step_rows[:, None] * (G * H) + units[None, :]
             if LSTM:
@@ -211,15 +233,19 @@ def _recurrence_backward_kernel(
                 tanh_c = tl.load(tanh_c_ptr + step_rows[:, None] * H + units[None, :], mask=tile, other=0.0)
                 c_old = tl.load(c_prev_ptr + step_rows[:, None] * H + units[None, :], mask=tile, other=0.0)
                 dc_in = tl.load(dc_read + state, mask=tile, other=0.0, cache_modifier=".cg")
-                dc = dc_in + dm * o * (1.0 - tanh_c * tanh_c)
+                kept_c = tl.zeros_like(dc_in)
+                if ZONEOUT_C:
+                    kept_c = dc_in * tl.load(zoneout_c_ptr + step_rows[:, None] * H + units[None, :], mask=tile,
+                                             other=0.0)
+                dc = dc_in - kept_c + dm * o * (1.0 - tanh_c * tanh_c)
                 alive = live[:, None]
                 tl.store(grads, tl.where(alive, dc * g * i * (1.0 - i), 0.0), mask=tile)
                 tl.store(grads + H, tl.where(alive, dc * c_old * f * (1.0 - f), 0.0), mask=tile)
                 tl.store(grads + 2 * H, tl.where(alive, dc * i * (1.0 - g * g), 0.0), mask=tile)
                 tl.store(grads + 3 * H, tl.where(alive, dm * tanh_c * o * (1.0 - o), 0.0), mask=tile)
-                tl.store(dc_write + state, tl.where(alive, dc * f, dc_in), mask=tile)
+                tl.store(dc_write + state, tl.where(alive, dc * f + kept_c, dc_in), mask=tile)
                 if not PROJ:
-                    tl.store(carry_ptr + state, tl.where(alive, 0.0, dh_in), mask=tile)
+                    tl.store(carry_ptr + state, tl.where(alive, kept, dh_in), mask=tile)
             else:
                 r = tl.load(saved, mask=tile, other=0.0)
                 z = tl.load(saved + H, mask=tile, other=0.0)
@@ -237,7 +263,7 @@ def _recurrence_backward_kernel(
                 tl.store(hidden_grads, d_r, mask=tile)
                 tl.store(hidden_grads + H, d_z, mask=tile)
                 tl.store(hidden_grads + 2 * H, d_n * r, mask=tile)
-                tl.store(carry_ptr + state, tl.where(alive, dm * z, dh_in), mask=tile)
+                tl.store(carry_ptr + state, tl.where(alive, dm * z + kept, dh_in), mask=tile)
         tl.debug_barrier()
         for p0 in range(0, P, BLOCK_U):
             cols = p0 + tl.arange(0, BLOCK_U)
@@ -251,16 +277,23 @@ def _recurrence_backward_kernel(
         tl.debug_barrier()
 
 
-def _settings(cell, x_proj, weight_hr, lengths, reverse):
+def _settings(cell, weight_hr, lengths, zoneout_h, zoneout_c, reverse):
     """The kernels' shared compile-time flags and tile sizes. tl.dot takes no side under 16."""
     return dict(
-        LSTM=cell == "lstm", PROJ=weight_hr is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse,
+        LSTM=cell == "lstm", PROJ=weight_hr is not None, HAS_LENGTHS=lengths is not None,
+        ZONEOUT_H=zoneout_h is not None, ZONEOUT_C=zoneout_c is not None, REVERSE=reverse,
         PRECISION="ieee", BLOCK_B=16, BLOCK_U=16, BLOCK_K=32,
         num_warps=4,
     )
 
 
-def recurrence_forward(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, reverse, save):
+def _masks(x_proj, zoneout_h, zoneout_c):
+    """The zoneout masks as kernel arguments, x_proj standing in for an absent one (never read)."""
+    return (x_proj if zoneout_h is None else zoneout_h), (x_proj if zoneout_c is None else zoneout_c)
+
+
+def recurrence_forward(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, zoneout_h, zoneout_c, reverse,
+                       save):
     """Returns output (T, B, P), h_n, c_n (None for a GRU) and gates, h_prev, c_prev, tanh_c (the
     last two None for a GRU), those four covering one step, unwritten, without save; the
     arguments as csrc/cpu/rnn.h's Recurrence (contiguous, one float dtype)."""
@@ -278,18 +311,19 @@ def recurrence_forward(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, leng
     gates, h_prev = x_proj.new_empty(steps, B, 4 * H), x_proj.new_empty(steps, B, P)
     c_prev, tanh_c = (x_proj.new_empty(steps, B, H) for _ in range(2))
     m = x_proj.new_empty(B, H) if weight_hr is not None else x_proj
-    settings = _settings(cell, x_proj, weight_hr, lengths, reverse)
+    settings = _settings(cell, weight_hr, lengths, zoneout_h, zoneout_c, reverse)
     _recurrence_forward_kernel[(triton.cdiv(B, settings["BLOCK_B"]),)](
         x_proj, weight_hh, x_proj if bias_hh is None else bias_hh, weight_hh if weight_hr is None else weight_hr,
-        h0 if lengths is None else lengths, h_state, c_state, m, output, gates, h_prev, c_prev, tanh_c,
+        h0 if lengths is None else lengths, *_masks(x_proj, zoneout_h, zoneout_c), h_state, c_state, m, output, gates,
+        h_prev, c_prev, tanh_c,
         T, B, H, P, SAVE=save, **settings,
     )
     h_n, c_n = h_state[T % 2].clone(), c_state[T % 2].clone() if lstm else None
     return output, h_n, c_n, gates, h_prev, c_prev if lstm else None, tanh_c if lstm else None
 
 
-def recurrence_backward(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, reverse, d_output, d_h_n,
-                        d_c_n, saved):
+def recurrence_backward(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, zoneout_h, zoneout_c, reverse,
+                        d_output, d_h_n, d_c_n, saved):
     """Returns the gradients of x_proj, weight_hh, bias_hh, h0, c0 and weight_hr (None where the
     input is absent) from those of output, h_n and c_n (None: zero) and recurrence_forward's
     saved tensors (gates, h_prev and for an LSTM c_prev, tanh_c)."""
@@ -310,9 +344,10 @@ def recurrence_backward(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, len
     d_hidden = d_x if lstm else x_proj.new_empty(T, B, 3 * H)
     proj = weight_hr is not None
     dh, d_h_steps = (x_proj.new_empty(B, P), x_proj.new_empty(T, B, P)) if proj else (carry, carry)
-    settings = _settings(cell, x_proj, weight_hr, lengths, reverse)
+    settings = _settings(cell, weight_hr, lengths, zoneout_h, zoneout_c, reverse)
     _recurrence_backward_kernel[(triton.cdiv(B, settings["BLOCK_B"]),)](
-        weight_hh, weight_hh if weight_hr is None else weight_hr, h0 if lengths is None else lengths, gates, h_prev,
+        weight_hh, weight_hh if weight_hr is None else weight_hr, h0 if lengths is None else lengths,
+        *_masks(x_proj, zoneout_h, zoneout_c), gates, h_prev,
         c_prev, tanh_c, d_output, dh_state, dc_state, carry, dh, d_x, d_hidden, d_h_steps, T, B, H, P, **settings,
     )
     d_weight_hh = d_hidden.reshape(T * B, -1).t() @ h_prev.reshape(T * B, P)

@@ -13,6 +13,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import genfast
 from genfast.backends import extension
+from genfast.reference import rnn as reference_rnn
 
 BACKENDS = ("cpu", "cuda", "triton", "reference")
 
@@ -276,19 +277,25 @@ def test_ops_check_their_arguments():
     with pytest.raises(ValueError, match=r"lengths must lie in \[0, 4\]"):
         genfast.ops.gru_layer(torch.randn(4, 2, 3), torch.zeros(2, 5), torch.randn(15, 3), torch.randn(15, 5),
                               lengths=torch.tensor([5, 1]))
+    with pytest.raises(ValueError, match=r"zoneout_h must have shape \(4, 2, 5\)"):
+        genfast.ops.gru_layer(torch.randn(4, 2, 3), torch.zeros(2, 5), torch.randn(15, 3), torch.randn(15, 5),
+                              zoneout_h=torch.zeros(4, 5))
 
 
 def test_extension_checks_its_arguments():
     require("cpu")
     x_proj, w_hh, h0 = torch.randn(4, 2, 20), torch.randn(20, 5), torch.zeros(2, 5)
+    c0, none = torch.zeros(2, 5), (None, None)  # none: no zoneout masks
     with pytest.raises(RuntimeError, match="an LSTM takes c0"):
-        extension().recurrence_forward("lstm", x_proj, w_hh, h0, None, None, None, None, False, True)
+        extension().recurrence_forward("lstm", x_proj, w_hh, h0, None, None, None, None, *none, False, True)
     with pytest.raises(RuntimeError, match="weight_hh must be"):
-        extension().recurrence_forward("lstm", x_proj, w_hh.t(), h0, torch.zeros(2, 5), None, None, None, False,
-                                       True)
+        extension().recurrence_forward("lstm", x_proj, w_hh.t(), h0, c0, None, None, None, *none, False, True)
     with pytest.raises(RuntimeError, match=r"lengths\[1\] = 9"):
-        extension().recurrence_forward("lstm", x_proj, w_hh, h0, torch.zeros(2, 5), None, None,
-                                       torch.tensor([1, 9]), False, True)
+        extension().recurrence_forward("lstm", x_proj, w_hh, h0, c0, None, None, torch.tensor([1, 9]), *none, False,
+                                       True)
+    with pytest.raises(RuntimeError, match="zoneout_c must be"):
+        extension().recurrence_forward("lstm", x_proj, w_hh, h0, c0, None, None, None, None, torch.zeros(4, 2),
+                                       False, True)
 
 
 class _Tagger(nn.Module):
@@ -314,3 +321,93 @@ def test_compiles_without_graph_break():
         (compiled_grad,) = torch.autograd.grad(compiled.square().sum(), x)
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(compiled_grad, eager_grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind, projection", [("lstm", None), ("lstm", 3), ("gru", None)])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_zoneout_matches_reference(kind, projection, reverse, backend):
+    """Zoneout masks of 0/1 draws and of shares, with lengths: outputs, states and every
+    gradient in float64 against genfast/reference/rnn.py's step-by-step layer."""
+    device = require(backend)
+    generator = torch.Generator().manual_seed(3)
+
+    def draw(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=generator, dtype=torch.float64)).to(device)
+
+    T, B, I, H = 5, 19, 4, 21
+    P, gates = projection or H, 4 if kind == "lstm" else 3
+    x, h0, c0 = draw(T, B, I), draw(B, P), draw(B, H)
+    weights = [draw(gates * H, I), draw(gates * H, P, scale=0.3), draw(gates * H), draw(gates * H)]
+    weight_hr = None if projection is None else draw(P, H, scale=0.3)
+    states = (h0, c0) if kind == "lstm" else (h0,)
+    leaves = [t.requires_grad_() for t in (x, *states, *weights, *([] if weight_hr is None else [weight_hr]))]
+    lengths = torch.randint(1, T + 1, (B,), generator=generator)
+    zoneout_h = torch.bernoulli(torch.full((T, B, P), 0.3, dtype=torch.float64), generator=generator).to(device)
+    zoneout_c = torch.rand(T, B, H, generator=generator, dtype=torch.float64).to(device)
+    if kind == "lstm":
+        def layer(module):
+            return module.lstm_layer(x, h0, c0, *weights, weight_hr, lengths.to(device), reverse, zoneout_h=zoneout_h,
+                                     zoneout_c=zoneout_c)
+
+        def spec():
+            return reference_rnn.lstm_layer(x, h0, c0, *weights, weight_hr, lengths.to(device), reverse, zoneout_h,
+                                            zoneout_c)
+    else:
+        def layer(module):
+            return module.gru_layer(x, h0, *weights, lengths.to(device), reverse, zoneout_h=zoneout_h)
+
+        def spec():
+            return reference_rnn.gru_layer(x, h0, *weights, lengths.to(device), reverse, zoneout_h)
+
+    with genfast.use_backend(backend):
+        got = layer(genfast.ops)
+    want = spec()
+    upstream = [draw(*t.shape) for t in want]
+    grads = torch.autograd.grad(sum((g * u).sum() for g, u in zip(got, upstream)), leaves)
+    want_grads = torch.autograd.grad(sum((w * u).sum() for w, u in zip(want, upstream)), leaves)
+    for g, w in zip([*got, *grads], [*want, *want_grads]):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_zoneout_modules(kind):
+    """In evaluation each state keeps its share from the step before; training draws masks from
+    torch's generator (same seed, same output); keeping everything holds the initial state;
+    no zoneout is torch's module."""
+    require("cpu")
+    zoneout = {"zoneout_hidden": 0.3} | ({"zoneout_cell": 0.6} if kind == "lstm" else {})
+    reference, _ = twins(kind, dict(input_size=4, hidden_size=6))
+    module = MODULES[kind][1](4, 6, **zoneout)
+    module.load_state_dict(reference.state_dict())
+    x = torch.randn(7, 3, 4, dtype=torch.float64)
+    module.double()
+    weights = list(module.parameters())
+    with genfast.use_backend("cpu"):
+        module.eval()
+        out = module(x)[0]
+        masks = {"zoneout_h": torch.full((7, 3, 6), 0.3, dtype=torch.float64)}
+        if kind == "lstm":
+            masks["zoneout_c"] = torch.full((7, 3, 6), 0.6, dtype=torch.float64)
+            state = (torch.zeros(3, 6, dtype=torch.float64),) * 2
+            expected = reference_rnn.lstm_layer(x, *state, *weights, **masks)[0]
+        else:
+            expected = reference_rnn.gru_layer(x, torch.zeros(3, 6, dtype=torch.float64), *weights, **masks)[0]
+        torch.testing.assert_close(out, expected)
+        module.train()
+        torch.manual_seed(5)
+        first = module(x)[0]
+        torch.manual_seed(5)
+        assert torch.equal(first, module(x)[0])
+        assert not torch.equal(first, module(x)[0])
+        frozen = MODULES[kind][1](4, 6, zoneout_hidden=1.0, **({"zoneout_cell": 1.0} if kind == "lstm" else {}))
+        h0 = torch.randn(1, 3, 6)
+        state = (h0, torch.randn(1, 3, 6)) if kind == "lstm" else h0
+        output, final = frozen(x.float(), state)
+        torch.testing.assert_close(output, h0.expand(7, 3, 6))
+        plain = MODULES[kind][1](4, 6)
+        plain.load_state_dict(reference.state_dict())
+        torch.testing.assert_close(plain(x.float())[0], reference(x.float())[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="zoneout_hidden"):
+        MODULES[kind][1](4, 6, zoneout_hidden=1.5)
+    assert "zoneout_hidden=0.3" in repr(module)

@@ -72,6 +72,14 @@ struct Shape {
   int64_t saved_steps() const { return save ? T : 1; }
 };
 
+// Zoneout of one row: state[j] = m[j] previous[j] + (1 - m[j]) state[j], copied to out if given.
+template <typename T>
+void keep_share(const T* m, const T* previous, T* state, T* out, int64_t size) {
+#pragma omp simd
+  for (int64_t j = 0; j < size; ++j) state[j] += m[j] * (previous[j] - state[j]);
+  if (out) std::copy(state, state + size, out);
+}
+
 template <typename T>
 void forward_loop(const Recurrence& r, const Shape& n, std::vector<at::Tensor>& out) {
   const at::Tensor &output = out[0], &h = out[1], &c = out[2], &gates = out[3], &h_prev = out[4];
@@ -84,9 +92,12 @@ void forward_loop(const Recurrence& r, const Shape& n, std::vector<at::Tensor>& 
   T *h_data = h.mutable_data_ptr<T>(), *c_data = lstm ? c.mutable_data_ptr<T>() : nullptr;
   T* c_prev = lstm ? out[5].mutable_data_ptr<T>() : nullptr;
   T* tanh_c = lstm ? out[6].mutable_data_ptr<T>() : nullptr;
+  const T* zoneout_h = r.zoneout_h ? r.zoneout_h->const_data_ptr<T>() : nullptr;
+  const T* zoneout_c = r.zoneout_c ? r.zoneout_c->const_data_ptr<T>() : nullptr;
   for (int64_t s = 0; s < n.T; ++s) {
     const int64_t t = n.time(s);
     h_prev[n.slot(t)].copy_(h);
+    const T* h_prev_t = h_prev.const_data_ptr<T>() + n.slot(t) * B * P;
     const int64_t rows = n.product_rows(t);
     at::Tensor stepping_gates = h_gates.narrow(0, 0, rows);
     at::mm_out(stepping_gates, h.narrow(0, 0, rows), r.weight_hh.t());
@@ -120,6 +131,7 @@ void forward_loop(const Recurrence& r, const Shape& n, std::vector<at::Tensor>& 
         }
         // Outside the loop: a conditional store inside kept GCC from vectorising it (10x slower).
         if (!projected) std::copy(cell_t + b * H, cell_t + (b + 1) * H, h_data + b * H);
+        if (zoneout_c) keep_share<T>(zoneout_c + (t * B + b) * H, c_prev + row, c_data + b * H, nullptr, H);
       } else {
 #pragma omp simd
         for (int64_t j = 0; j < H; ++j) {
@@ -130,6 +142,8 @@ void forward_loop(const Recurrence& r, const Shape& n, std::vector<at::Tensor>& 
           h_data[b * H + j] = next, out_t[b * P + j] = next;
         }
       }
+      if (zoneout_h && !projected)
+        keep_share(zoneout_h + (t * B + b) * P, h_prev_t + b * P, h_data + b * P, out_t + b * P, P);
     });
     if (projected) {  // h = (o tanh c) W_hr^T for the rows that stepped
       at::Tensor stepping = projection.narrow(0, 0, rows);
@@ -139,6 +153,7 @@ void forward_loop(const Recurrence& r, const Shape& n, std::vector<at::Tensor>& 
         if (!n.live(b, t)) continue;
         std::copy(projected_h + b * P, projected_h + (b + 1) * P, h_data + b * P);
         std::copy(projected_h + b * P, projected_h + (b + 1) * P, out_t + b * P);
+        if (zoneout_h) keep_share(zoneout_h + (t * B + b) * P, h_prev_t + b * P, h_data + b * P, out_t + b * P, P);
       }
     }
   }
@@ -343,6 +358,20 @@ void persistent_forward(const Recurrence& r, const Shape& n, std::vector<at::Ten
   if (n.T % 2) out[1].copy_(spare);  // the last state was written into the spare buffer
 }
 
+// Zoneout's backward of one row: kept = m grad and grad = (1 - m) grad, the parts of a state's
+// gradient that reach the state before directly and through the step.
+template <typename T>
+void split_share(const T* m, T* grad, T* kept, int64_t size) {
+#pragma omp simd
+  for (int64_t j = 0; j < size; ++j) kept[j] = m[j] * grad[j], grad[j] -= kept[j];
+}
+
+template <typename T>
+void add_row(const T* from, T* to, int64_t size) {
+#pragma omp simd
+  for (int64_t j = 0; j < size; ++j) to[j] += from[j];
+}
+
 template <typename T>
 void backward_loop(const Recurrence& r, const Shape& n, const at::Tensor& d_output, const std::vector<at::Tensor>& saved,
                    const at::Tensor& dh, const at::Tensor& dc, const at::Tensor& d_x_proj, const at::Tensor& d_h_gates,
@@ -356,12 +385,22 @@ void backward_loop(const Recurrence& r, const Shape& n, const at::Tensor& d_outp
   const T* h_prev = saved[1].const_data_ptr<T>();
   const T* c_prev = lstm ? saved[2].const_data_ptr<T>() : nullptr;
   const T* tanh_c = lstm ? saved[3].const_data_ptr<T>() : nullptr;
+  const T* zoneout_h = r.zoneout_h ? r.zoneout_h->const_data_ptr<T>() : nullptr;
+  const T* zoneout_c = r.zoneout_c ? r.zoneout_c->const_data_ptr<T>() : nullptr;
+  // Zoneout's direct paths to the states entering the step: m dh and m dc.
+  at::Tensor dh_kept = zoneout_h ? at::empty({B, P}, dh.options()) : at::Tensor();
+  at::Tensor dc_kept = zoneout_c ? at::empty({B, H}, dh.options()) : at::Tensor();
   for (int64_t s = n.T - 1; s >= 0; --s) {
     const int64_t t = n.time(s);
     const T* dy = d_output.const_data_ptr<T>() + t * B * P;
     for (int64_t b = 0; b < B; ++b)
       if (n.live(b, t))
         for (int64_t j = 0; j < P; ++j) dh_data[b * P + j] += dy[b * P + j];
+    for (int64_t b = 0; b < B; ++b) {
+      if (!n.live(b, t)) continue;
+      if (zoneout_h) split_share(zoneout_h + (t * B + b) * P, dh_data + b * P, dh_kept.mutable_data_ptr<T>() + b * P, P);
+      if (zoneout_c) split_share(zoneout_c + (t * B + b) * H, dc_data + b * H, dc_kept.mutable_data_ptr<T>() + b * H, H);
+    }
     if (projected) {  // the gradient of o tanh c, and dh kept for weight_hr's
       T* kept = dh_steps.mutable_data_ptr<T>() + t * B * P;
       for (int64_t b = 0; b < B; ++b)
@@ -413,6 +452,8 @@ void backward_loop(const Recurrence& r, const Shape& n, const at::Tensor& d_outp
       const T* g4 = gates + (t * B + b) * 4 * H;
       for (int64_t j = 0; j < P; ++j)
         dh_data[b * P + j] = through[b * P + j] + (lstm ? T(0) : dh_data[b * P + j] * g4[H + j]);
+      if (zoneout_h) add_row(dh_kept.const_data_ptr<T>() + b * P, dh_data + b * P, P);
+      if (zoneout_c) add_row(dc_kept.const_data_ptr<T>() + b * H, dc_data + b * H, H);
     }
   }
 }
@@ -432,7 +473,7 @@ std::vector<at::Tensor> recurrence_forward(const Recurrence& r) {
       lstm ? at::empty({n.saved_steps(), n.B, n.H}, options) : at::Tensor(),
       lstm ? at::empty({n.saved_steps(), n.B, n.H}, options) : at::Tensor(),
   };
-  const bool persistent = n.B <= kPersistentBatch && !r.weight_hr;
+  const bool persistent = n.B <= kPersistentBatch && !r.weight_hr && !r.zoneout_h && !r.zoneout_c;
   if (r.x_proj.scalar_type() == at::kDouble) {
     persistent ? persistent_forward<double>(r, n, out) : forward_loop<double>(r, n, out);
   } else {

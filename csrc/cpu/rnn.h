@@ -16,11 +16,13 @@ enum class Cell { kLSTM, kGRU };
 // x_proj (T, B, G*H) is x W_ih^T + b_ih, plus b_hh for an LSTM; weight_hh (G*H, P); bias_hh
 // (G*H) for a GRU (whose n gate needs it inside r * (.)); weight_hr (P, H) an LSTM's projection;
 // h0 (B, P), c0 (B, H) for an LSTM; lengths (B,) int64, each at most T, or none for all T.
-// Without save (inference), what the backward reads is kept for one step only.
+// zoneout_h (T, B, P) and an LSTM's zoneout_c (T, B, H): the share of each state unit a step
+// keeps from the step before (genfast/reference/rnn.py). Without save (inference), what the
+// backward reads is kept for one step only.
 struct Recurrence {
   Cell cell;
   at::Tensor x_proj, weight_hh, h0;
-  std::optional<at::Tensor> c0, bias_hh, weight_hr, lengths;
+  std::optional<at::Tensor> c0, bias_hh, weight_hr, lengths, zoneout_h, zoneout_c;
   bool reverse = false;
   bool save = true;
 };
@@ -28,7 +30,7 @@ struct Recurrence {
 // Returns output (T, B, P), h_n (B, P), c_n (B, H) (undefined for a GRU), and what the backward
 // reads: gates (T, B, 4H), the activated i, f, g, o of an LSTM or r, z, n and h W_hn^T + b_hn of
 // a GRU; h_prev (T, B, P), the state entering each step; and for an LSTM c_prev (T, B, H), the
-// cell entering each step, and tanh_c (T, B, H), tanh of the cell it leaves.
+// cell entering each step, and tanh_c (T, B, H), tanh of the step's new cell before zoneout.
 std::vector<at::Tensor> recurrence_forward(const Recurrence& r);
 
 // From the gradients of output, h_n and c_n (undefined: zero) and the forward's saved tensors

@@ -5,10 +5,15 @@ are their torch counterparts' siblings instead, built on the same nn.RNNBase: to
 refuses to trace any instance of nn.LSTM or nn.GRU, which is the graph break they remove.
 
 A PackedSequence runs as a padded batch with each row's length masked inside the time loop,
-and comes back packed as it came.
+and comes back packed as it came. Beyond torch, LSTM and GRU take zoneout (Krueger et al.,
+2016), fused into the time loop: each step keeps each unit of its state from the step before
+with probability zoneout_hidden (zoneout_cell for an LSTM's cell), and in evaluation keeps
+that share of it.
 """
 
 from __future__ import annotations
+
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +29,21 @@ def _packed_rows(batch_sizes: Tensor) -> tuple[Tensor, Tensor]:
     return present.sum(0), present.flatten().nonzero().squeeze(1)
 
 
+def _probability(name: str, p) -> float:
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p <= 1:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
+    return float(p)
+
+
+def _zoneout_mask(module: nn.Module, p: float, like: Tensor, steps: int, size: int) -> Tensor | None:
+    """The (T, B, size) zoneout mask of one layer and direction: Bernoulli(p) draws in training,
+    p in evaluation; None without zoneout."""
+    if not p:
+        return None
+    shares = like.new_full((steps, like.shape[1], size), p)
+    return torch.bernoulli(shares) if module.training else shares
+
+
 def _run_layers(module: nn.RNNBase, x: Tensor, h0: Tensor, c0: Tensor | None, lengths: Tensor | None):
     """The stacked, possibly bidirectional layers over x (T, B, I): (output, h_n, c_n)."""
     lstm = c0 is not None
@@ -35,12 +55,14 @@ def _run_layers(module: nn.RNNBase, x: Tensor, h0: Tensor, c0: Tensor | None, le
             suffix = f"_l{layer}" + ("_reverse" if direction else "")
             weights = [getattr(module, f"{name}{suffix}", None) for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
             k = layer * directions + direction
+            zoneout_h = _zoneout_mask(module, module.zoneout_hidden, x, x.shape[0], h0.shape[-1])
             if lstm:
+                zoneout_c = _zoneout_mask(module, module.zoneout_cell, x, x.shape[0], c0.shape[-1])
                 out, h, c = ops.lstm_layer(x, h0[k], c0[k], *weights, getattr(module, f"weight_hr{suffix}", None),
-                                           lengths, reverse=direction == 1)
+                                           lengths, reverse=direction == 1, zoneout_h=zoneout_h, zoneout_c=zoneout_c)
                 c_n.append(c)
             else:
-                out, h = ops.gru_layer(x, h0[k], *weights, lengths, reverse=direction == 1)
+                out, h = ops.gru_layer(x, h0[k], *weights, lengths, reverse=direction == 1, zoneout_h=zoneout_h)
             outputs.append(out)
             h_n.append(h)
         x = torch.cat(outputs, dim=-1) if directions == 2 else outputs[0]
@@ -101,10 +123,18 @@ def _forward(module: nn.RNNBase, input, hx, lstm: bool):
 
 class LSTM(nn.RNNBase):
     """torch.nn.LSTM: every constructor argument (num_layers, bias, batch_first, dropout,
-    bidirectional, proj_size), unbatched input, initial states and PackedSequence."""
+    bidirectional, proj_size), unbatched input, initial states and PackedSequence; and
+    zoneout_cell, zoneout_hidden (the module docstring)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, zoneout_cell: float = 0.0, zoneout_hidden: float = 0.0, **kwargs):
         super().__init__("LSTM", *args, **kwargs)
+        self.zoneout_cell = _probability("zoneout_cell", zoneout_cell)
+        self.zoneout_hidden = _probability("zoneout_hidden", zoneout_hidden)
+
+    def extra_repr(self) -> str:
+        zoneout = f", zoneout_cell={self.zoneout_cell}" if self.zoneout_cell else ""
+        zoneout += f", zoneout_hidden={self.zoneout_hidden}" if self.zoneout_hidden else ""
+        return super().extra_repr() + zoneout
 
     get_expected_cell_size = nn.LSTM.get_expected_cell_size
     check_forward_args = nn.LSTM.check_forward_args
@@ -115,10 +145,15 @@ class LSTM(nn.RNNBase):
 
 
 class GRU(nn.RNNBase):
-    """torch.nn.GRU: every constructor argument, unbatched input, initial state and PackedSequence."""
+    """torch.nn.GRU: every constructor argument, unbatched input, initial state and PackedSequence;
+    and zoneout_hidden (the module docstring)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, zoneout_hidden: float = 0.0, **kwargs):
         super().__init__("GRU", *args, **kwargs)
+        self.zoneout_hidden = _probability("zoneout_hidden", zoneout_hidden)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", zoneout_hidden={self.zoneout_hidden}" if self.zoneout_hidden else "")
 
     def forward(self, input, hx=None):
         return _forward(self, input, hx, lstm=False)

@@ -40,12 +40,13 @@ def _kernels(backend: str):
 
 
 @torch.compiler.assume_constant_result
-def _gpu_backend(cell: str, batch: int, hidden: int, device_index: int, float32: bool, projection: bool) -> str:
+def _gpu_backend(cell: str, batch: int, hidden: int, device_index: int, float32: bool, extras: bool) -> str:
     """For the cuda backend: "cuda" where the persistent kernel runs the forward (float32, no
-    projection, every block resident on the GPU), else "triton"; Triton runs every backward."""
+    projection or zoneout, every block resident on the GPU), else "triton"; Triton runs every
+    backward."""
     if reason := unavailable_reason("triton", "cuda"):
         raise BackendUnavailableError(f"genfast: the cuda backend's recurrences need Triton beside it: {reason}")
-    fits = float32 and not projection and extension().persistent_recurrence_fits(cell, batch, hidden, device_index)
+    fits = float32 and not extras and extension().persistent_recurrence_fits(cell, batch, hidden, device_index)
     return "cuda" if fits else "triton"
 
 
@@ -56,24 +57,26 @@ def _or_none(t: Tensor | None) -> Tensor | None:
 
 def _forward(
     cell: str, x_proj: Tensor, weight_hh: Tensor, h0: Tensor, c0: Tensor | None, bias_hh: Tensor | None,
-    weight_hr: Tensor | None, lengths: Tensor | None, reverse: bool, save: bool, backend: str,
+    weight_hr: Tensor | None, lengths: Tensor | None, zoneout_h: Tensor | None, zoneout_c: Tensor | None,
+    reverse: bool, save: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(output, h_n, c_n, gates, h_prev, c_prev, tanh_c); what a GRU lacks is an empty tensor.
     The last four, what the backward reads, cover one step only without save."""
     outputs = _kernels(backend).recurrence_forward(
-        cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, reverse, save
+        cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, zoneout_h, zoneout_c, reverse, save
     )
     return tuple(x_proj.new_empty(0) if t is None else t for t in outputs)
 
 
 def _backward(
     cell: str, x_proj: Tensor, weight_hh: Tensor, h0: Tensor, c0: Tensor | None, bias_hh: Tensor | None,
-    weight_hr: Tensor | None, lengths: Tensor | None, reverse: bool, d_output: Tensor, d_h_n: Tensor | None,
-    d_c_n: Tensor | None, saved: list[Tensor], backend: str,
+    weight_hr: Tensor | None, lengths: Tensor | None, zoneout_h: Tensor | None, zoneout_c: Tensor | None,
+    reverse: bool, d_output: Tensor, d_h_n: Tensor | None, d_c_n: Tensor | None, saved: list[Tensor], backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(d_x_proj, d_weight_hh, d_bias_hh, dh0, dc0, d_weight_hr); empty where the input is absent."""
     grads = _kernels("triton" if backend == "cuda" else backend).recurrence_backward(
-        cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, reverse, d_output, d_h_n, d_c_n, saved
+        cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, zoneout_h, zoneout_c, reverse, d_output,
+        d_h_n, d_c_n, saved,
     )
     return tuple(x_proj.new_empty(0) if g is None else g for g in grads)
 
@@ -83,7 +86,7 @@ recurrence_backward_op = torch.library.custom_op("genfast::recurrence_backward",
 
 
 @recurrence_op.register_fake
-def _(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, reverse, save, backend):
+def _(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, zoneout_h, zoneout_c, reverse, save, backend):
     T, B, H = x_proj.shape[0], x_proj.shape[1], x_proj.shape[2] // _GATES[cell]
     steps = T if save else 1
     empty = lambda: x_proj.new_empty(0)  # noqa: E731
@@ -96,30 +99,30 @@ def _(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, reverse, sav
 
 
 @recurrence_backward_op.register_fake
-def _(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, reverse, d_output, d_h_n, d_c_n, saved, backend):
+def _(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, zoneout_h, zoneout_c, reverse, d_output, d_h_n,
+      d_c_n, saved, backend):
     like = lambda t: x_proj.new_empty(0) if t is None else t.new_empty(t.shape)  # noqa: E731
     return like(x_proj), like(weight_hh), like(bias_hh), like(h0), like(c0), like(weight_hr)
 
 
 def _setup_context(ctx, inputs, output):
-    cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, reverse, _, backend = inputs
+    cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, zoneout_h, zoneout_c, reverse, _, backend = inputs
     ctx.cell, ctx.reverse, ctx.backend = cell, reverse, backend
     saved = output[3:5] if cell == "gru" else output[3:7]
-    ctx.saved_count = len(saved)
-    ctx.save_for_backward(x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, *saved)
+    ctx.save_for_backward(x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, zoneout_h, zoneout_c, *saved)
 
 
 def _differentiate(ctx, d_output, d_h_n, d_c_n, *unused, backward):
-    x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, *saved = ctx.saved_tensors
+    x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, zoneout_h, zoneout_c, *saved = ctx.saved_tensors
     if d_output is None:
         d_output = x_proj.new_zeros(x_proj.shape[0], x_proj.shape[1], h0.shape[1])
     grads = backward(
-        ctx.cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, ctx.reverse, d_output.contiguous(),
-        None if d_h_n is None else d_h_n.contiguous(),
+        ctx.cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, zoneout_h, zoneout_c, ctx.reverse,
+        d_output.contiguous(), None if d_h_n is None else d_h_n.contiguous(),
         None if d_c_n is None or ctx.cell == "gru" else d_c_n.contiguous(), list(saved), ctx.backend,
     )
     d_x_proj, d_weight_hh, d_bias_hh, dh0, dc0, d_weight_hr = (_or_none(g) for g in grads)
-    return None, d_x_proj, d_weight_hh, dh0, dc0, d_bias_hh, d_weight_hr, None, None, None, None
+    return None, d_x_proj, d_weight_hh, dh0, dc0, d_bias_hh, d_weight_hr, *(None,) * 6
 
 
 recurrence_op.register_autograd(
@@ -133,7 +136,7 @@ _RecurrenceFunction = eager_function(
 
 def _check_layer(cell: str, input: Tensor, h0: Tensor, c0: Tensor | None, weight_ih: Tensor, weight_hh: Tensor,
                  bias_ih: Tensor | None, bias_hh: Tensor | None, weight_hr: Tensor | None,
-                 lengths: Tensor | None) -> None:
+                 lengths: Tensor | None, zoneout_h: Tensor | None, zoneout_c: Tensor | None) -> None:
     check_tensor("input", input, min_dim=3)
     if input.dim() != 3:
         raise ValueError(f"input must be (T, B, input_size), got shape {tuple(input.shape)}")
@@ -146,7 +149,8 @@ def _check_layer(cell: str, input: Tensor, h0: Tensor, c0: Tensor | None, weight
     P = H if weight_hr is None else weight_hr.shape[0]
     expected = {"weight_hh": (weight_hh, (gates_rows, P)), "h0": (h0, (B, P)), "c0": (c0, (B, H)),
                 "bias_ih": (bias_ih, (gates_rows,)), "bias_hh": (bias_hh, (gates_rows,)),
-                "weight_hr": (weight_hr, (P, H))}
+                "weight_hr": (weight_hr, (P, H)), "zoneout_h": (zoneout_h, (T, B, P)),
+                "zoneout_c": (zoneout_c, (T, B, H))}
     for name, (t, shape) in expected.items():
         if t is not None:
             check_tensor(name, t, shape=shape, like=input)
@@ -174,19 +178,22 @@ def _project(input: Tensor, weight: Tensor, bias: Tensor | None, lengths: Tensor
 
 def _layer(cell: str, input: Tensor, h0: Tensor, c0: Tensor | None, weight_ih: Tensor, weight_hh: Tensor,
            bias_ih: Tensor | None, bias_hh: Tensor | None, weight_hr: Tensor | None, lengths: Tensor | None,
-           reverse: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    _check_layer(cell, input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths)
+           reverse: bool, zoneout_h: Tensor | None = None,
+           zoneout_c: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    _check_layer(cell, input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths, zoneout_h, zoneout_c)
     backend = resolve(f"{cell}_layer", input.device, _IMPLEMENTED, _UNPROVEN)
     lstm = cell == "lstm"
     if backend == "reference" or input.numel() == 0 or h0.numel() == 0:
         if lstm:
             return reference.rnn.lstm_layer(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths,
-                                            reverse)
-        return *reference.rnn.gru_layer(input, h0, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reverse), None
+                                            reverse, zoneout_h, zoneout_c)
+        return *reference.rnn.gru_layer(input, h0, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reverse,
+                                        zoneout_h), None
     dtype = input.dtype
     if dtype in (torch.float16, torch.bfloat16):
-        input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr = (
-            None if t is None else t.float() for t in (input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
+        input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, zoneout_h, zoneout_c = (
+            None if t is None else t.float()
+            for t in (input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, zoneout_h, zoneout_c)
         )
     if lstm:
         # Both biases add to the gates before any nonlinearity: one sum, in the projection.
@@ -198,14 +205,16 @@ def _layer(cell: str, input: Tensor, h0: Tensor, c0: Tensor | None, weight_ih: T
             bias_hh = x_proj.new_zeros(x_proj.shape[-1])
     if backend == "cuda":
         backend = _gpu_backend(cell, x_proj.shape[1], x_proj.shape[2] // _GATES[cell], input.device.index,
-                               x_proj.dtype == torch.float32, weight_hr is not None)
+                               x_proj.dtype == torch.float32, weight_hr is not None or zoneout_h is not None
+                               or zoneout_c is not None)
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x_proj, weight_hh, h0, c0, bias_hh, weight_hr)
     )
     args = (
         cell, x_proj.contiguous(), weight_hh.contiguous(), h0.contiguous(), None if c0 is None else c0.contiguous(),
         None if bias_hh is None else bias_hh.contiguous(), None if weight_hr is None else weight_hr.contiguous(),
-        None if lengths is None else lengths.to(x_proj.device, torch.int64).contiguous(), reverse, save, backend,
+        None if lengths is None else lengths.to(x_proj.device, torch.int64).contiguous(),
+        *(None if z is None else z.contiguous() for z in (zoneout_h, zoneout_c)), reverse, save, backend,
     )
     function = recurrence_op if torch.compiler.is_compiling() else _RecurrenceFunction.call
     output, h_n, c_n = function(*args)[:3]
@@ -214,22 +223,27 @@ def _layer(cell: str, input: Tensor, h0: Tensor, c0: Tensor | None, weight_ih: T
 
 def lstm_layer(input: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
                bias_ih: Tensor | None = None, bias_hh: Tensor | None = None, weight_hr: Tensor | None = None,
-               lengths: Tensor | None = None, reverse: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+               lengths: Tensor | None = None, reverse: bool = False, *, zoneout_h: Tensor | None = None,
+               zoneout_c: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """One direction of one LSTM layer over input (T, B, I) from states h0 (B, P) and c0 (B, H),
     with torch.nn.LSTM's weights of that layer and direction: (output (T, B, P), h_n, c_n).
     lengths (B,) gives each row's number of steps (past them its output is 0 and its state
-    stays); reverse runs each row from its last step back."""
+    stays); reverse runs each row from its last step back. zoneout_h (T, B, P) and zoneout_c
+    (T, B, H): the share of each state unit step t keeps from the step before, 0 or 1 drawn
+    from Bernoulli(p) in training, p in evaluation (genfast/reference/rnn.py; not differentiated)."""
     check_tensor("c0", c0)
-    return _layer("lstm", input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths, reverse)
+    return _layer("lstm", input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths, reverse,
+                  zoneout_h, zoneout_c)
 
 
 def gru_layer(input: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor | None = None,
               bias_hh: Tensor | None = None, lengths: Tensor | None = None,
-              reverse: bool = False) -> tuple[Tensor, Tensor]:
+              reverse: bool = False, *, zoneout_h: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One direction of one GRU layer over input (T, B, I) from h0 (B, H), with torch.nn.GRU's
-    weights of that layer and direction: (output (T, B, H), h_n); lengths and reverse as
-    lstm_layer's."""
-    return _layer("gru", input, h0, None, weight_ih, weight_hh, bias_ih, bias_hh, None, lengths, reverse)[:2]
+    weights of that layer and direction: (output (T, B, H), h_n); lengths, reverse and
+    zoneout_h as lstm_layer's."""
+    return _layer("gru", input, h0, None, weight_ih, weight_hh, bias_ih, bias_hh, None, lengths, reverse,
+                  zoneout_h)[:2]
 
 
 def lstm_cell(input: Tensor, h: Tensor, c: Tensor, weight_ih: Tensor, weight_hh: Tensor,

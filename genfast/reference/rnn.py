@@ -13,6 +13,11 @@ LSTM with a projection weight_hr (P, H).
 A layer runs the cell over time (backwards for the reverse direction). With lengths, row b
 of the batch has lengths[b] steps: past them its state does not change and its output is 0,
 so the reverse direction starts each row at its own last step, as a PackedSequence does.
+
+Zoneout (Krueger et al., 2016) keeps a share of each state unit from the step before: with
+masks zoneout_h (T, B, P) and zoneout_c (T, B, H), step t's new states are
+    h_t = m_h h_{t-1} + (1 - m_h) h',   c_t = m_c c_{t-1} + (1 - m_c) c'
+(h_t is also the step's output). Training draws m from Bernoulli(p); evaluation sets m = p.
 """
 
 from __future__ import annotations
@@ -46,13 +51,17 @@ def gru_cell(x: Tensor, h: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih
     return (1 - z) * n + z * h
 
 
-def _run(step, x: Tensor, states: tuple[Tensor, ...], lengths: Tensor | None, reverse: bool):
-    """Applies step(x_t, *states) -> new states over time; the first state is the output."""
+def _run(step, x: Tensor, states: tuple[Tensor, ...], lengths: Tensor | None, reverse: bool,
+         zoneout: tuple[Tensor | None, ...] = ()):
+    """Applies step(x_t, *states) -> new states over time; the first state is the output.
+    zoneout holds a mask (T, B, size) or None per state."""
     steps = range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])
     outputs = [None] * x.shape[0]
     for t in steps:
         new = step(x[t], *states)
         new = new if isinstance(new, tuple) else (new,)
+        new = tuple(n if m is None else m[t] * s + (1 - m[t]) * n
+                    for n, s, m in zip(new, states, (*zoneout, *(None,) * len(new))))
         if lengths is not None:
             live = (t < lengths).to(x.device)[:, None]
             new = tuple(torch.where(live, n, s) for n, s in zip(new, states))
@@ -65,19 +74,22 @@ def _run(step, x: Tensor, states: tuple[Tensor, ...], lengths: Tensor | None, re
 
 def lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor | None,
                bias_hh: Tensor | None, weight_hr: Tensor | None = None, lengths: Tensor | None = None,
-               reverse: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+               reverse: bool = False, zoneout_h: Tensor | None = None,
+               zoneout_c: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """One direction of one LSTM layer over x (T, B, I): (output (T, B, P), h_n, c_n)."""
     output, (h, c) = _run(
         lambda x_t, h, c: lstm_cell(x_t, h, c, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr),
-        x, (h0, c0), lengths, reverse,
+        x, (h0, c0), lengths, reverse, (zoneout_h, zoneout_c),
     )
     return output, h, c
 
 
 def gru_layer(x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor | None,
-              bias_hh: Tensor | None, lengths: Tensor | None = None, reverse: bool = False) -> tuple[Tensor, Tensor]:
+              bias_hh: Tensor | None, lengths: Tensor | None = None, reverse: bool = False,
+              zoneout_h: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One direction of one GRU layer over x (T, B, I): (output (T, B, H), h_n)."""
     output, (h,) = _run(
-        lambda x_t, h: gru_cell(x_t, h, weight_ih, weight_hh, bias_ih, bias_hh), x, (h0,), lengths, reverse
+        lambda x_t, h: gru_cell(x_t, h, weight_ih, weight_hh, bias_ih, bias_hh), x, (h0,), lengths, reverse,
+        (zoneout_h,),
     )
     return output, h
