@@ -38,11 +38,30 @@ def _product(acc, a_ptr, a_stride, rows, in_rows, K, w_ptr, w_k_stride, w_n_stri
 
 
 @triton.jit
-def _step_index(s, T, REVERSE: tl.constexpr):
-    """The time step that loop iteration s runs."""
+def _batch_rows(B, T, lengths_ptr, HAS_LENGTHS: tl.constexpr, BLOCK_B: tl.constexpr):
+    """This program's batch rows, which of them exist, and their lengths (T without lengths)."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    in_rows = rows < B
+    length = T
+    if HAS_LENGTHS:
+        length = tl.load(lengths_ptr + rows, mask=in_rows, other=0)
+    return rows, in_rows, length
+
+
+@triton.jit
+def _step(s, T, B, P, H, rows, in_rows, length, h_ptr, c_ptr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr):
+    """Loop iteration s's time step t; its live rows (those whose sequences reach t, of lengths
+    `length`); the rows' indices among every step's, t B + row; and the halves of the double
+    buffers h (2, B, P) and c (2, B, H) the step reads and writes."""
+    t = s
     if REVERSE:
-        return T - 1 - s
-    return s
+        t = T - 1 - s
+    live = in_rows
+    if HAS_LENGTHS:
+        live = t < length
+    read, write = s % 2, (s + 1) % 2
+    return (t, live, t.to(tl.int64) * B + rows, h_ptr + read * B * P, h_ptr + write * B * P, c_ptr + read * B * H,
+            c_ptr + write * B * H)
 
 
 @triton.jit
@@ -63,20 +82,11 @@ def _recurrence_forward_kernel(
     for the projection. With ZONEOUT_H / ZONEOUT_C, reads the zoneout masks (T, B, P) and
     (T, B, H) and mixes each new state with the one before."""
     G: tl.constexpr = 4 if LSTM else 3
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    in_rows = rows < B
-    if HAS_LENGTHS:
-        length = tl.load(lengths_ptr + rows, mask=in_rows, other=0)
+    rows, in_rows, length = _batch_rows(B, T, lengths_ptr, HAS_LENGTHS, BLOCK_B)
     for s in range(T):
-        t = _step_index(s, T, REVERSE)
-        live = in_rows
-        if HAS_LENGTHS:
-            live = t < length
-        h_read = h_state_ptr + (s % 2) * B * P
-        h_write = h_state_ptr + ((s + 1) % 2) * B * P
-        c_read = c_state_ptr + (s % 2) * B * H
-        c_write = c_state_ptr + ((s + 1) % 2) * B * H
-        step_rows = t.to(tl.int64) * B + rows
+        t, live, step_rows, h_read, h_write, c_read, c_write = _step(
+            s, T, B, P, H, rows, in_rows, length, h_state_ptr, c_state_ptr, HAS_LENGTHS, REVERSE
+        )
         for u0 in range(0, H, BLOCK_U):
             units = u0 + tl.arange(0, BLOCK_U)
             in_units = units < H
@@ -176,20 +186,11 @@ def _recurrence_backward_kernel(
     it for W_hr's gradient. carry (B, P) holds the part of dh_prev that skips W_hh (zoneout's
     share included)."""
     G: tl.constexpr = 4 if LSTM else 3
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    in_rows = rows < B
-    if HAS_LENGTHS:
-        length = tl.load(lengths_ptr + rows, mask=in_rows, other=0)
+    rows, in_rows, length = _batch_rows(B, T, lengths_ptr, HAS_LENGTHS, BLOCK_B)
     for s in range(T):
-        t = _step_index(s, T, not REVERSE)
-        live = in_rows
-        if HAS_LENGTHS:
-            live = t < length
-        dh_read = dh_state_ptr + (s % 2) * B * P
-        dh_write = dh_state_ptr + ((s + 1) % 2) * B * P
-        dc_read = dc_state_ptr + (s % 2) * B * H
-        dc_write = dc_state_ptr + ((s + 1) % 2) * B * H
-        step_rows = t.to(tl.int64) * B + rows
+        t, live, step_rows, dh_read, dh_write, dc_read, dc_write = _step(
+            s, T, B, P, H, rows, in_rows, length, dh_state_ptr, dc_state_ptr, HAS_LENGTHS, not REVERSE
+        )
         if PROJ:
             # A finished row's output is a constant 0 and its state passes through unchanged.
             for p0 in range(0, P, BLOCK_U):

@@ -29,6 +29,14 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 __device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
 
+// One unit's four saved values, H apart (csrc/cpu/rnn.h's gates layout).
+__device__ __forceinline__ void save_gates(float* saved, int H, float a, float b, float c, float d) {
+  saved[0] = a;
+  saved[H] = b;
+  saved[2 * H] = c;
+  saved[3 * H] = d;
+}
+
 // How the units split over blocks and the shared memory a block needs.
 struct Plan {
   int units, blocks, slices;
@@ -105,11 +113,7 @@ __global__ void __launch_bounds__(kThreads)
         h_new = out * tanh_c;
         if (live) c[b * units + j] = c_new;
         if (r.gates) {
-          float* saved = r.gates + at * 4 * H + u;
-          saved[0] = in;
-          saved[H] = forget;
-          saved[2 * H] = cand;
-          saved[3 * H] = out;
+          save_gates(r.gates + at * 4 * H + u, H, in, forget, cand, out);
           r.c_prev[at * H + u] = c_old;
           r.tanh_c[at * H + u] = tanh_c;
         }
@@ -118,13 +122,7 @@ __global__ void __launch_bounds__(kThreads)
         const float reset = sigmoid(x[0] + hidden[0] + bias[0]), update = sigmoid(x[H] + hidden[1] + bias[H]);
         const float hidden_n = hidden[2] + bias[2 * H], cand = tanhf(x[2 * H] + reset * hidden_n);
         h_new = (1.f - update) * cand + update * h_old;
-        if (r.gates) {
-          float* saved = r.gates + at * 4 * H + u;
-          saved[0] = reset;
-          saved[H] = update;
-          saved[2 * H] = cand;
-          saved[3 * H] = hidden_n;
-        }
+        if (r.gates) save_gates(r.gates + at * 4 * H + u, H, reset, update, cand, hidden_n);
       }
       if (r.gates) r.h_prev[at * H + u] = h_old;
       h_write[int64_t(b) * H + u] = live ? h_new : h_old;
