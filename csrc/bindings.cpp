@@ -208,7 +208,8 @@ genfast::cpu::Recurrence recurrence(const std::string& cell, const Tensor& x_pro
                                     const Tensor& h0, const std::optional<Tensor>& c0,
                                     const std::optional<Tensor>& bias_hh, const std::optional<Tensor>& weight_hr,
                                     const std::optional<Tensor>& lengths, const std::optional<Tensor>& zoneout_h,
-                                    const std::optional<Tensor>& zoneout_c, bool reverse, bool save) {
+                                    const std::optional<Tensor>& zoneout_c, const std::optional<Tensor>& norm_hh,
+                                    const std::optional<Tensor>& norm_c, double eps, bool reverse, bool save) {
   TORCH_CHECK(cell == "lstm" || cell == "gru", "cell must be \"lstm\" or \"gru\", got ", cell);
   const bool lstm = cell == "lstm";
   const auto dtype = x_proj.scalar_type();
@@ -234,6 +235,13 @@ genfast::cpu::Recurrence recurrence(const std::string& cell, const Tensor& x_pro
   TORCH_CHECK(lstm || !zoneout_c, "a GRU has no cell state to zone out");
   if (zoneout_h) check(*zoneout_h, "zoneout_h", {T, B, P});
   if (zoneout_c) check(*zoneout_c, "zoneout_c", {T, B, H});
+  TORCH_CHECK(norm_hh.has_value() == norm_c.has_value() && (lstm || !norm_hh),
+              "norm_hh and norm_c come together, for an LSTM");
+  if (norm_hh) {
+    check(*norm_hh, "norm_hh", {2, 4 * H});
+    check(*norm_c, "norm_c", {2, H});
+    TORCH_CHECK(eps > 0, "eps must be positive, got ", eps);
+  }
   if (lengths) {
     TORCH_CHECK(lengths->dim() == 1 && lengths->size(0) == B && lengths->scalar_type() == at::kLong &&
                     lengths->is_contiguous() && lengths->device() == x_proj.device(),
@@ -246,7 +254,8 @@ genfast::cpu::Recurrence recurrence(const std::string& cell, const Tensor& x_pro
     }
   }
   return {lstm ? genfast::cpu::Cell::kLSTM : genfast::cpu::Cell::kGRU,
-          x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, zoneout_h, zoneout_c, reverse, save};
+          x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, zoneout_h, zoneout_c, norm_hh, norm_c, eps,
+          reverse, save};
 }
 
 #ifdef GENFAST_WITH_CUDA
@@ -262,8 +271,8 @@ bool persistent_recurrence_fits(const std::string& cell, int64_t batch, int64_t 
 
 // The persistent kernel's forward of a checked float32 recurrence without a projection.
 std::vector<Tensor> persistent_recurrence_forward(const genfast::cpu::Recurrence& r) {
-  TORCH_CHECK(r.x_proj.scalar_type() == at::kFloat && !r.weight_hr && !r.zoneout_h && !r.zoneout_c,
-              "the CUDA recurrence takes float32, no projection and no zoneout; the Triton kernels take the rest");
+  TORCH_CHECK(r.x_proj.scalar_type() == at::kFloat && !r.weight_hr && !r.zoneout_h && !r.zoneout_c && !r.norm_hh,
+              "the CUDA recurrence takes float32, no projection, zoneout or norms; the Triton kernels take the rest");
   const c10::cuda::CUDAGuard guard(r.x_proj.device());
   const bool lstm = r.cell == genfast::cpu::Cell::kLSTM;
   const int64_t T = r.x_proj.size(0), B = r.x_proj.size(1), H = r.h0.size(1), steps = r.save ? T : 1;
@@ -288,7 +297,7 @@ std::vector<Tensor> persistent_recurrence_forward(const genfast::cpu::Recurrence
   TORCH_CHECK(status != cudaErrorInvalidValue, "the persistent recurrence does not fit batch ", B, " and hidden size ",
               H, " on this GPU (persistent_recurrence_fits says which do)");
   C10_CUDA_CHECK(status);
-  return {output, h_state[T % 2].clone(), c_state, gates, h_prev, c_prev, tanh_c};
+  return {output, h_state[T % 2].clone(), c_state, gates, h_prev, c_prev, tanh_c, Tensor(), Tensor(), Tensor()};
 }
 
 #endif
@@ -297,9 +306,10 @@ std::vector<Tensor> recurrence_forward(const std::string& cell, const Tensor& x_
                                        const Tensor& h0, const std::optional<Tensor>& c0,
                                        const std::optional<Tensor>& bias_hh, const std::optional<Tensor>& weight_hr,
                                        const std::optional<Tensor>& lengths, const std::optional<Tensor>& zoneout_h,
-                                       const std::optional<Tensor>& zoneout_c, bool reverse, bool save) {
-  const auto r =
-      recurrence(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, zoneout_h, zoneout_c, reverse, save);
+                                       const std::optional<Tensor>& zoneout_c, const std::optional<Tensor>& norm_hh,
+                                       const std::optional<Tensor>& norm_c, double eps, bool reverse, bool save) {
+  const auto r = recurrence(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, zoneout_h, zoneout_c,
+                            norm_hh, norm_c, eps, reverse, save);
   if (x_proj.is_cpu()) return genfast::cpu::recurrence_forward(r);
 #ifdef GENFAST_WITH_CUDA
   if (x_proj.is_cuda()) return persistent_recurrence_forward(r);
@@ -312,11 +322,12 @@ std::vector<Tensor> recurrence_backward(const std::string& cell, const Tensor& x
                                         const Tensor& h0, const std::optional<Tensor>& c0,
                                         const std::optional<Tensor>& bias_hh, const std::optional<Tensor>& weight_hr,
                                         const std::optional<Tensor>& lengths, const std::optional<Tensor>& zoneout_h,
-                                        const std::optional<Tensor>& zoneout_c, bool reverse, const Tensor& d_output,
-                                        const std::optional<Tensor>& d_h_n, const std::optional<Tensor>& d_c_n,
-                                        const std::vector<Tensor>& saved) {
-  const auto r =
-      recurrence(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, zoneout_h, zoneout_c, reverse, true);
+                                        const std::optional<Tensor>& zoneout_c, const std::optional<Tensor>& norm_hh,
+                                        const std::optional<Tensor>& norm_c, double eps, bool reverse,
+                                        const Tensor& d_output, const std::optional<Tensor>& d_h_n,
+                                        const std::optional<Tensor>& d_c_n, const std::vector<Tensor>& saved) {
+  const auto r = recurrence(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, zoneout_h, zoneout_c,
+                            norm_hh, norm_c, eps, reverse, true);
   TORCH_CHECK(x_proj.is_cpu(), "recurrence_backward runs CPU tensors; on a GPU the Triton kernels run it");
   const int64_t T = x_proj.size(0), B = x_proj.size(1), P = h0.size(1), H = x_proj.size(2) / (r.cell == genfast::cpu::Cell::kLSTM ? 4 : 3);
   auto check = [&](const Tensor& t, const char* name, std::vector<int64_t> shape) {
@@ -326,11 +337,20 @@ std::vector<Tensor> recurrence_backward(const std::string& cell, const Tensor& x
   check(d_output, "d_output", {T, B, P});
   if (d_h_n) check(*d_h_n, "d_h_n", {B, P});
   if (d_c_n) check(*d_c_n, "d_c_n", {B, H});
-  TORCH_CHECK(saved.size() == (r.cell == genfast::cpu::Cell::kLSTM ? 4u : 2u), "saved must hold the forward's gates, "
-              "h_prev and, for an LSTM, c_prev and tanh_c");
+  const size_t count = r.cell == genfast::cpu::Cell::kGRU ? 2u : r.norm_hh ? 7u : 4u;
+  TORCH_CHECK(saved.size() == count, "saved must hold the forward's gates, h_prev and, for an LSTM, c_prev and "
+              "tanh_c, and with the norms hh_norm, c_norm and rstd");
   check(saved[0], "gates", {T, B, 4 * H});
   check(saved[1], "h_prev", {T, B, P});
-  for (size_t i = 2; i < saved.size(); ++i) check(saved[i], i == 2 ? "c_prev" : "tanh_c", {T, B, H});
+  if (count > 2) {
+    check(saved[2], "c_prev", {T, B, H});
+    check(saved[3], "tanh_c", {T, B, H});
+  }
+  if (count > 4) {
+    check(saved[4], "hh_norm", {T, B, 4 * H});
+    check(saved[5], "c_norm", {T, B, H});
+    check(saved[6], "rstd", {T, B, 2});
+  }
   return genfast::cpu::recurrence_backward(r, d_output, d_h_n, d_c_n, saved);
 }
 
@@ -657,9 +677,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cross_entropy_rows", &cross_entropy_rows,
         "Each row's cross-entropy: losses (rows,); with grad_scale, the logits become their gradient");
   m.def("recurrence_forward", &recurrence_forward,
-        "An LSTM's or GRU's time loop: (output, h_n, c_n, gates, h_prev, c_prev, tanh_c)");
+        "An LSTM's or GRU's time loop: (output, h_n, c_n, gates, h_prev, c_prev, tanh_c, hh_norm, c_norm, rstd)");
   m.def("recurrence_backward", &recurrence_backward,
-        "The time loop's backward: (d_x_proj, d_weight_hh, d_bias_hh, dh0, dc0, d_weight_hr)");
+        "The time loop's backward: (d_x_proj, d_weight_hh, d_bias_hh, dh0, dc0, d_weight_hr, d_norm_hh, d_norm_c)");
   m.def("sample", &sample, "Draws one token per row of logits after temperature, top-k and top-p: tokens (rows,)");
   m.def("rotary_embedding", &rotary_embedding, "Rotates x by the (cos, sin) tables into out (which may be x; a new tensor if None); returns out");
   m.def("layer_norm_forward", &layer_norm_forward, "LayerNorm or RMSNorm (+ residual) forward: (y, h, mean, rstd)");

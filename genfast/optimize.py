@@ -27,7 +27,7 @@ _SWAPS: dict[type[nn.Module], tuple[type[nn.Module], dict[str, object]]] = {
     nn.MultiheadAttention: (genfast_nn.MultiheadAttention, {}),
     # genfast's LSTM and GRU are siblings of torch's on nn.RNNBase (torch.compile will not
     # trace an nn.LSTM): the same attributes, so the class changes as for a subclass.
-    nn.LSTM: (genfast_nn.LSTM, {"zoneout_cell": 0.0, "zoneout_hidden": 0.0}),
+    nn.LSTM: (genfast_nn.LSTM, {"zoneout_cell": 0.0, "zoneout_hidden": 0.0, "layer_norm": False}),
     nn.GRU: (genfast_nn.GRU, {"zoneout_hidden": 0.0}),
     nn.LSTMCell: (genfast_nn.LSTMCell, {}),
     nn.GRUCell: (genfast_nn.GRUCell, {}),

@@ -293,11 +293,14 @@ def _masks(x_proj, zoneout_h, zoneout_c):
     return (x_proj if zoneout_h is None else zoneout_h), (x_proj if zoneout_c is None else zoneout_c)
 
 
-def recurrence_forward(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, zoneout_h, zoneout_c, reverse,
-                       save):
+def recurrence_forward(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, zoneout_h, zoneout_c, norm_hh,
+                       norm_c, eps, reverse, save):
     """Returns output (T, B, P), h_n, c_n (None for a GRU) and gates, h_prev, c_prev, tanh_c (the
-    last two None for a GRU), those four covering one step, unwritten, without save; the
+    last two None for a GRU), those four covering one step, unwritten, without save, and three
+    Nones (a layer-normalized LSTM's saved tensors: these kernels have no norms); the
     arguments as csrc/cpu/rnn.h's Recurrence (contiguous, one float dtype)."""
+    if norm_hh is not None or norm_c is not None:
+        raise NotImplementedError("the Triton recurrence has no layer-normalized LSTM; the cpu backend has")
     T, B, gate_columns = x_proj.shape
     lstm = cell == "lstm"
     H = gate_columns // (4 if lstm else 3)
@@ -320,14 +323,14 @@ def recurrence_forward(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, leng
         T, B, H, P, SAVE=save, **settings,
     )
     h_n, c_n = h_state[T % 2].clone(), c_state[T % 2].clone() if lstm else None
-    return output, h_n, c_n, gates, h_prev, c_prev if lstm else None, tanh_c if lstm else None
+    return output, h_n, c_n, gates, h_prev, c_prev if lstm else None, tanh_c if lstm else None, None, None, None
 
 
-def recurrence_backward(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, zoneout_h, zoneout_c, reverse,
-                        d_output, d_h_n, d_c_n, saved):
-    """Returns the gradients of x_proj, weight_hh, bias_hh, h0, c0 and weight_hr (None where the
-    input is absent) from those of output, h_n and c_n (None: zero) and recurrence_forward's
-    saved tensors (gates, h_prev and for an LSTM c_prev, tanh_c)."""
+def recurrence_backward(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, zoneout_h, zoneout_c, norm_hh,
+                        norm_c, eps, reverse, d_output, d_h_n, d_c_n, saved):
+    """Returns the gradients of x_proj, weight_hh, bias_hh, h0, c0, weight_hr and the two norms
+    (None where the input is absent) from those of output, h_n and c_n (None: zero) and
+    recurrence_forward's saved tensors (gates, h_prev and for an LSTM c_prev, tanh_c)."""
     T, B, gate_columns = x_proj.shape
     lstm = cell == "lstm"
     H = gate_columns // (4 if lstm else 3)
@@ -357,4 +360,5 @@ def recurrence_backward(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, len
     if proj:
         cell_output = gates[..., 3 * H:] * tanh_c
         d_weight_hr = d_h_steps.reshape(T * B, P).t() @ cell_output.reshape(T * B, H)
-    return d_x, d_weight_hh, d_bias_hh, dh_state[T % 2].clone(), dc_state[T % 2].clone() if lstm else None, d_weight_hr
+    dc0 = dc_state[T % 2].clone() if lstm else None
+    return d_x, d_weight_hh, d_bias_hh, dh_state[T % 2].clone(), dc0, d_weight_hr, None, None

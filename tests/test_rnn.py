@@ -411,3 +411,62 @@ def test_zoneout_modules(kind):
     with pytest.raises(ValueError, match="zoneout_hidden"):
         MODULES[kind][1](4, 6, zoneout_hidden=1.5)
     assert "zoneout_hidden=0.3" in repr(module)
+
+
+def _layer_norm_lstm_spec(module, x, lengths):
+    """module's layers and directions run through genfast/reference/rnn.py's lstm_layer."""
+    for layer in range(module.num_layers):
+        outputs = []
+        for suffix, reverse in ((f"_l{layer}", False), (f"_l{layer}_reverse", True))[: 1 + module.bidirectional]:
+            weights = [getattr(module, f"{name}{suffix}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            norms = reference_rnn.CellNorms(*((getattr(module, f"layer_norm_{part}_weight{suffix}"),
+                                               getattr(module, f"layer_norm_{part}_bias{suffix}"))
+                                              for part in ("ih", "hh", "c")))
+            state = x.new_zeros(x.shape[1], module.hidden_size)
+            outputs.append(reference_rnn.lstm_layer(x, state, state, *weights, None, lengths, reverse, norms=norms)[0])
+        x = torch.cat(outputs, -1)
+    return x
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("batch", [5, 70])  # both C++ loops' batch sizes
+def test_layer_norm_lstm_module(batch, backend):
+    """genfast.nn.LSTM(layer_norm=True), 2 bidirectional layers over a packed batch: output and
+    every parameter's gradient against the reference cell run layer by layer, in float64."""
+    require(backend)
+    torch.manual_seed(0)
+    module = genfast.nn.LSTM(3, 7, num_layers=2, bidirectional=True, layer_norm=True).double()
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            if name.startswith("layer_norm_"):
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    assert {f"layer_norm_{part}_{kind}_l1_reverse" for part in ("ih", "hh", "c") for kind in ("weight", "bias")} <= set(
+        module.state_dict()
+    )
+    x = torch.randn(6, batch, 3, dtype=torch.float64)
+    lengths = torch.randint(1, 7, (batch,))
+    with genfast.use_backend(backend):
+        packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+        out = torch.nn.utils.rnn.pad_packed_sequence(module(packed)[0], total_length=6)[0]
+    expected = _layer_norm_lstm_spec(module, x, lengths)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    weights = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weights).sum(), list(module.parameters()))
+    want = torch.autograd.grad((expected * weights).sum(), list(module.parameters()))
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+    module.reset_parameters()
+    assert torch.equal(module.layer_norm_c_weight_l0, torch.ones(7, dtype=torch.float64))
+    assert "layer_norm=True" in repr(module)
+
+
+def test_layer_norm_lstm_on_triton_runs_the_reference():
+    """The Triton recurrence has no norms: a layer-normalized LSTM there says so and runs the
+    reference."""
+    device = require("triton")
+    module = genfast.nn.LSTM(3, 4, layer_norm=True).to(device)
+    x = torch.randn(5, 2, 3, device=device)
+    with genfast.use_backend("triton"), pytest.warns(UserWarning, match="no GPU kernel yet"):
+        out = module(x)[0]
+    with genfast.use_backend("reference"):
+        torch.testing.assert_close(out, module(x)[0])

@@ -8,14 +8,17 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/stack.h>
 #include <ATen/ops/zeros.h>
 
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <functional>
 
+#include "dispatch.h"
 #include "tile_matmul.h"
 #include "vec_math.h"
 
@@ -80,6 +83,31 @@ void keep_share(const T* m, const T* previous, T* state, T* out, int64_t size) {
   if (out) std::copy(state, state + size, out);
 }
 
+// LayerNorm of one row: normalized = (x - mean) rstd, y = normalized weight + bias (y may be
+// x); returns rstd.
+template <typename T>
+T normalize_row(const T* x, int64_t size, const T* weight, const T* bias, T eps, T* normalized, T* y) {
+  const T mean = lane_sum<T>(size, [&](int64_t j) { return x[j]; }) / T(size);
+  const T var = lane_sum<T>(size, [&](int64_t j) { return (x[j] - mean) * (x[j] - mean); }) / T(size);
+  const T rstd = T(1) / std::sqrt(var + eps);
+#pragma omp simd
+  for (int64_t j = 0; j < size; ++j) {
+    normalized[j] = (x[j] - mean) * rstd;
+    y[j] = normalized[j] * weight[j] + bias[j];
+  }
+  return rstd;
+}
+
+// LayerNorm's backward of one row: dx = rstd (g - mean(g) - normalized mean(g normalized)),
+// g = dy weight.
+template <typename T>
+void normalize_row_backward(const T* dy, const T* normalized, const T* weight, T rstd, T* dx, int64_t size) {
+  const T mean_g = lane_sum<T>(size, [&](int64_t j) { return dy[j] * weight[j]; }) / T(size);
+  const T mean_gx = lane_sum<T>(size, [&](int64_t j) { return dy[j] * weight[j] * normalized[j]; }) / T(size);
+#pragma omp simd
+  for (int64_t j = 0; j < size; ++j) dx[j] = rstd * (dy[j] * weight[j] - mean_g - normalized[j] * mean_gx);
+}
+
 template <typename T>
 void forward_loop(const Recurrence& r, const Shape& n, std::vector<at::Tensor>& out) {
   const at::Tensor &output = out[0], &h = out[1], &c = out[2], &gates = out[3], &h_prev = out[4];
@@ -94,6 +122,14 @@ void forward_loop(const Recurrence& r, const Shape& n, std::vector<at::Tensor>& 
   T* tanh_c = lstm ? out[6].mutable_data_ptr<T>() : nullptr;
   const T* zoneout_h = r.zoneout_h ? r.zoneout_h->const_data_ptr<T>() : nullptr;
   const T* zoneout_c = r.zoneout_c ? r.zoneout_c->const_data_ptr<T>() : nullptr;
+  const T* norm_hh = r.norm_hh ? r.norm_hh->const_data_ptr<T>() : nullptr;
+  const T* norm_c = r.norm_c ? r.norm_c->const_data_ptr<T>() : nullptr;
+  T* hh_norm = norm_hh ? out[7].mutable_data_ptr<T>() : nullptr;
+  T* c_norm = norm_c ? out[8].mutable_data_ptr<T>() : nullptr;
+  T* rstd = norm_hh || norm_c ? out[9].mutable_data_ptr<T>() : nullptr;
+  // LN_c of the new cell, what tanh reads, per row.
+  at::Tensor normed_cell = norm_c ? at::empty({B, H}, h.options()) : at::Tensor();
+  const T eps = static_cast<T>(r.eps);
   for (int64_t s = 0; s < n.T; ++s) {
     const int64_t t = n.time(s);
     h_prev[n.slot(t)].copy_(h);
@@ -102,12 +138,13 @@ void forward_loop(const Recurrence& r, const Shape& n, std::vector<at::Tensor>& 
     at::Tensor stepping_gates = h_gates.narrow(0, 0, rows);
     at::mm_out(stepping_gates, h.narrow(0, 0, rows), r.weight_hh.t());
     const T* xp_t = r.x_proj.const_data_ptr<T>() + t * B * n.G * H;
-    const T* hg = h_gates.const_data_ptr<T>();
+    T* hg = h_gates.mutable_data_ptr<T>();
     T* gates_t = gates.mutable_data_ptr<T>() + n.slot(t) * B * 4 * H;
     T* out_t = output.mutable_data_ptr<T>() + t * B * P;
     T* cell_t = projected ? cell_out.mutable_data_ptr<T>() : out_t;
     for_each_row(B, n.G * H, [&](int64_t b) {
-      const T *xp = xp_t + b * n.G * H, *hp = hg + b * n.G * H;
+      const T* xp = xp_t + b * n.G * H;
+      T* hp = hg + b * n.G * H;
       T* g4 = gates_t + b * 4 * H;
       const int64_t row = n.slot(t) * B * H + b * H;
       if (!n.live(b, t)) {
@@ -120,14 +157,27 @@ void forward_loop(const Recurrence& r, const Shape& n, std::vector<at::Tensor>& 
         return;
       }
       if (lstm) {
+        const int64_t at_row = n.slot(t) * B + b;
+        if (norm_hh)
+          rstd[2 * at_row] = normalize_row(hp, 4 * H, norm_hh, norm_hh + 4 * H, eps, hh_norm + at_row * 4 * H, hp);
 #pragma omp simd
         for (int64_t j = 0; j < H; ++j) {
           const T i = sigmoid(xp[j] + hp[j]), f = sigmoid(xp[H + j] + hp[H + j]);
           const T g = tanh_fast(xp[2 * H + j] + hp[2 * H + j]), o = sigmoid(xp[3 * H + j] + hp[3 * H + j]);
-          const T previous = c_data[b * H + j], cell = f * previous + i * g, tc = tanh_fast(cell);
+          const T previous = c_data[b * H + j];
           g4[j] = i, g4[H + j] = f, g4[2 * H + j] = g, g4[3 * H + j] = o;
-          c_prev[row + j] = previous, tanh_c[row + j] = tc, c_data[b * H + j] = cell;
-          cell_t[b * H + j] = o * tc;
+          c_prev[row + j] = previous, c_data[b * H + j] = f * previous + i * g;
+        }
+        const T* squashed = c_data + b * H;
+        if (norm_c) {
+          T* normed = normed_cell.mutable_data_ptr<T>() + b * H;
+          rstd[2 * at_row + 1] = normalize_row(squashed, H, norm_c, norm_c + H, eps, c_norm + at_row * H, normed);
+          squashed = normed;
+        }
+#pragma omp simd
+        for (int64_t j = 0; j < H; ++j) {
+          const T tc = tanh_fast(squashed[j]);
+          tanh_c[row + j] = tc, cell_t[b * H + j] = g4[3 * H + j] * tc;
         }
         // Outside the loop: a conditional store inside kept GCC from vectorising it (10x slower).
         if (!projected) std::copy(cell_t + b * H, cell_t + (b + 1) * H, h_data + b * H);
@@ -375,7 +425,7 @@ void add_row(const T* from, T* to, int64_t size) {
 template <typename T>
 void backward_loop(const Recurrence& r, const Shape& n, const at::Tensor& d_output, const std::vector<at::Tensor>& saved,
                    const at::Tensor& dh, const at::Tensor& dc, const at::Tensor& d_x_proj, const at::Tensor& d_h_gates,
-                   const at::Tensor& dh_steps) {
+                   const at::Tensor& dh_steps, const at::Tensor& d_squashed_steps) {
   const bool lstm = r.cell == Cell::kLSTM, projected = r.weight_hr.has_value();
   const int64_t H = n.H, P = n.P, B = n.B, G = n.G;
   at::Tensor dh_next = at::empty({B, P}, dh.options());
@@ -387,6 +437,15 @@ void backward_loop(const Recurrence& r, const Shape& n, const at::Tensor& d_outp
   const T* tanh_c = lstm ? saved[3].const_data_ptr<T>() : nullptr;
   const T* zoneout_h = r.zoneout_h ? r.zoneout_h->const_data_ptr<T>() : nullptr;
   const T* zoneout_c = r.zoneout_c ? r.zoneout_c->const_data_ptr<T>() : nullptr;
+  const T* norm_hh = r.norm_hh ? r.norm_hh->const_data_ptr<T>() : nullptr;
+  const T* norm_c = r.norm_c ? r.norm_c->const_data_ptr<T>() : nullptr;
+  const T* hh_norm = norm_hh ? saved[4].const_data_ptr<T>() : nullptr;
+  const T* c_norm = norm_c ? saved[5].const_data_ptr<T>() : nullptr;
+  const T* rstd = norm_hh || norm_c ? saved[6].const_data_ptr<T>() : nullptr;
+  // The gradient of tanh's argument in h = o tanh(.), per row: kept for every step with LN_c (for
+  // its weight and bias), then taken through it into d_cell.
+  at::Tensor d_squashed = norm_c ? d_squashed_steps : at::empty({B, H}, dh.options());
+  at::Tensor d_cell_from_norm = norm_c ? at::empty({B, H}, dh.options()) : at::Tensor();
   // Zoneout's direct paths to the states entering the step: m dh and m dc.
   at::Tensor dh_kept = zoneout_h ? at::empty({B, P}, dh.options()) : at::Tensor();
   at::Tensor dc_kept = zoneout_c ? at::empty({B, H}, dh.options()) : at::Tensor();
@@ -414,22 +473,36 @@ void backward_loop(const Recurrence& r, const Shape& n, const at::Tensor& d_outp
       T *dxp = dxp_t + b * G * H, *dhg = dhg_t + b * G * H;
       if (!n.live(b, t)) {
         std::fill(dxp, dxp + G * H, T(0));
-        if (!lstm) std::fill(dhg, dhg + G * H, T(0));
+        if (dhg != dxp) std::fill(dhg, dhg + G * H, T(0));
         return;
       }
       const T* g4 = gates + (t * B + b) * 4 * H;
       const int64_t row = t * B * H + b * H;
       if (lstm) {
+        T* d_tanh_arg = d_squashed.mutable_data_ptr<T>() + (norm_c ? row : b * H);
+#pragma omp simd
+        for (int64_t j = 0; j < H; ++j) {
+          const T tc = tanh_c[row + j];
+          d_tanh_arg[j] = d_cell[b * H + j] * g4[3 * H + j] * (T(1) - tc * tc);
+        }
+        const T* d_new_cell = d_tanh_arg;
+        if (norm_c) {
+          T* through = d_cell_from_norm.mutable_data_ptr<T>() + b * H;
+          normalize_row_backward(d_tanh_arg, c_norm + row, norm_c, rstd[2 * (t * B + b) + 1], through, H);
+          d_new_cell = through;
+        }
 #pragma omp simd
         for (int64_t j = 0; j < H; ++j) {
           const T i = g4[j], f = g4[H + j], g = g4[2 * H + j], o = g4[3 * H + j], tc = tanh_c[row + j];
-          const T d_out = d_cell[b * H + j], d_c = dc_data[b * H + j] + d_out * o * (T(1) - tc * tc);
+          const T d_out = d_cell[b * H + j], d_c = dc_data[b * H + j] + d_new_cell[j];
           dxp[j] = d_c * g * i * (T(1) - i);
           dxp[H + j] = d_c * c_prev[row + j] * f * (T(1) - f);
           dxp[2 * H + j] = d_c * i * (T(1) - g * g);
           dxp[3 * H + j] = d_out * tc * o * (T(1) - o);
           dc_data[b * H + j] = d_c * f;
         }
+        if (norm_hh)
+          normalize_row_backward(dxp, hh_norm + (t * B + b) * 4 * H, norm_hh, rstd[2 * (t * B + b)], dhg, 4 * H);
       } else {
 #pragma omp simd
         for (int64_t j = 0; j < H; ++j) {
@@ -472,8 +545,13 @@ std::vector<at::Tensor> recurrence_forward(const Recurrence& r) {
       at::empty({n.saved_steps(), n.B, n.P}, options),
       lstm ? at::empty({n.saved_steps(), n.B, n.H}, options) : at::Tensor(),
       lstm ? at::empty({n.saved_steps(), n.B, n.H}, options) : at::Tensor(),
+      // Zeros: a finished row's entries stay 0 and add nothing to the norms' gradients.
+      r.norm_hh ? at::zeros({n.saved_steps(), n.B, 4 * n.H}, options) : at::Tensor(),
+      r.norm_c ? at::zeros({n.saved_steps(), n.B, n.H}, options) : at::Tensor(),
+      r.norm_hh || r.norm_c ? at::zeros({n.saved_steps(), n.B, 2}, options) : at::Tensor(),
   };
-  const bool persistent = n.B <= kPersistentBatch && !r.weight_hr && !r.zoneout_h && !r.zoneout_c;
+  const bool persistent =
+      n.B <= kPersistentBatch && !r.weight_hr && !r.zoneout_h && !r.zoneout_c && !r.norm_hh && !r.norm_c;
   if (r.x_proj.scalar_type() == at::kDouble) {
     persistent ? persistent_forward<double>(r, n, out) : forward_loop<double>(r, n, out);
   } else {
@@ -492,13 +570,16 @@ std::vector<at::Tensor> recurrence_backward(const Recurrence& r, const at::Tenso
   at::Tensor dh = d_h_n ? d_h_n->clone() : at::zeros({n.B, n.P}, options);
   at::Tensor dc = !lstm ? at::Tensor() : d_c_n ? d_c_n->clone() : at::zeros({n.B, n.H}, options);
   at::Tensor d_x_proj = at::empty(r.x_proj.sizes(), options);
-  // An LSTM's gates take the same gradient from x_proj and from h W_hh^T; a GRU's n gate does not.
-  at::Tensor d_h_gates = lstm ? d_x_proj : at::empty(r.x_proj.sizes(), options);
+  // An LSTM's gates take the same gradient from x_proj and from h W_hh^T, unless LN_hh lies
+  // between; a GRU's n gate does not.
+  at::Tensor d_h_gates = lstm && !r.norm_hh ? d_x_proj : at::empty(r.x_proj.sizes(), options);
   at::Tensor dh_steps = projected ? at::empty({n.T, n.B, n.P}, options) : at::Tensor();
+  // Zeros: a finished row's entries stay 0.
+  at::Tensor d_squashed_steps = r.norm_c ? at::zeros({n.T, n.B, n.H}, options) : at::Tensor();
   if (r.x_proj.scalar_type() == at::kDouble) {
-    backward_loop<double>(r, n, d_output, saved, dh, dc, d_x_proj, d_h_gates, dh_steps);
+    backward_loop<double>(r, n, d_output, saved, dh, dc, d_x_proj, d_h_gates, dh_steps, d_squashed_steps);
   } else {
-    backward_loop<float>(r, n, d_output, saved, dh, dc, d_x_proj, d_h_gates, dh_steps);
+    backward_loop<float>(r, n, d_output, saved, dh, dc, d_x_proj, d_h_gates, dh_steps, d_squashed_steps);
   }
   const at::Tensor gates_2d = d_h_gates.view({n.T * n.B, -1});
   at::Tensor d_weight_hh = at::mm(gates_2d.t(), saved[1].view({n.T * n.B, n.P}));
@@ -508,7 +589,13 @@ std::vector<at::Tensor> recurrence_backward(const Recurrence& r, const at::Tenso
     const at::Tensor cell_out = saved[0].narrow(2, 3 * n.H, n.H).mul(saved[3]);  // o tanh c
     d_weight_hr = at::mm(dh_steps.view({n.T * n.B, n.P}).t(), cell_out.view({n.T * n.B, n.H}));
   }
-  return {d_x_proj, d_weight_hh, d_bias_hh, dh, dc, d_weight_hr};
+  // A norm's weight takes sum dy * normalized, its bias sum dy, over every step and row.
+  auto norm_grad = [&](const at::Tensor& dy, const at::Tensor& normalized) {
+    return at::stack({dy.mul(normalized).sum({0, 1}), dy.sum({0, 1})});
+  };
+  at::Tensor d_norm_hh = r.norm_hh ? norm_grad(d_x_proj, saved[4]) : at::Tensor();
+  at::Tensor d_norm_c = r.norm_c ? norm_grad(d_squashed_steps, saved[5]) : at::Tensor();
+  return {d_x_proj, d_weight_hh, d_bias_hh, dh, dc, d_weight_hr, d_norm_hh, d_norm_c};
 }
 
 }  // namespace genfast::cpu

@@ -8,7 +8,9 @@ A PackedSequence runs as a padded batch with each row's length masked inside the
 and comes back packed as it came. Beyond torch, LSTM and GRU take zoneout (Krueger et al.,
 2016), fused into the time loop: each step keeps each unit of its state from the step before
 with probability zoneout_hidden (zoneout_cell for an LSTM's cell), and in evaluation keeps
-that share of it.
+that share of it. LSTM(..., layer_norm=True) is a layer-normalized LSTM (PyTorch's fastrnns
+LayerNormLSTMCell, genfast/reference/rnn.py), its LayerNorms' weights and biases named
+layer_norm_{ih,hh,c}_{weight,bias}_l{k}[_reverse].
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ def _packed_rows(batch_sizes: Tensor) -> tuple[Tensor, Tensor]:
     """(lengths (B,) of the sorted rows, the index in a (T * B) padded batch of each packed row)."""
     present = torch.arange(int(batch_sizes[0]))[None, :] < batch_sizes[:, None]  # (T, B): row b has step t
     return present.sum(0), present.flatten().nonzero().squeeze(1)
+
+
+# A layer-normalized LSTM's LayerNorms: over x W_ih^T, over h W_hh^T and over the cell.
+_NORMED = ("ih", "hh", "c")
 
 
 def _probability(name: str, p) -> float:
@@ -58,8 +64,13 @@ def _run_layers(module: nn.RNNBase, x: Tensor, h0: Tensor, c0: Tensor | None, le
             zoneout_h = _zoneout_mask(module, module.zoneout_hidden, x, x.shape[0], h0.shape[-1])
             if lstm:
                 zoneout_c = _zoneout_mask(module, module.zoneout_cell, x, x.shape[0], c0.shape[-1])
+                norms = None
+                if module.layer_norm:
+                    norms = ops.CellNorms(*((getattr(module, f"layer_norm_{part}_weight{suffix}"),
+                                             getattr(module, f"layer_norm_{part}_bias{suffix}")) for part in _NORMED))
                 out, h, c = ops.lstm_layer(x, h0[k], c0[k], *weights, getattr(module, f"weight_hr{suffix}", None),
-                                           lengths, reverse=direction == 1, zoneout_h=zoneout_h, zoneout_c=zoneout_c)
+                                           lengths, reverse=direction == 1, zoneout_h=zoneout_h, zoneout_c=zoneout_c,
+                                           norms=norms)
                 c_n.append(c)
             else:
                 out, h = ops.gru_layer(x, h0[k], *weights, lengths, reverse=direction == 1, zoneout_h=zoneout_h)
@@ -126,15 +137,35 @@ class LSTM(nn.RNNBase):
     bidirectional, proj_size), unbatched input, initial states and PackedSequence; and
     zoneout_cell, zoneout_hidden (the module docstring)."""
 
-    def __init__(self, *args, zoneout_cell: float = 0.0, zoneout_hidden: float = 0.0, **kwargs):
+    def __init__(self, *args, zoneout_cell: float = 0.0, zoneout_hidden: float = 0.0, layer_norm: bool = False,
+                 **kwargs):
         super().__init__("LSTM", *args, **kwargs)
         self.zoneout_cell = _probability("zoneout_cell", zoneout_cell)
         self.zoneout_hidden = _probability("zoneout_hidden", zoneout_hidden)
+        self.layer_norm = bool(layer_norm)
+        if self.layer_norm:
+            factory = {"device": self.weight_ih_l0.device, "dtype": self.weight_ih_l0.dtype}
+            for layer in range(self.num_layers):
+                for suffix in (f"_l{layer}", f"_l{layer}_reverse")[: 2 if self.bidirectional else 1]:
+                    for part, size in zip(_NORMED, (4 * self.hidden_size, 4 * self.hidden_size, self.hidden_size)):
+                        self.register_parameter(f"layer_norm_{part}_weight{suffix}",
+                                                nn.Parameter(torch.ones(size, **factory)))
+                        self.register_parameter(f"layer_norm_{part}_bias{suffix}",
+                                                nn.Parameter(torch.zeros(size, **factory)))
+
+    def reset_parameters(self) -> None:
+        """torch's initialisation, and LayerNorm's (ones and zeros) for the norms."""
+        super().reset_parameters()
+        for name, parameter in self.named_parameters():
+            if name.startswith("layer_norm_") and "_weight" in name:
+                nn.init.ones_(parameter)
+            elif name.startswith("layer_norm_"):
+                nn.init.zeros_(parameter)
 
     def extra_repr(self) -> str:
-        zoneout = f", zoneout_cell={self.zoneout_cell}" if self.zoneout_cell else ""
-        zoneout += f", zoneout_hidden={self.zoneout_hidden}" if self.zoneout_hidden else ""
-        return super().extra_repr() + zoneout
+        extras = f", zoneout_cell={self.zoneout_cell}" if self.zoneout_cell else ""
+        extras += f", zoneout_hidden={self.zoneout_hidden}" if self.zoneout_hidden else ""
+        return super().extra_repr() + extras + (", layer_norm=True" if self.layer_norm else "")
 
     get_expected_cell_size = nn.LSTM.get_expected_cell_size
     check_forward_args = nn.LSTM.check_forward_args

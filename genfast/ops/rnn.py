@@ -12,12 +12,14 @@ time steps.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
+from ..reference.rnn import CellNorms
 from ..backends import BackendUnavailableError, extension, resolve, unavailable_reason
 from ._autograd import eager_function
 from ._checks import check_tensor
@@ -58,12 +60,14 @@ def _or_none(t: Tensor | None) -> Tensor | None:
 def _forward(
     cell: str, x_proj: Tensor, weight_hh: Tensor, h0: Tensor, c0: Tensor | None, bias_hh: Tensor | None,
     weight_hr: Tensor | None, lengths: Tensor | None, zoneout_h: Tensor | None, zoneout_c: Tensor | None,
-    reverse: bool, save: bool, backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(output, h_n, c_n, gates, h_prev, c_prev, tanh_c); what a GRU lacks is an empty tensor.
-    The last four, what the backward reads, cover one step only without save."""
+    norm_hh: Tensor | None, norm_c: Tensor | None, eps: float, reverse: bool, save: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(output, h_n, c_n, gates, h_prev, c_prev, tanh_c, hh_norm, c_norm, rstd); what a GRU or a
+    cell without norms lacks is an empty tensor. From gates on, what the backward reads, covering
+    one step only without save."""
     outputs = _kernels(backend).recurrence_forward(
-        cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, zoneout_h, zoneout_c, reverse, save
+        cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, zoneout_h, zoneout_c, norm_hh, norm_c, eps,
+        reverse, save,
     )
     return tuple(x_proj.new_empty(0) if t is None else t for t in outputs)
 
@@ -71,12 +75,14 @@ def _forward(
 def _backward(
     cell: str, x_proj: Tensor, weight_hh: Tensor, h0: Tensor, c0: Tensor | None, bias_hh: Tensor | None,
     weight_hr: Tensor | None, lengths: Tensor | None, zoneout_h: Tensor | None, zoneout_c: Tensor | None,
-    reverse: bool, d_output: Tensor, d_h_n: Tensor | None, d_c_n: Tensor | None, saved: list[Tensor], backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(d_x_proj, d_weight_hh, d_bias_hh, dh0, dc0, d_weight_hr); empty where the input is absent."""
+    norm_hh: Tensor | None, norm_c: Tensor | None, eps: float, reverse: bool, d_output: Tensor, d_h_n: Tensor | None,
+    d_c_n: Tensor | None, saved: list[Tensor], backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(d_x_proj, d_weight_hh, d_bias_hh, dh0, dc0, d_weight_hr, d_norm_hh, d_norm_c); empty where
+    the input is absent."""
     grads = _kernels("triton" if backend == "cuda" else backend).recurrence_backward(
-        cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, zoneout_h, zoneout_c, reverse, d_output,
-        d_h_n, d_c_n, saved,
+        cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, zoneout_h, zoneout_c, norm_hh, norm_c, eps,
+        reverse, d_output, d_h_n, d_c_n, saved,
     )
     return tuple(x_proj.new_empty(0) if g is None else g for g in grads)
 
@@ -86,43 +92,51 @@ recurrence_backward_op = torch.library.custom_op("genfast::recurrence_backward",
 
 
 @recurrence_op.register_fake
-def _(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, zoneout_h, zoneout_c, reverse, save, backend):
+def _(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, zoneout_h, zoneout_c, norm_hh, norm_c, eps,
+      reverse, save, backend):
     T, B, H = x_proj.shape[0], x_proj.shape[1], x_proj.shape[2] // _GATES[cell]
     steps = T if save else 1
     empty = lambda: x_proj.new_empty(0)  # noqa: E731
-    lstm = cell == "lstm"
+    lstm, normed = cell == "lstm", norm_hh is not None
     return (
         x_proj.new_empty(T, B, h0.shape[1]), h0.new_empty(h0.shape), c0.new_empty(c0.shape) if lstm else empty(),
         x_proj.new_empty(steps, B, 4 * H), x_proj.new_empty(steps, B, h0.shape[1]),
         x_proj.new_empty(steps, B, H) if lstm else empty(), x_proj.new_empty(steps, B, H) if lstm else empty(),
+        x_proj.new_empty(steps, B, 4 * H) if normed else empty(), x_proj.new_empty(steps, B, H) if normed else empty(),
+        x_proj.new_empty(steps, B, 2) if normed else empty(),
     )
 
 
 @recurrence_backward_op.register_fake
-def _(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, zoneout_h, zoneout_c, reverse, d_output, d_h_n,
-      d_c_n, saved, backend):
+def _(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, zoneout_h, zoneout_c, norm_hh, norm_c, eps,
+      reverse, d_output, d_h_n, d_c_n, saved, backend):
     like = lambda t: x_proj.new_empty(0) if t is None else t.new_empty(t.shape)  # noqa: E731
-    return like(x_proj), like(weight_hh), like(bias_hh), like(h0), like(c0), like(weight_hr)
+    return (like(x_proj), like(weight_hh), like(bias_hh), like(h0), like(c0), like(weight_hr), like(norm_hh),
+            like(norm_c))
 
 
 def _setup_context(ctx, inputs, output):
-    cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, zoneout_h, zoneout_c, reverse, _, backend = inputs
-    ctx.cell, ctx.reverse, ctx.backend = cell, reverse, backend
-    saved = output[3:5] if cell == "gru" else output[3:7]
-    ctx.save_for_backward(x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, zoneout_h, zoneout_c, *saved)
+    (cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, zoneout_h, zoneout_c, norm_hh, norm_c, eps, reverse,
+     _, backend) = inputs
+    ctx.cell, ctx.eps, ctx.reverse, ctx.backend = cell, eps, reverse, backend
+    saved = output[3:5] if cell == "gru" else output[3:10] if norm_hh is not None else output[3:7]
+    ctx.save_for_backward(x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, zoneout_h, zoneout_c, norm_hh, norm_c,
+                          *saved)
 
 
 def _differentiate(ctx, d_output, d_h_n, d_c_n, *unused, backward):
-    x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, zoneout_h, zoneout_c, *saved = ctx.saved_tensors
+    (x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, zoneout_h, zoneout_c, norm_hh, norm_c,
+     *saved) = ctx.saved_tensors
     if d_output is None:
         d_output = x_proj.new_zeros(x_proj.shape[0], x_proj.shape[1], h0.shape[1])
     grads = backward(
-        ctx.cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, zoneout_h, zoneout_c, ctx.reverse,
-        d_output.contiguous(), None if d_h_n is None else d_h_n.contiguous(),
+        ctx.cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, zoneout_h, zoneout_c, norm_hh, norm_c,
+        ctx.eps, ctx.reverse, d_output.contiguous(), None if d_h_n is None else d_h_n.contiguous(),
         None if d_c_n is None or ctx.cell == "gru" else d_c_n.contiguous(), list(saved), ctx.backend,
     )
-    d_x_proj, d_weight_hh, d_bias_hh, dh0, dc0, d_weight_hr = (_or_none(g) for g in grads)
-    return None, d_x_proj, d_weight_hh, dh0, dc0, d_bias_hh, d_weight_hr, *(None,) * 6
+    d_x_proj, d_weight_hh, d_bias_hh, dh0, dc0, d_weight_hr, d_norm_hh, d_norm_c = (_or_none(g) for g in grads)
+    return (None, d_x_proj, d_weight_hh, dh0, dc0, d_bias_hh, d_weight_hr, None, None, None, d_norm_hh, d_norm_c,
+            *(None,) * 4)
 
 
 recurrence_op.register_autograd(
@@ -130,13 +144,14 @@ recurrence_op.register_autograd(
 )
 _RecurrenceFunction = eager_function(
     _forward, _setup_context, functools.partial(_differentiate, backward=_backward),
-    non_differentiable=(3, 4, 5, 6),
+    non_differentiable=(3, 4, 5, 6, 7, 8, 9),
 )
 
 
 def _check_layer(cell: str, input: Tensor, h0: Tensor, c0: Tensor | None, weight_ih: Tensor, weight_hh: Tensor,
                  bias_ih: Tensor | None, bias_hh: Tensor | None, weight_hr: Tensor | None,
-                 lengths: Tensor | None, zoneout_h: Tensor | None, zoneout_c: Tensor | None) -> None:
+                 lengths: Tensor | None, zoneout_h: Tensor | None, zoneout_c: Tensor | None,
+                 norms: CellNorms | None) -> None:
     check_tensor("input", input, min_dim=3)
     if input.dim() != 3:
         raise ValueError(f"input must be (T, B, input_size), got shape {tuple(input.shape)}")
@@ -158,6 +173,14 @@ def _check_layer(cell: str, input: Tensor, h0: Tensor, c0: Tensor | None, weight
                 raise TypeError(f"{name} must have input's dtype {input.dtype}, got {t.dtype}")
     if (bias_ih is None) != (bias_hh is None):
         raise ValueError("bias_ih and bias_hh must be given together")
+    if norms is not None:
+        if cell != "lstm":
+            raise ValueError("norms are a layer-normalized LSTM's; a GRU takes none")
+        for name, pair, size in (("ih", norms.ih, 4 * H), ("hh", norms.hh, 4 * H), ("c", norms.c, H)):
+            for part, t in zip(("weight", "bias"), pair):
+                check_tensor(f"norms.{name} {part}", t, shape=(size,), like=input)
+        if not norms.eps > 0:
+            raise ValueError(f"norms.eps must be positive, got {norms.eps}")
     if lengths is not None:
         check_tensor("lengths", lengths, dtypes=(torch.int64, torch.int32), shape=(B,))
         if lengths.numel() and (lengths.min() < 0 or lengths.max() > T):
@@ -178,15 +201,19 @@ def _project(input: Tensor, weight: Tensor, bias: Tensor | None, lengths: Tensor
 
 def _layer(cell: str, input: Tensor, h0: Tensor, c0: Tensor | None, weight_ih: Tensor, weight_hh: Tensor,
            bias_ih: Tensor | None, bias_hh: Tensor | None, weight_hr: Tensor | None, lengths: Tensor | None,
-           reverse: bool, zoneout_h: Tensor | None = None,
-           zoneout_c: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
-    _check_layer(cell, input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths, zoneout_h, zoneout_c)
+           reverse: bool, zoneout_h: Tensor | None = None, zoneout_c: Tensor | None = None,
+           norms: CellNorms | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    _check_layer(cell, input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths, zoneout_h, zoneout_c,
+                 norms)
     backend = resolve(f"{cell}_layer", input.device, _IMPLEMENTED, _UNPROVEN)
     lstm = cell == "lstm"
+    if norms is not None and backend in ("cuda", "triton"):
+        warnings.warn("genfast: layer-normalized LSTMs have no GPU kernel yet; running the reference", stacklevel=3)
+        backend = "reference"
     if backend == "reference" or input.numel() == 0 or h0.numel() == 0:
         if lstm:
             return reference.rnn.lstm_layer(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths,
-                                            reverse, zoneout_h, zoneout_c)
+                                            reverse, zoneout_h, zoneout_c, norms)
         return *reference.rnn.gru_layer(input, h0, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reverse,
                                         zoneout_h), None
     dtype = input.dtype
@@ -195,9 +222,18 @@ def _layer(cell: str, input: Tensor, h0: Tensor, c0: Tensor | None, weight_ih: T
             None if t is None else t.float()
             for t in (input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, zoneout_h, zoneout_c)
         )
+        if norms is not None:
+            norms = CellNorms(*(tuple(t.float() for t in pair) for pair in (norms.ih, norms.hh, norms.c)), norms.eps)
+    norm_hh = norm_c = None
     if lstm:
         # Both biases add to the gates before any nonlinearity: one sum, in the projection.
-        x_proj = _project(input, weight_ih, None if bias_ih is None else bias_ih + bias_hh, lengths)
+        bias = None if bias_ih is None else bias_ih + bias_hh
+        if norms is None:
+            x_proj = _project(input, weight_ih, bias, lengths)
+        else:
+            x_proj = F.layer_norm(_project(input, weight_ih, None, lengths), weight_ih.shape[:1], *norms.ih, norms.eps)
+            x_proj = x_proj if bias is None else x_proj + bias
+            norm_hh, norm_c = torch.stack(norms.hh), torch.stack(norms.c)
         bias_hh = None
     else:
         x_proj = _project(input, weight_ih, bias_ih, lengths)
@@ -208,13 +244,14 @@ def _layer(cell: str, input: Tensor, h0: Tensor, c0: Tensor | None, weight_ih: T
                                x_proj.dtype == torch.float32, weight_hr is not None or zoneout_h is not None
                                or zoneout_c is not None)
     save = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x_proj, weight_hh, h0, c0, bias_hh, weight_hr)
+        t is not None and t.requires_grad for t in (x_proj, weight_hh, h0, c0, bias_hh, weight_hr, norm_hh, norm_c)
     )
     args = (
         cell, x_proj.contiguous(), weight_hh.contiguous(), h0.contiguous(), None if c0 is None else c0.contiguous(),
         None if bias_hh is None else bias_hh.contiguous(), None if weight_hr is None else weight_hr.contiguous(),
         None if lengths is None else lengths.to(x_proj.device, torch.int64).contiguous(),
-        *(None if z is None else z.contiguous() for z in (zoneout_h, zoneout_c)), reverse, save, backend,
+        *(None if t is None else t.contiguous() for t in (zoneout_h, zoneout_c, norm_hh, norm_c)),
+        1e-5 if norms is None else float(norms.eps), reverse, save, backend,
     )
     function = recurrence_op if torch.compiler.is_compiling() else _RecurrenceFunction.call
     output, h_n, c_n = function(*args)[:3]
@@ -224,16 +261,18 @@ def _layer(cell: str, input: Tensor, h0: Tensor, c0: Tensor | None, weight_ih: T
 def lstm_layer(input: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
                bias_ih: Tensor | None = None, bias_hh: Tensor | None = None, weight_hr: Tensor | None = None,
                lengths: Tensor | None = None, reverse: bool = False, *, zoneout_h: Tensor | None = None,
-               zoneout_c: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+               zoneout_c: Tensor | None = None, norms: CellNorms | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """One direction of one LSTM layer over input (T, B, I) from states h0 (B, P) and c0 (B, H),
     with torch.nn.LSTM's weights of that layer and direction: (output (T, B, P), h_n, c_n).
     lengths (B,) gives each row's number of steps (past them its output is 0 and its state
     stays); reverse runs each row from its last step back. zoneout_h (T, B, P) and zoneout_c
     (T, B, H): the share of each state unit step t keeps from the step before, 0 or 1 drawn
-    from Bernoulli(p) in training, p in evaluation (genfast/reference/rnn.py; not differentiated)."""
+    from Bernoulli(p) in training, p in evaluation (genfast/reference/rnn.py; not differentiated).
+    norms (genfast.ops.CellNorms) make it a layer-normalized LSTM, PyTorch's fastrnns
+    LayerNormLSTMCell; on GPUs it runs the reference for now."""
     check_tensor("c0", c0)
     return _layer("lstm", input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths, reverse,
-                  zoneout_h, zoneout_c)
+                  zoneout_h, zoneout_c, norms)
 
 
 def gru_layer(input: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor | None = None,

@@ -14,6 +14,13 @@ A layer runs the cell over time (backwards for the reverse direction). With leng
 of the batch has lengths[b] steps: past them its state does not change and its output is 0,
 so the reverse direction starts each row at its own last step, as a PackedSequence does.
 
+A layer-normalized LSTM (Ba et al., 2016, as PyTorch's fastrnns LayerNormLSTMCell writes it)
+normalizes the two products over their 4H gates and the new cell over its H units, each
+LayerNorm with its own weight and bias:
+
+    gates = LN_ih(x W_ih^T) + LN_hh(h W_hh^T) (+ b_ih + b_hh),   c' = f c + i g,
+    h' = o tanh(LN_c(c'))
+
 Zoneout (Krueger et al., 2016) keeps a share of each state unit from the step before: with
 masks zoneout_h (T, B, P) and zoneout_c (T, B, H), step t's new states are
     h_t = m_h h_{t-1} + (1 - m_h) h',   c_t = m_c c_{t-1} + (1 - m_c) c'
@@ -22,19 +29,41 @@ masks zoneout_h (T, B, P) and zoneout_c (T, B, H), step t's new states are
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
+@dataclass(frozen=True)
+class CellNorms:
+    """The LayerNorms of a layer-normalized LSTM: (weight, bias) of LN_ih and LN_hh (4H each)
+    and of LN_c (H), and their epsilon."""
+
+    ih: tuple[Tensor, Tensor]
+    hh: tuple[Tensor, Tensor]
+    c: tuple[Tensor, Tensor]
+    eps: float = 1e-5
+
+
+def _norm(x: Tensor, parameters: tuple[Tensor, Tensor], eps: float) -> Tensor:
+    return F.layer_norm(x, x.shape[-1:], *parameters, eps)
+
+
 def lstm_cell(x: Tensor, h: Tensor, c: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor | None,
-              bias_hh: Tensor | None, weight_hr: Tensor | None = None) -> tuple[Tensor, Tensor]:
+              bias_hh: Tensor | None, weight_hr: Tensor | None = None,
+              norms: CellNorms | None = None) -> tuple[Tensor, Tensor]:
     """One LSTM step for x (B, I), h (B, P), c (B, H): (h', c')."""
-    gates = x @ weight_ih.t() + h @ weight_hh.t()
+    x_gates, h_gates = x @ weight_ih.t(), h @ weight_hh.t()
+    if norms is not None:
+        x_gates, h_gates = _norm(x_gates, norms.ih, norms.eps), _norm(h_gates, norms.hh, norms.eps)
+    gates = x_gates + h_gates
     if bias_ih is not None:
         gates = gates + bias_ih + bias_hh
     i, f, g, o = gates.chunk(4, dim=-1)
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    h = torch.sigmoid(o) * torch.tanh(c)
+    h = torch.sigmoid(o) * torch.tanh(c if norms is None else _norm(c, norms.c, norms.eps))
     return (h if weight_hr is None else h @ weight_hr.t()), c
 
 
@@ -74,11 +103,11 @@ def _run(step, x: Tensor, states: tuple[Tensor, ...], lengths: Tensor | None, re
 
 def lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor | None,
                bias_hh: Tensor | None, weight_hr: Tensor | None = None, lengths: Tensor | None = None,
-               reverse: bool = False, zoneout_h: Tensor | None = None,
-               zoneout_c: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+               reverse: bool = False, zoneout_h: Tensor | None = None, zoneout_c: Tensor | None = None,
+               norms: CellNorms | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """One direction of one LSTM layer over x (T, B, I): (output (T, B, P), h_n, c_n)."""
     output, (h, c) = _run(
-        lambda x_t, h, c: lstm_cell(x_t, h, c, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr),
+        lambda x_t, h, c: lstm_cell(x_t, h, c, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, norms),
         x, (h0, c0), lengths, reverse, (zoneout_h, zoneout_c),
     )
     return output, h, c
