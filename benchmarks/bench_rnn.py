@@ -4,7 +4,9 @@
 - the same batch packed with lengths spread over 1..T (a PackedSequence);
 - streaming inference, batch 1, input = hidden = 256, T=100, where per-step overhead rules;
 - a user's loop over LSTMCell and GRUCell for 100 steps, batch 16, hidden 256;
-- on a GPU, against cuDNN: fastrnns, streaming, and batch 16 at hidden 512.
+- on a GPU, against cuDNN: fastrnns, streaming, and batch 16 at hidden 512;
+- a layer-normalized LSTM (fastrnns' LayerNormLSTMCell) at the fastrnns shape, against the
+  same cell written in PyTorch and run step by step, as a user without genfast writes it.
 torch.compile is left out: it refuses to trace nn.LSTM and nn.GRU (a graph break).
 """
 
@@ -18,6 +20,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import genfast
+from genfast.reference import rnn as reference_rnn
 
 from .harness import Case, Provider, genfast_providers
 
@@ -30,6 +33,7 @@ class Shape:
     size: int  # input and hidden
     packed: bool = False
     cell: bool = False
+    layer_norm: bool = False
     devices: tuple[str, ...] = ("cpu",)
 
 
@@ -39,13 +43,38 @@ SHAPES = [
     Shape("streaming", 100, 1, 256, devices=("cpu", "cuda")),
     Shape("cell loop", 100, 16, 256, cell=True),
     Shape("small batch", 100, 16, 512, devices=("cuda",)),
+    Shape("layer-norm fastrnns", 100, 64, 512, layer_norm=True),
 ]
 KINDS = {"lstm": 4, "gru": 3}  # gates
 
 
-def _modules(kind: str, shape: Shape) -> tuple[type[nn.Module], type[nn.Module]]:
+class _StepByStepLayerNormLSTM(nn.Module):
+    """A layer-normalized LSTM in plain PyTorch, one step at a time (genfast/reference/rnn.py's),
+    over the parameters of the genfast module it wraps."""
+
+    def __init__(self, fused: nn.Module):
+        super().__init__()
+        self.fused = fused
+
+    def forward(self, x):
+        m = self.fused
+        norms = reference_rnn.CellNorms(*((getattr(m, f"layer_norm_{part}_weight_l0"),
+                                           getattr(m, f"layer_norm_{part}_bias_l0")) for part in ("ih", "hh", "c")))
+        state = x.new_zeros(x.shape[1], m.hidden_size)
+        return reference_rnn.lstm_layer(x, state, state, m.weight_ih_l0, m.weight_hh_l0, m.bias_ih_l0, m.bias_hh_l0,
+                                        norms=norms)[:1]
+
+
+def _models(kind: str, shape: Shape, device: torch.device) -> dict[str, nn.Module]:
+    """{"genfast": ..., "torch": ...} with the same weights."""
+    if shape.layer_norm:
+        fused = genfast.nn.LSTM(shape.size, shape.size, layer_norm=True).to(device)
+        return {"genfast": fused, "torch": _StepByStepLayerNormLSTM(fused)}
     name = kind.upper() + ("Cell" if shape.cell else "")
-    return getattr(nn, name), getattr(genfast.nn, name)
+    reference = getattr(nn, name)(shape.size, shape.size).to(device)
+    fused = getattr(genfast.nn, name)(shape.size, shape.size).to(device)
+    fused.load_state_dict(reference.state_dict())
+    return {"genfast": fused, "torch": reference}
 
 
 def _call(kind: str, shape: Shape, model: nn.Module, x, training: bool):
@@ -72,15 +101,10 @@ def _lengths(shape: Shape) -> torch.Tensor:
 def rnn_case(kind: str, shape: Shape, training: bool) -> Case:
     def make_inputs(device: torch.device) -> dict:
         torch.manual_seed(0)
-        torch_class, genfast_class = _modules(kind, shape)
-        reference = torch_class(shape.size, shape.size).to(device)
-        fused = genfast_class(shape.size, shape.size).to(device)
-        fused.load_state_dict(reference.state_dict())
         x = torch.randn(shape.steps, shape.batch, shape.size, device=device)
         if shape.packed:
             x = pack_padded_sequence(x, _lengths(shape))
-        return {"kind": kind, "shape": shape, "models": {"genfast": fused, "torch": reference}, "x": x,
-                "training": training}
+        return {"kind": kind, "shape": shape, "models": _models(kind, shape, device), "x": x, "training": training}
 
     products = 3 if training else 1
     steps = int(_lengths(shape).sum()) if shape.packed else shape.steps * shape.batch  # summed over rows
@@ -96,7 +120,8 @@ CASES = [
     rnn_case(kind, shape, training)
     for kind in KINDS
     for shape in SHAPES
-    for training in ((False, True) if shape.name.startswith("fastrnns") else (False,))
+    if kind == "lstm" or not shape.layer_norm
+    for training in ((False, True) if "fastrnns" in shape.name else (False,))
 ]
 
 
