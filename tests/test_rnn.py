@@ -285,7 +285,7 @@ def test_ops_check_their_arguments():
 def test_extension_checks_its_arguments():
     require("cpu")
     x_proj, w_hh, h0 = torch.randn(4, 2, 20), torch.randn(20, 5), torch.zeros(2, 5)
-    c0, none = torch.zeros(2, 5), (None, None)  # none: no zoneout masks
+    c0, none = torch.zeros(2, 5), (None, None, None, None, 1e-5)  # none: no zoneout masks, no norms
     with pytest.raises(RuntimeError, match="an LSTM takes c0"):
         extension().recurrence_forward("lstm", x_proj, w_hh, h0, None, None, None, None, *none, False, True)
     with pytest.raises(RuntimeError, match="weight_hh must be"):
@@ -294,8 +294,11 @@ def test_extension_checks_its_arguments():
         extension().recurrence_forward("lstm", x_proj, w_hh, h0, c0, None, None, torch.tensor([1, 9]), *none, False,
                                        True)
     with pytest.raises(RuntimeError, match="zoneout_c must be"):
-        extension().recurrence_forward("lstm", x_proj, w_hh, h0, c0, None, None, None, None, torch.zeros(4, 2),
-                                       False, True)
+        extension().recurrence_forward("lstm", x_proj, w_hh, h0, c0, None, None, None, None, torch.zeros(4, 2), None,
+                                       None, 1e-5, False, True)
+    with pytest.raises(RuntimeError, match="norm_hh and norm_c come together"):
+        extension().recurrence_forward("lstm", x_proj, w_hh, h0, c0, None, None, None, None, None, torch.zeros(2, 20),
+                                       None, 1e-5, False, True)
 
 
 class _Tagger(nn.Module):
@@ -428,14 +431,14 @@ def _layer_norm_lstm_spec(module, x, lengths):
     return x
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
-@pytest.mark.parametrize("batch", [5, 70])  # both C++ loops' batch sizes
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch", [5, 70])  # both C++ loops' batch sizes, several Triton programs
 def test_layer_norm_lstm_module(batch, backend):
     """genfast.nn.LSTM(layer_norm=True), 2 bidirectional layers over a packed batch: output and
     every parameter's gradient against the reference cell run layer by layer, in float64."""
-    require(backend)
+    device = require(backend)
     torch.manual_seed(0)
-    module = genfast.nn.LSTM(3, 7, num_layers=2, bidirectional=True, layer_norm=True).double()
+    module = genfast.nn.LSTM(3, 7, num_layers=2, bidirectional=True, layer_norm=True).double().to(device)
     with torch.no_grad():
         for name, parameter in module.named_parameters():
             if name.startswith("layer_norm_"):
@@ -443,12 +446,12 @@ def test_layer_norm_lstm_module(batch, backend):
     assert {f"layer_norm_{part}_{kind}_l1_reverse" for part in ("ih", "hh", "c") for kind in ("weight", "bias")} <= set(
         module.state_dict()
     )
-    x = torch.randn(6, batch, 3, dtype=torch.float64)
+    x = torch.randn(6, batch, 3, dtype=torch.float64, device=device)
     lengths = torch.randint(1, 7, (batch,))
     with genfast.use_backend(backend):
         packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
         out = torch.nn.utils.rnn.pad_packed_sequence(module(packed)[0], total_length=6)[0]
-    expected = _layer_norm_lstm_spec(module, x, lengths)
+    expected = _layer_norm_lstm_spec(module, x, lengths.to(device))
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
     weights = torch.randn_like(out)
     grads = torch.autograd.grad((out * weights).sum(), list(module.parameters()))
@@ -456,17 +459,6 @@ def test_layer_norm_lstm_module(batch, backend):
     for g, w in zip(grads, want):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
     module.reset_parameters()
-    assert torch.equal(module.layer_norm_c_weight_l0, torch.ones(7, dtype=torch.float64))
+    assert torch.equal(module.layer_norm_c_weight_l0, torch.ones(7, dtype=torch.float64, device=device))
     assert "layer_norm=True" in repr(module)
 
-
-def test_layer_norm_lstm_on_triton_runs_the_reference():
-    """The Triton recurrence has no norms: a layer-normalized LSTM there says so and runs the
-    reference."""
-    device = require("triton")
-    module = genfast.nn.LSTM(3, 4, layer_norm=True).to(device)
-    x = torch.randn(5, 2, 3, device=device)
-    with genfast.use_backend("triton"), pytest.warns(UserWarning, match="no GPU kernel yet"):
-        out = module(x)[0]
-    with genfast.use_backend("reference"):
-        torch.testing.assert_close(out, module(x)[0])

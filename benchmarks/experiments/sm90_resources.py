@@ -100,12 +100,12 @@ def main() -> None:
 
 
 def recurrences() -> None:
-    """The recurrence kernels, which run in fp32 or fp64: LSTM with and without a projection or
-    zoneout, GRU, with lengths."""
+    """The recurrence kernels, which run in fp32 or fp64: LSTM with and without a projection,
+    zoneout or norms, GRU, with lengths."""
     meta = torch.device("meta")
     for dtype in (torch.float32, torch.float64):
-        for cell, gates, projection, zoneout in (("lstm", 4, None, False), ("lstm", 4, 128, False),
-                                                 ("lstm", 4, None, True), ("gru", 3, None, False)):
+        for cell, gates, projection, extras in (("lstm", 4, None, ""), ("lstm", 4, 128, ""), ("lstm", 4, None, "zoneout"),
+                                                ("lstm", 4, None, "norms"), ("gru", 3, None, "")):
             T, B, H = 100, 64, 512
             P = projection or H
             x_proj = torch.empty(T, B, gates * H, dtype=dtype, device=meta)
@@ -115,11 +115,13 @@ def recurrences() -> None:
             weight_hr = None if projection is None else torch.empty(P, H, dtype=dtype, device=meta)
             lengths = torch.empty(B, dtype=torch.int64, device=meta)
             masks = (torch.empty(T, B, P, dtype=dtype, device=meta), torch.empty(T, B, H, dtype=dtype, device=meta))
-            masks = masks if zoneout else (None, None)
+            masks = masks if extras == "zoneout" else (None, None)
+            norms = (torch.empty(2, 4 * H, dtype=dtype, device=meta), torch.empty(2, H, dtype=dtype, device=meta))
+            norms = (*norms, 1e-5) if extras == "norms" else (None, None, 1e-5)
             output, _, _, *saved = rnn.recurrence_forward(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths,
-                                                          *masks, False, True)
-            rnn.recurrence_backward(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, *masks, False, output,
-                                    None, None, [t for t in saved if t is not None])
+                                                          *masks, *norms, False, True)
+            rnn.recurrence_backward(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, *masks, *norms, False,
+                                    output, None, None, [t for t in saved if t is not None])
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ time steps.
 from __future__ import annotations
 
 import functools
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -43,9 +42,9 @@ def _kernels(backend: str):
 
 @torch.compiler.assume_constant_result
 def _gpu_backend(cell: str, batch: int, hidden: int, device_index: int, float32: bool, extras: bool) -> str:
-    """For the cuda backend: "cuda" where the persistent kernel runs the forward (float32, no
-    projection or zoneout, every block resident on the GPU), else "triton"; Triton runs every
-    backward."""
+    """For the cuda backend: "cuda" where the persistent kernel runs the forward (float32, none of
+    a projection, zoneout or norms, every block resident on the GPU), else "triton"; Triton runs
+    every backward."""
     if reason := unavailable_reason("triton", "cuda"):
         raise BackendUnavailableError(f"genfast: the cuda backend's recurrences need Triton beside it: {reason}")
     fits = float32 and not extras and extension().persistent_recurrence_fits(cell, batch, hidden, device_index)
@@ -207,9 +206,6 @@ def _layer(cell: str, input: Tensor, h0: Tensor, c0: Tensor | None, weight_ih: T
                  norms)
     backend = resolve(f"{cell}_layer", input.device, _IMPLEMENTED, _UNPROVEN)
     lstm = cell == "lstm"
-    if norms is not None and backend in ("cuda", "triton"):
-        warnings.warn("genfast: layer-normalized LSTMs have no GPU kernel yet; running the reference", stacklevel=3)
-        backend = "reference"
     if backend == "reference" or input.numel() == 0 or h0.numel() == 0:
         if lstm:
             return reference.rnn.lstm_layer(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths,
@@ -241,8 +237,8 @@ def _layer(cell: str, input: Tensor, h0: Tensor, c0: Tensor | None, weight_ih: T
             bias_hh = x_proj.new_zeros(x_proj.shape[-1])
     if backend == "cuda":
         backend = _gpu_backend(cell, x_proj.shape[1], x_proj.shape[2] // _GATES[cell], input.device.index,
-                               x_proj.dtype == torch.float32, weight_hr is not None or zoneout_h is not None
-                               or zoneout_c is not None)
+                               x_proj.dtype == torch.float32,
+                               any(t is not None for t in (weight_hr, zoneout_h, zoneout_c, norm_hh)))
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x_proj, weight_hh, h0, c0, bias_hh, weight_hr, norm_hh, norm_c)
     )
@@ -269,7 +265,7 @@ def lstm_layer(input: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_
     (T, B, H): the share of each state unit step t keeps from the step before, 0 or 1 drawn
     from Bernoulli(p) in training, p in evaluation (genfast/reference/rnn.py; not differentiated).
     norms (genfast.ops.CellNorms) make it a layer-normalized LSTM, PyTorch's fastrnns
-    LayerNormLSTMCell; on GPUs it runs the reference for now."""
+    LayerNormLSTMCell."""
     check_tensor("c0", c0)
     return _layer("lstm", input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths, reverse,
                   zoneout_h, zoneout_c, norms)
