@@ -2,8 +2,9 @@
 of every time step is one matrix product (torch's), then the time loop runs in native code,
 each step one product h W_hh^T and one fused pass of gate math: csrc/cpu/rnn.cpp on a CPU; on
 a GPU, csrc/cuda/rnn.cu's persistent kernel (the "cuda" backend, forward only, where it fits)
-or one Triton kernel per direction (kernels/rnn.py). Variable lengths are masked
-inside the loop. The specification: genfast/reference/rnn.py.
+or one Triton kernel per direction (kernels/rnn.py). Variable lengths are masked inside the
+loop, and zoneout and a layer-normalized LSTM's norms are fused into it. The specification:
+genfast/reference/rnn.py.
 
 float16 and bfloat16 run in float32, as the weights' and states' gradients accumulate over
 time steps.
@@ -18,8 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
-from ..reference.rnn import CellNorms
 from ..backends import BackendUnavailableError, extension, resolve, unavailable_reason
+from ..reference.rnn import CellNorms
 from ._autograd import eager_function
 from ._checks import check_tensor
 
