@@ -43,7 +43,7 @@ SHAPES = [
     Shape("streaming", 100, 1, 256, devices=("cpu", "cuda")),
     Shape("cell loop", 100, 16, 256, cell=True),
     Shape("small batch", 100, 16, 512, devices=("cuda",)),
-    Shape("layer-norm fastrnns", 100, 64, 512, layer_norm=True),
+    Shape("layer-norm fastrnns", 100, 64, 512, layer_norm=True, devices=("cpu", "cuda")),
 ]
 KINDS = {"lstm": 4, "gru": 3}  # gates
 
