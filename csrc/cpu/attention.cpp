@@ -145,83 +145,58 @@ struct Problem {
   }
 
   // Turns the products s = (scale q_i) . k_j of queries [i0, i0 + m) and keys [j0, j0 + n) of
-  // head (b, h), in place (row stride lds), into the scores of genfast/reference/attention.py.
-  // capped, where given, receives the softcapped scores (the backward's chain rule).
+  // head (b, h), in place, into the scores of genfast/reference/attention.py. The tile is
+  // query-major (s[r * lds + c], the backward's) or, with kKeyMajor, key-major (s[c * lds + r],
+  // the forward's); each loop runs along the contiguous lines. capped, where given, receives
+  // the softcapped scores (the backward's chain rule).
+  template <bool kKeyMajor>
   void finish_scores(int64_t b, int64_t h, int64_t i0, int64_t m, int64_t j0, int64_t n, T* s, int64_t lds,
                      T* capped) const {
     const T slope = slopes ? slopes[b * slope_stride[0] + h * slope_stride[1]] : T(0);
-    for (int64_t r = 0; r < m; ++r) {
-      T* row = s + r * lds;
-      const int64_t i = i0 + r;
+    const int64_t lines = kKeyMajor ? n : m, length = kKeyMajor ? m : n;
+    // Along a line the distance i - j steps by +1 (key-major: the query grows) or -1.
+    const int64_t step = kKeyMajor ? 1 : -1;
+    const int64_t mask_step = kKeyMajor ? mask_stride[2] : mask_stride[3];
+    // Key j is masked for query i when i - j > left or j - i > right (a negative bound: none).
+    const int64_t most_behind = left >= 0 ? left : std::numeric_limits<int64_t>::max();
+    const int64_t most_ahead = right >= 0 ? right : std::numeric_limits<int64_t>::max();
+    for (int64_t l = 0; l < lines; ++l) {
+      T* line = s + l * lds;
+      const int64_t i = kKeyMajor ? i0 : i0 + l, j = kKeyMajor ? j0 + l : j0;
+      const int64_t distance0 = i - j;
       if (softcap > 0) {
         const T inverse_cap = T(1) / softcap, cap = softcap;
 #pragma omp simd
-        for (int64_t c = 0; c < n; ++c) row[c] = cap * tanh_fast(row[c] * inverse_cap);
-        if (capped) std::copy(row, row + n, capped + r * lds);
+        for (int64_t x = 0; x < length; ++x) line[x] = cap * tanh_fast(line[x] * inverse_cap);
+        if (capped) std::copy(line, line + length, capped + l * lds);
       }
       if (slopes) {
-        const T distance0 = static_cast<T>(i - j0);
 #pragma omp simd
-        for (int64_t c = 0; c < n; ++c) {
-          const T distance = distance0 - static_cast<T>(c);
-          row[c] -= slope * (distance < 0 ? -distance : distance);
+        for (int64_t x = 0; x < length; ++x) {
+          const T distance = static_cast<T>(distance0 + step * x);
+          line[x] -= slope * (distance < 0 ? -distance : distance);
         }
       }
-      const int64_t mask_offset = b * mask_stride[0] + h * mask_stride[1] + i * mask_stride[2] + j0 * mask_stride[3];
+      const int64_t mask_offset = b * mask_stride[0] + h * mask_stride[1] + i * mask_stride[2] + j * mask_stride[3];
       if (bool_mask) {
         const bool* keep = bool_mask + mask_offset;
-        for (int64_t c = 0; c < n; ++c) row[c] = keep[c * mask_stride[3]] ? row[c] : kMinusInf;
+        for (int64_t x = 0; x < length; ++x) line[x] = keep[x * mask_step] ? line[x] : kMinusInf;
       } else if (float_mask) {
         const T* add = float_mask + mask_offset;
-        for (int64_t c = 0; c < n; ++c) row[c] += add[c * mask_stride[3]];
+        for (int64_t x = 0; x < length; ++x) line[x] += add[x * mask_step];
       }
-      // Keys j0 + c outside [i - left, i + right] are masked; a tile inside the band skips this.
-      const int64_t lo = left >= 0 ? i - left - j0 : 0, hi = right >= 0 ? i + right - j0 : n - 1;
-      if (lo > 0 || hi < n - 1) {
+      // The distance is monotonic along the line: a line inside the band at both ends skips this.
+      const int64_t distance_last = distance0 + step * (length - 1);
+      if (std::max(distance0, distance_last) > most_behind || -std::min(distance0, distance_last) > most_ahead) {
 #pragma omp simd
-        for (int64_t c = 0; c < n; ++c) row[c] = (c < lo || c > hi) ? kMinusInf : row[c];
+        for (int64_t x = 0; x < length; ++x) {
+          const int64_t distance = distance0 + step * x;
+          line[x] = (distance > most_behind || -distance > most_ahead) ? kMinusInf : line[x];
+        }
       }
     }
   }
 };
-
-// The maximum and the sum of row[0, n), n a multiple of kTileColumns<T>, in vector registers:
-// GCC left the scalar forms of these reductions scalar, and they cost a third of the forward.
-template <typename T>
-T padded_row_max(const T* row, int64_t n) {
-  constexpr int64_t kLanes = kVectorBytes / sizeof(T);
-  Vector<T> high, low;
-  std::memcpy(&high, row, sizeof(high));
-  std::memcpy(&low, row + kLanes, sizeof(low));
-  for (int64_t c = 2 * kLanes; c < n; c += 2 * kLanes) {
-    Vector<T> x, y;
-    std::memcpy(&x, row + c, sizeof(x));
-    std::memcpy(&y, row + c + kLanes, sizeof(y));
-    high = x > high ? x : high;
-    low = y > low ? y : low;
-  }
-  high = low > high ? low : high;
-  T result = high[0];
-  for (int64_t k = 1; k < kLanes; ++k) result = high[k] > result ? high[k] : result;
-  return result;
-}
-
-template <typename T>
-T padded_row_sum(const T* row, int64_t n) {
-  constexpr int64_t kLanes = kVectorBytes / sizeof(T);
-  Vector<T> high{}, low{};
-  for (int64_t c = 0; c < n; c += 2 * kLanes) {
-    Vector<T> x, y;
-    std::memcpy(&x, row + c, sizeof(x));
-    std::memcpy(&y, row + c + kLanes, sizeof(y));
-    high += x;
-    low += y;
-  }
-  high += low;
-  T result = 0;
-  for (int64_t k = 0; k < kLanes; ++k) result += high[k];
-  return result;
-}
 
 // rows x cols of src (row stride ld) as a tile_matmul B operand: src itself where cols fills
 // whole tile columns, else a copy in buffer with the row padded by zeros. Returns the
@@ -252,18 +227,35 @@ void scaled_queries(const Problem<T>& p, int64_t b, int64_t h, int64_t i0, int64
   }
 }
 
+// scale times queries [i0, i0 + m) of head (b, h), transposed into buffer (dim x
+// padded_columns(m), zero padded): the B operand of the forward's key-major score products.
+template <typename T>
+void scaled_queries_transposed(const Problem<T>& p, int64_t b, int64_t h, int64_t i0, int64_t m, T* buffer) {
+  const int64_t width = padded_columns<T>(m);
+  for (int64_t c = 0; c < p.dim; ++c) std::fill(buffer + c * width + m, buffer + (c + 1) * width, T(0));
+  for (int64_t r = 0; r < m; ++r) {
+    const T* src = p.q.at(b, h, i0 + r);
+    for (int64_t c = 0; c < p.dim; ++c) buffer[c * width + r] = p.scale * src[c];
+  }
+}
+
 // One task of the forward: queries [i0, i0 + m) of head (b, h) into out and lse.
+//
+// The scores are key-major: a tile holds a block of keys by rows and the queries by columns,
+// so the online softmax's maxima and sums run down the columns in vector registers, with no
+// reduction across a vector (those cost a third of the forward in the query-major layout).
+// The keys are read in place as the A operand of the scores; the tile, read transposed, is
+// the A operand of the values' product.
 template <typename T>
 struct ForwardBlock {
+  static constexpr int64_t kLanes = kTileColumns<T>;
   const Problem<T>& p;
-  Rows<const T*> keys_t;
   std::vector<T> queries, scores, acc, values, row_max, row_sum, keep;
 
-  ForwardBlock(const Problem<T>& problem, Rows<const T*> keys_transposed)
+  explicit ForwardBlock(const Problem<T>& problem)
       : p(problem),
-        keys_t(keys_transposed),
-        queries(kBlockQ * padded_columns<T>(problem.dim)),
-        scores(kBlockQ * padded_columns<T>(kBlockK)),
+        queries(problem.dim * kBlockQ),
+        scores(kBlockK * kBlockQ),
         acc(kBlockQ * padded_columns<T>(problem.value_dim)),
         values(kBlockK * padded_columns<T>(problem.value_dim)),
         row_max(kBlockQ),
@@ -272,45 +264,28 @@ struct ForwardBlock {
 
   void run(int64_t b, int64_t h, int64_t i0, Rows<T*> out, T* lse) {
     const int64_t m = std::min(kBlockQ, p.queries - i0), kv_head = h / p.group();
-    const int64_t d_width = padded_columns<T>(p.dim), dv_width = padded_columns<T>(p.value_dim);
-    scaled_queries(p, b, h, i0, m, queries.data());
+    const int64_t width = padded_columns<T>(m), dv_width = padded_columns<T>(p.value_dim);
+    scaled_queries_transposed(p, b, h, i0, m, queries.data());
     std::fill(acc.begin(), acc.begin() + m * dv_width, T(0));
     std::fill(row_max.begin(), row_max.end(), Problem<T>::kMinusInf);
     std::fill(row_sum.begin(), row_sum.end(), T(0));
 
     const auto [first, last] = p.key_range(i0, i0 + m);
-    // Blocks start on the transposed keys' block boundaries; the band masks the keys before first.
-    for (int64_t j0 = first / kBlockK * kBlockK; j0 < last; j0 += kBlockK) {
-      const int64_t n = std::min(kBlockK, last - j0), width = padded_columns<T>(n);
-      tile_matmul<false>(m, width, p.dim, queries.data(), d_width, 1, keys_t.at(b, kv_head, j0 / kBlockK), kBlockK,
-                         scores.data(), width);
-      p.finish_scores(b, h, i0, m, j0, n, scores.data(), width, nullptr);
-      for (int64_t r = 0; r < m; ++r) {
-        T* row = scores.data() + r * width;
-        // The padding columns take no weight.
-        std::fill(row + n, row + width, Problem<T>::kMinusInf);
-        const T new_max = std::max(row_max[r], padded_row_max(row, width));
-        // Until a row sees a key, its maximum is -inf: subtracting 0 keeps every exp at 0.
-        const T base = new_max == Problem<T>::kMinusInf ? T(0) : new_max;
-#pragma omp simd
-        for (int64_t c = 0; c < width; ++c) row[c] = exp_fast(row[c] - base);
-        const T rescale = exp_fast(row_max[r] - base);
-        row_sum[r] = row_sum[r] * rescale + padded_row_sum(row, width);
-        row_max[r] = new_max;
-        // The sum is the softmax's; dropout zeroes weights only in the values' product.
-        if (p.dropout()) {
+    for (int64_t j0 = first; j0 < last; j0 += kBlockK) {
+      const int64_t n = std::min(kBlockK, last - j0);
+      tile_matmul<false>(n, width, p.dim, p.k.at(b, kv_head, j0), p.k.row, 1, queries.data(), width, scores.data(),
+                         width);
+      p.template finish_scores<true>(b, h, i0, m, j0, n, scores.data(), width, nullptr);
+      for (int64_t x0 = 0; x0 < width; x0 += kLanes) softmax_columns(x0, n, width);
+      if (p.dropout()) {
+        // The sums are the softmax's; dropout zeroes weights only in the values' product.
+        for (int64_t r = 0; r < m; ++r) {
           p.keep_factors(b, h, i0 + r, j0, n, keep.data());
-#pragma omp simd
-          for (int64_t c = 0; c < n; ++c) row[c] *= keep[c];
-        }
-        if (rescale != T(1)) {
-          T* acc_row = acc.data() + r * dv_width;
-#pragma omp simd
-          for (int64_t c = 0; c < dv_width; ++c) acc_row[c] *= rescale;
+          for (int64_t c = 0; c < n; ++c) scores[c * width + r] *= keep[c];
         }
       }
       const auto [v, ldv] = b_operand(p.v.at(b, kv_head, j0), n, p.value_dim, p.v.row, values.data());
-      tile_matmul<true>(m, dv_width, n, scores.data(), width, 1, v, ldv, acc.data(), dv_width);
+      tile_matmul<true>(m, dv_width, n, scores.data(), 1, width, v, ldv, acc.data(), dv_width);
     }
     for (int64_t r = 0; r < m; ++r) {
       const T inverse = row_sum[r] > 0 ? T(1) / row_sum[r] : T(0);
@@ -319,6 +294,42 @@ struct ForwardBlock {
 #pragma omp simd
       for (int64_t c = 0; c < p.value_dim; ++c) dst[c] = src[c] * inverse;
       lse[r] = row_sum[r] > 0 ? row_max[r] + std::log(row_sum[r]) : Problem<T>::kMinusInf;
+    }
+  }
+
+  // The online softmax of queries [x0, x0 + kLanes) over a tile of n keys: the scores become
+  // exp(score - running max), the sums and maxima advance, and acc's rows are rescaled.
+  void softmax_columns(int64_t x0, int64_t n, int64_t width) {
+    T* tile = scores.data() + x0;
+    T new_max[kLanes], base[kLanes], rescale[kLanes], sum[kLanes] = {};
+#pragma omp simd
+    for (int64_t x = 0; x < kLanes; ++x) new_max[x] = row_max[x0 + x];
+    for (int64_t c = 0; c < n; ++c) {
+#pragma omp simd
+      for (int64_t x = 0; x < kLanes; ++x) new_max[x] = std::max(new_max[x], tile[c * width + x]);
+    }
+#pragma omp simd
+    for (int64_t x = 0; x < kLanes; ++x) {
+      // Until a query sees a key its maximum is -inf: subtracting 0 keeps every exp at 0.
+      base[x] = new_max[x] == Problem<T>::kMinusInf ? T(0) : new_max[x];
+      rescale[x] = exp_fast(row_max[x0 + x] - base[x]);
+      row_max[x0 + x] = new_max[x];
+    }
+    for (int64_t c = 0; c < n; ++c) {
+#pragma omp simd
+      for (int64_t x = 0; x < kLanes; ++x) {
+        const T weight = exp_fast(tile[c * width + x] - base[x]);
+        tile[c * width + x] = weight;
+        sum[x] += weight;
+      }
+    }
+    const int64_t dv_width = padded_columns<T>(p.value_dim);
+    for (int64_t x = 0; x < kLanes; ++x) {
+      row_sum[x0 + x] = row_sum[x0 + x] * rescale[x] + sum[x];
+      if (rescale[x] == T(1)) continue;
+      T* acc_row = acc.data() + (x0 + x) * dv_width;
+#pragma omp simd
+      for (int64_t c = 0; c < dv_width; ++c) acc_row[c] *= rescale[x];
     }
   }
 };
@@ -399,7 +410,7 @@ struct BackwardHead {
         scaled_queries(p, b, h, i0, m, queries.data());
         tile_matmul<false>(m, width, p.dim, queries.data(), d_width, 1, keys_t.at(b, kv_head, j0 / kBlockK), kBlockK,
                            P, width);
-        p.finish_scores(b, h, i0, m, j0, n, P, width, capped.empty() ? nullptr : capped.data());
+        p.template finish_scores<false>(b, h, i0, m, j0, n, P, width, capped.empty() ? nullptr : capped.data());
         for (int64_t r = 0; r < m; ++r) {
           // A row that saw no key has lse -inf and zero weights: subtracting +inf keeps them 0.
           const T row_lse = lse[(b * p.heads + h) * p.queries + i0 + r];
@@ -506,14 +517,13 @@ std::vector<at::Tensor> attention_forward(const AttentionProblem& problem) {
   at::Tensor out = at::empty({B, H, S, v.size(3)}, q.options());
   at::Tensor lse = at::empty({B, H, S}, q.options());
   const int64_t blocks = (S + kBlockQ - 1) / kBlockQ;
-  const at::Tensor keys_t = blocked_transpose(k);
   dispatch_math_type(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const Problem<T> p(problem, q, k, v);
     const Rows<T*> out_rows = mutable_rows_of<T>(out);
     T* lse_data = lse.mutable_data_ptr<T>();
     at::parallel_for(0, B * H * blocks, 1, [&](int64_t begin, int64_t end) {
-      ForwardBlock<T> block(p, rows_of<T>(keys_t));
+      ForwardBlock<T> block(p);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t bh = t / blocks, i0 = interleaved_block(t % blocks, blocks) * kBlockQ;
         block.run(bh / H, bh % H, i0, out_rows, lse_data + bh * S + i0);
