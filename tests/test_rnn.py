@@ -32,11 +32,13 @@ def random_configs(kind: str, count: int, seed: int):
         T, B = rng.choice([1, 2, 6]), rng.choice([1, 3, 4])
         configs.append((kwargs, T if i else 1, B if i != 1 else 1, rng.random() < 0.4, rng.random() < 0.5))
     # Both C++ loops: the persistent one (batch up to 64, its units split over threads in
-    # blocks of 64 from hidden size 65) and the one of a product per step (larger batches,
-    # projections).
+    # blocks of 64 from hidden size 65; W_hh^T packed, or read in place at batch 1) and the
+    # one of a product per step (larger batches, projections).
     configs += [
         (dict(input_size=5, hidden_size=80, num_layers=2, bias=True, batch_first=False, bidirectional=True),
          7, 5, True, True),
+        (dict(input_size=5, hidden_size=80, num_layers=1, bias=True, batch_first=False, bidirectional=True),
+         7, 1, False, True),
         (dict(input_size=6, hidden_size=10, num_layers=1, bias=True, batch_first=True, bidirectional=True),
          4, 70, True, True),
     ]

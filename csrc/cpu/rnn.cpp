@@ -305,12 +305,36 @@ void unit_dots(const T* w, int64_t H, int64_t P, const T* h, int64_t rows, int64
     }
 }
 
-// A sequence this short reads W_hh's rows in place rather than packing W_hh^T (the cells).
+// A sequence this short reads W_hh's rows in place rather than packing W_hh^T (the cells), and
+// so does a batch of one: each weight meets one row per step either way, and the packing cost
+// more than it saved (a streaming LSTM at hidden 256: 2.00 ms packed, 1.83 ms in place).
 constexpr int64_t kPackFromSteps = 4;
 
 // Batches up to this size take the persistent loop: an ATen product per step costs about 40 us
 // there (threads woken, the weights repacked), where the whole step takes a few.
 constexpr int64_t kPersistentBatch = 64;
+
+// W_hh (G H, H) as the panels (G, blocks, H, block) of persistent_forward, units past H zero.
+// A direct loop, parallel over panels: packing through ATen (a zero-padded copy, then a
+// permuted one) cost a quarter of a streaming LSTM's forward at batch 1.
+template <typename T>
+void pack_panels(const T* w, int64_t G, int64_t H, int64_t block, T* panels) {
+  const int64_t blocks = (H + block - 1) / block;
+  at::parallel_for(0, G * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t g = i / blocks, j0 = i % blocks * block;
+      T* panel = panels + i * H * block;
+      for (int64_t c = 0; c < block; ++c) {
+        if (j0 + c >= H) {
+          for (int64_t k = 0; k < H; ++k) panel[k * block + c] = T(0);
+          continue;
+        }
+        const T* row = w + (g * H + j0 + c) * H;
+        for (int64_t k = 0; k < H; ++k) panel[k * block + c] = row[k];
+      }
+    }
+  });
+}
 
 // The forward of a small batch without projection, in one OpenMP team for the whole sequence.
 // Each thread owns a slice of hidden units, and the columns of W_hh^T of their G gates, packed,
@@ -324,14 +348,13 @@ void persistent_forward(const Recurrence& r, const Shape& n, std::vector<at::Ten
   // W_hh^T packed as panels (G, blocks, P, block) of whole column blocks, units past H zero:
   // a panel is read front to back, where columns of W_hh^T itself lie a long stride apart.
   const int64_t blocks = (H + block - 1) / block;
-  const bool packed = n.T >= kPackFromSteps;
+  const bool packed = n.T >= kPackFromSteps && B > 1;
+  const T* w = r.weight_hh.const_data_ptr<T>();
   at::Tensor panels;
   if (packed) {
-    at::Tensor padded = at::zeros({G, blocks * block, H}, r.weight_hh.options());
-    padded.narrow(1, 0, H).copy_(r.weight_hh.view({G, H, H}));
-    panels = padded.view({G, blocks, block, H}).permute({0, 1, 3, 2}).contiguous();
+    panels = at::empty({G, blocks, H, block}, r.weight_hh.options());
+    pack_panels(w, G, H, block, panels.mutable_data_ptr<T>());
   }
-  const T* w = r.weight_hh.const_data_ptr<T>();
   at::Tensor spare = at::empty({B, H}, out[1].options());
   T* buffers[2] = {out[1].mutable_data_ptr<T>(), spare.mutable_data_ptr<T>()};
   const T* panel_data = packed ? panels.const_data_ptr<T>() : nullptr;
