@@ -237,6 +237,22 @@ def test_float64_matches_torch(kind, batch):
         assert relative_error(g, r) <= 1e-10
 
 
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_persistent_loop_row_remainders(kind):
+    """Batches 6 to 11: the persistent loop's products take the rows six at a time, then the
+    remaining 0 to 5 together, each count its own kernel."""
+    require("cpu")
+    reference, fused = (m.double() for m in twins(kind, dict(input_size=4, hidden_size=70)))
+    generator = torch.Generator().manual_seed(5)
+    for batch in range(6, 12):
+        x = torch.randn(5, batch, 4, generator=generator, dtype=torch.float64)
+        with genfast.use_backend("cpu"), torch.no_grad():
+            got = fused(x)
+        with torch.no_grad():
+            want = reference(x)
+        assert relative_error(got[0], want[0]) <= 1e-10, batch
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_half_precision_runs_in_float32(dtype):
     """Low-precision modules run the recurrence in float32: error against float64 at most
