@@ -243,7 +243,7 @@ void scaled_queries_transposed(const Problem<T>& p, int64_t b, int64_t h, int64_
 //
 // The scores are key-major: a tile holds a block of keys by rows and the queries by columns,
 // so the online softmax's maxima and sums run down the columns in vector registers, with no
-// reduction across a vector (those cost a third of the forward in the query-major layout).
+// reduction across a vector (those cost a fifth of the forward in the query-major layout).
 // The keys are read in place as the A operand of the scores; the tile, read transposed, is
 // the A operand of the values' product.
 template <typename T>

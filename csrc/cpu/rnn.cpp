@@ -254,7 +254,8 @@ void row_products(const T* h, int64_t B, int64_t P, const T* panels, int64_t blo
     if (B >= 6) {
       for (int64_t s = 0; s < kBlock; s += kStrip) {
         const T* strip = panel + s;
-        for (b = 0; b + 6 <= B; b += 6) column_block<T, 6, 2>(strip, kBlock, h + b * P, P, P, y_block + b * ldy + s, ldy);
+        for (b = 0; b + 6 <= B; b += 6)
+          column_block<T, 6, 2>(strip, kBlock, h + b * P, P, P, y_block + b * ldy + s, ldy);
         // The last rows together: one at a time, a strip's 2 loads fed 2 multiply-adds, and
         // batch 64's last four cost an eighth of the step.
         const T* rest = h + b * P;

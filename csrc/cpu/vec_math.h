@@ -13,12 +13,15 @@ namespace genfast::cpu {
 
 // e^x for float: x = n*ln2 + r with |r| <= ln2/2, e^r from Cephes' degree-6
 // polynomial (max error about 1 ulp), 2^n assembled in the exponent bits. The
-// result goes to 0 below -88 (libm's subnormals are flushed) and to +inf above
-// 88.38 (libm's, within 2x of FLT_MAX, from 88.72); NaN passes through. Those
-// ends are selects on the result, not clamps of x: GCC duplicates the whole
-// polynomial behind a clamp to fold it for the clamped constant, which costs
-// seven blends per vector and made the softmax of attention 20% slower.
+// result is 0 from about -87.7, where n = -127 gives the exponent bits of 0
+// (libm's subnormals are flushed), and +inf from 88.38, where n = 128 gives
+// those of +inf (libm's, within 2x of FLT_MAX, from 88.72); NaN passes through.
+// Past -88 and 88.8, where n leaves that range, two selects on the result give 0
+// and +inf. They replace clamps of x: GCC copied the whole polynomial behind a
+// clamp to fold it for the clamped constant, which cost seven blends per vector
+// and made the softmax of attention 20% slower.
 GENFAST_VECTOR_INLINE float exp_fast(float x) {
+  // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer.
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = std::fma(n, -0.693359375f, x);
   r = std::fma(n, 2.12194440e-4f, r);
@@ -29,7 +32,8 @@ GENFAST_VECTOR_INLINE float exp_fast(float x) {
   p = std::fma(p, r, 1.6666665459e-1f);
   p = std::fma(p, r, 5.0000001201e-1f);
   const float er = std::fma(p, r * r, r) + 1.0f;
-  // Outside the selects' range n overflows int32 and the product is garbage, never used.
+  // Far past the selects' bounds n leaves int32's range (x86 converts it to INT_MIN): the
+  // selects discard that product.
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   const float result = er * __builtin_bit_cast(float, bits);
   // Two plain selects: nested ones made GCC build both masks of each (NaN-careful), 4 more ops.
