@@ -32,13 +32,16 @@ def random_configs(kind: str, count: int, seed: int):
         T, B = rng.choice([1, 2, 6]), rng.choice([1, 3, 4])
         configs.append((kwargs, T if i else 1, B if i != 1 else 1, rng.random() < 0.4, rng.random() < 0.5))
     # Both C++ loops: the persistent one (batch up to 64, its units split over threads in
-    # blocks of 64 from hidden size 65; W_hh^T packed, or read in place at batch 1) and the
-    # one of a product per step (larger batches, projections).
+    # blocks of 64 from hidden size 65; W_hh^T packed, or read in place at batch 1 and for
+    # short sequences, by tiles from batch 12) and the one of a product per step (larger
+    # batches, projections).
     configs += [
         (dict(input_size=5, hidden_size=80, num_layers=2, bias=True, batch_first=False, bidirectional=True),
          7, 5, True, True),
         (dict(input_size=5, hidden_size=80, num_layers=1, bias=True, batch_first=False, bidirectional=True),
          7, 1, False, True),
+        (dict(input_size=5, hidden_size=80, num_layers=1, bias=True, batch_first=True, bidirectional=True),
+         3, 13, True, True),
         (dict(input_size=6, hidden_size=10, num_layers=1, bias=True, batch_first=True, bidirectional=True),
          4, 70, True, True),
     ]
@@ -238,19 +241,20 @@ def test_float64_matches_torch(kind, batch):
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
-def test_persistent_loop_row_remainders(kind):
-    """Batches 6 to 11: the persistent loop's products take the rows six at a time, then the
-    remaining 0 to 5 together, each count its own kernel."""
+def test_persistent_loop_products(kind):
+    """The persistent loop's products: with W_hh^T packed (5 steps), batches 6 to 11 take the
+    rows six at a time, then the remaining 0 to 5 together, each count its own kernel; with
+    W_hh read in place (2 steps), batches 11 to 17 cross over from unit_dots to tiles."""
     require("cpu")
     reference, fused = (m.double() for m in twins(kind, dict(input_size=4, hidden_size=70)))
     generator = torch.Generator().manual_seed(5)
-    for batch in range(6, 12):
-        x = torch.randn(5, batch, 4, generator=generator, dtype=torch.float64)
+    for steps, batch in [(5, b) for b in range(6, 12)] + [(2, b) for b in (11, 12, 16, 17)]:
+        x = torch.randn(steps, batch, 4, generator=generator, dtype=torch.float64)
         with genfast.use_backend("cpu"), torch.no_grad():
             got = fused(x)
         with torch.no_grad():
             want = reference(x)
-        assert relative_error(got[0], want[0]) <= 1e-10, batch
+        assert relative_error(got[0], want[0]) <= 1e-10, (steps, batch)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
