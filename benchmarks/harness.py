@@ -193,14 +193,19 @@ QUICK_BUDGET_S = 0.3  # timed seconds per (case, provider) with --quick
 # A GPU runs thousands of repetitions in half a second and its timings barely
 # spread; a CPU's spread needs the longer budget to settle the median.
 FULL_BUDGET_S = {"cpu": 2.0, "cuda": 0.5}
+# On a CPU the case's providers take turns, each its budget in this many slices: a spell of
+# other work on a shared machine, often seconds long, then slows every provider of the case
+# rather than whichever was running, and moves the ratios far less than the times. (Timed one
+# after the other, the same build's cell-loop ratio came out 2.31x, then 1.13x.)
+CPU_ROUNDS = 5
 WARMUP_FRACTION = 0.2  # of the budget, spent running untimed before the timed runs
-MIN_RUNS = 5  # even when one run takes longer than the budget
+MIN_RUNS = 5  # even when one run takes longer than the budget, over all rounds
 MAX_RUNS = 2000  # enough for a stable median
 MAX_INPUT_SETS = 32
 DEFAULT_CACHE_BYTES = 32 << 20
 
 
-def time_on_cpu(calls: list[Callable[[], Any]], budget_s: float) -> list[float]:
+def time_on_cpu(calls: list[Callable[[], Any]], budget_s: float, min_runs: int = MIN_RUNS) -> list[float]:
     """Seconds of each timed call, cycling through calls (one per input set)."""
     for call in calls:  # first calls compile, fault pages in and fill the allocator's caches
         call()
@@ -212,7 +217,7 @@ def time_on_cpu(calls: list[Callable[[], Any]], budget_s: float) -> list[float]:
     deadline = time.perf_counter() + budget_s
     gc.disable()  # a collection would be charged to whichever provider happened to trigger it
     try:
-        while len(times) < MIN_RUNS or (len(times) < MAX_RUNS and time.perf_counter() < deadline):
+        while len(times) < min_runs or (len(times) < MAX_RUNS and time.perf_counter() < deadline):
             call = calls[len(times) % len(calls)]
             start = time.perf_counter()
             call()
@@ -222,8 +227,9 @@ def time_on_cpu(calls: list[Callable[[], Any]], budget_s: float) -> list[float]:
     return times
 
 
-def time_on_cuda(calls: list[Callable[[], Any]], budget_s: float) -> list[float]:
-    """Seconds of each timed call, from CUDA events.
+def time_on_cuda(calls: list[Callable[[], Any]], budget_s: float, min_runs: int = MIN_RUNS) -> list[float]:
+    """Seconds of each timed call, from CUDA events; do_bench runs as many as budget_s holds
+    (min_runs is time_on_cpu's).
 
     do_bench flushes the L2 cache before every run, so one input set is enough; its first,
     untimed call is where torch.compile compiles."""
@@ -356,37 +362,52 @@ class CaseResult:
         return bound_s / measurement.median_s
 
 
-def _compiled(fn: Callable[..., torch.Tensor], fullgraph: bool) -> Callable[..., torch.Tensor]:
-    # A fresh cache per case: across many shapes dynamo would reach its recompile limit and
-    # silently run eager, and every call would first check the guards of all earlier shapes.
-    torch.compiler.reset()
-    return torch.compile(fn, dynamic=False, fullgraph=fullgraph)
-
-
 def measure(
     case: Case,
-    provider: Provider,
+    providers: list[Provider],
     input_sets: list[dict[str, Any]],
     timer: Callable,
     budget_s: float,
+    rounds: int,
     console: Console,
-) -> Measurement:
-    def result(status: str, times: list[float] | None = None, reason: str = "") -> Measurement:
-        return Measurement(provider.name, provider.genfast, status, times or [], reason)
+    announce: Callable[[Case, Provider], None],
+) -> list[Measurement]:
+    """What each provider did on case: its budget timed in rounds, the providers taking turns
+    (CPU_ROUNDS); announce(case, provider) runs before its first turn."""
+    # A fresh compile cache per case: across many shapes dynamo would reach its recompile limit
+    # and silently run eager, and every call would first check the guards of all earlier shapes.
+    torch.compiler.reset()
+    calls: dict[str, list[Callable[[], Any]]] = {}
+    times: dict[str, list[float]] = {provider.name: [] for provider in providers}
+    ended: dict[str, Measurement] = {}  # a provider that cannot run, or failed, ends here
 
-    if provider.unavailable:
-        return result("unavailable", reason=provider.unavailable)
-    try:
-        with provider.context():
-            fn = _compiled(provider.fn, provider.fullgraph) if provider.compiled else provider.fn
-            calls = [DIRECTIONS[case.direction](fn, inputs) for inputs in input_sets]
-            return result("ok", timer(calls, budget_s))
-    except CANNOT_RUN_CASE as error:
-        return result("unsupported", reason=str(error))
-    except Exception as error:  # noqa: BLE001 - one provider failing is reported beside the others, not fatal
-        console.print(f"{case.op} {case.name} {case.direction} with {provider.name} failed:", style="red", markup=False)
-        console.print(traceback.format_exc(), markup=False)
-        return result("error", reason=f"{type(error).__name__}: {error}")
+    def end(provider: Provider, status: str, reason: str) -> None:
+        ended[provider.name] = Measurement(provider.name, provider.genfast, status, [], reason)
+
+    for provider in providers:
+        if provider.unavailable:
+            end(provider, "unavailable", provider.unavailable)
+    for turn in range(rounds):
+        for provider in providers:
+            if provider.name in ended:
+                continue
+            try:
+                with provider.context():
+                    if turn == 0:
+                        announce(case, provider)
+                        fn = provider.fn
+                        if provider.compiled:
+                            fn = torch.compile(fn, dynamic=False, fullgraph=provider.fullgraph)
+                        calls[provider.name] = [DIRECTIONS[case.direction](fn, inputs) for inputs in input_sets]
+                    times[provider.name] += timer(calls[provider.name], budget_s / rounds, math.ceil(MIN_RUNS / rounds))
+            except CANNOT_RUN_CASE as error:
+                end(provider, "unsupported", str(error))
+            except Exception as error:  # noqa: BLE001 - one provider failing is reported beside the others, not fatal
+                console.print(f"{case.op} {case.name} {case.direction} with {provider.name} failed:", style="red",
+                              markup=False)
+                console.print(traceback.format_exc(), markup=False)
+                end(provider, "error", f"{type(error).__name__}: {error}")
+    return [ended.get(p.name) or Measurement(p.name, p.genfast, "ok", times[p.name]) for p in providers]
 
 
 # ---------------------------------------------------------------- choosing what runs
@@ -454,23 +475,24 @@ def run(
         return 2
     machine = machine_info(device)
     torch.manual_seed(0)
-    timer = time_on_cuda if device.type == "cuda" else time_on_cpu
+    timer, rounds = (time_on_cuda, 1) if device.type == "cuda" else (time_on_cpu, CPU_ROUNDS)
     budget_s = QUICK_BUDGET_S if quick else FULL_BUDGET_S.get(device.type, FULL_BUDGET_S["cpu"])
     cache_bytes = last_level_cache_bytes()
     results = []
     with Progress(console=console) as progress:
         task = progress.add_task("measuring memory bandwidth and matmul rate", total=sum(len(p) for _, p in planned))
+
+        def announce(case: Case, provider: Provider) -> None:
+            step = f"{case.op} {case.name} {case.direction}: {provider.name}"
+            if not console.is_terminal:  # the live bar only draws on terminals; a log gets a line per step
+                console.print(step, markup=False)
+            progress.update(task, description=escape(step))
+
         rates = measure_rates(device, timer, budget_s)
         for case, case_providers in planned:
             input_sets = [case.make_inputs(device) for _ in range(input_set_count(case, device, cache_bytes))]
-            measurements = []
-            for provider in case_providers:
-                step = f"{case.op} {case.name} {case.direction}: {provider.name}"
-                if not console.is_terminal:  # the live bar only draws on terminals; a log gets a line per step
-                    console.print(step, markup=False)
-                progress.update(task, description=escape(step))
-                measurements.append(measure(case, provider, input_sets, timer, budget_s, console))
-                progress.advance(task)
+            measurements = measure(case, case_providers, input_sets, timer, budget_s, rounds, console, announce)
+            progress.advance(task, len(case_providers))
             results.append(CaseResult(case, len(input_sets), measurements))
             del input_sets  # before the next case's sets are made, not after
     settings = {

@@ -317,6 +317,59 @@ std::vector<Tensor> recurrence_forward(const std::string& cell, const Tensor& x_
   TORCH_CHECK(false, "recurrence_forward: no kernel for ", x_proj.device(), " tensors in this build");
 }
 
+// One LSTM or GRU step on the CPU for inference, its input projection computed by the same
+// team of threads as the step (genfast::cpu::Recurrence's comment): input (B, I), h (B, H), an
+// LSTM's c (B, H), weight_ih (G*H, I), weight_hh (G*H, H), bias_ih and bias_hh (G*H) or
+// neither, all of one float or double type. Returns h' and an LSTM's c'.
+std::vector<Tensor> cell_forward(const std::string& cell, const Tensor& input, const Tensor& h,
+                                 const std::optional<Tensor>& c, const Tensor& weight_ih, const Tensor& weight_hh,
+                                 const std::optional<Tensor>& bias_ih, const std::optional<Tensor>& bias_hh) {
+  TORCH_CHECK_VALUE(cell == "lstm" || cell == "gru", "cell must be \"lstm\" or \"gru\", got ", cell);
+  const bool lstm = cell == "lstm";
+  const int64_t G = lstm ? 4 : 3;
+  const auto dtype = input.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble, "input must have dtype float32 or float64, got ",
+                   dtype);
+  TORCH_CHECK_VALUE(input.dim() == 2 && input.is_cpu(), "input must be a CPU tensor (batch, input_size), got ",
+                    input.sizes(), " on ", input.device());
+  const int64_t B = input.size(0), I = input.size(1);
+  TORCH_CHECK_VALUE(weight_ih.dim() == 2 && weight_ih.size(0) % G == 0 && weight_ih.size(1) == I,
+                    "weight_ih must be (", G, " * hidden_size, ", I, "), got ", weight_ih.sizes());
+  const int64_t H = weight_ih.size(0) / G;
+  auto check = [&](const Tensor& t, const char* name, std::vector<int64_t> shape) {
+    TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " must have input's dtype ", dtype, ", got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(shape) && t.is_cpu(), name, " must be a CPU tensor of shape ",
+                      at::IntArrayRef(shape), ", got ", t.sizes(), " on ", t.device());
+  };
+  check(weight_ih, "weight_ih", {G * H, I});
+  check(weight_hh, "weight_hh", {G * H, H});
+  check(h, "h", {B, H});
+  TORCH_CHECK_VALUE(lstm == c.has_value(), "an LSTM cell takes c, a GRU cell does not");
+  if (c) check(*c, "c", {B, H});
+  TORCH_CHECK_VALUE(bias_ih.has_value() == bias_hh.has_value(), "bias_ih and bias_hh must be given together");
+  if (bias_ih) {
+    check(*bias_ih, "bias_ih", {G * H});
+    check(*bias_hh, "bias_hh", {G * H});
+  }
+  const auto options = input.options();
+  std::optional<Tensor> gru_bias_hh;  // the n gate reads b_hn inside r * (.), zero without biases
+  if (!lstm) gru_bias_hh = bias_hh ? bias_hh->contiguous() : at::zeros({G * H}, options);
+  const Tensor input_bias = !bias_ih ? at::zeros({G * H}, options)
+                           : lstm   ? at::add(*bias_ih, *bias_hh)
+                                    : bias_ih->contiguous();
+  genfast::cpu::Recurrence r{lstm ? genfast::cpu::Cell::kLSTM : genfast::cpu::Cell::kGRU,
+                             input_bias.expand({1, B, G * H}),
+                             weight_hh.contiguous(),
+                             h.contiguous(),
+                             lstm ? std::optional<Tensor>(c->contiguous()) : std::nullopt,
+                             gru_bias_hh};
+  r.save = false;
+  r.input = input.contiguous().view({1, B, I});
+  r.weight_ih = weight_ih.contiguous();
+  const std::vector<Tensor> out = genfast::cpu::recurrence_forward(r);
+  return {out[1], out[2]};
+}
+
 // saved: the forward's gates, h_prev and, for an LSTM, c_prev and tanh_c.
 std::vector<Tensor> recurrence_backward(const std::string& cell, const Tensor& x_proj, const Tensor& weight_hh,
                                         const Tensor& h0, const std::optional<Tensor>& c0,
@@ -678,6 +731,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Each row's cross-entropy: losses (rows,); with grad_scale, the logits become their gradient");
   m.def("recurrence_forward", &recurrence_forward,
         "An LSTM's or GRU's time loop: (output, h_n, c_n, gates, h_prev, c_prev, tanh_c, hh_norm, c_norm, rstd)");
+  m.def("cell_forward", &cell_forward,
+        "One LSTM or GRU step for inference, its input projection fused: (h', c' or an undefined tensor)");
   m.def("recurrence_backward", &recurrence_backward,
         "The time loop's backward: (d_x_proj, d_weight_hh, d_bias_hh, dh0, dc0, d_weight_hr, d_norm_hh, d_norm_c)");
   m.def("sample", &sample, "Draws one token per row of logits after temperature, top-k and top-p: tokens (rows,)");

@@ -161,6 +161,52 @@ def test_cells_match_torch(kind, batched, hidden, backend):
             torch.testing.assert_close(g.cpu(), w, rtol=1e-5, atol=1e-6)
 
 
+CELL_SIZES = [  # (batch, input, hidden): the loop's two product kernels (tiles from batch 12),
+    (1, 1, 7), (5, 13, 80), (11, 3, 65), (12, 300, 20), (17, 9, 80),  # units split over threads
+    (70, 6, 33),  # past the persistent loop's batches: an ATen product first
+]
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no bias"])
+@pytest.mark.parametrize("batch, input_size, hidden", CELL_SIZES, ids=[str(s) for s in CELL_SIZES])
+def test_cell_inference(kind, bias, batch, input_size, hidden):
+    """Where nothing needs a gradient, a cell's step is one call that projects the input in the
+    loop's own products (an LSTM's gates summed in place, a GRU's n gate kept apart): float64
+    against torch's cells within 1e-10, float32 within 1e-5 of it, from a state and from none."""
+    require("cpu")
+    torch_class, genfast_class = {"lstm": (nn.LSTMCell, genfast.nn.LSTMCell), "gru": (nn.GRUCell, genfast.nn.GRUCell)}[kind]
+    torch.manual_seed(0)
+    reference = torch_class(input_size, hidden, bias=bias).double()
+    fused = genfast_class(input_size, hidden, bias=bias).double()
+    fused.load_state_dict(reference.state_dict())
+    x = torch.randn(batch, input_size, dtype=torch.float64)
+    state = torch.randn(batch, hidden, dtype=torch.float64)
+    hx = (state, torch.randn(batch, hidden, dtype=torch.float64)) if kind == "lstm" else state
+    for dtype, tolerance in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        fused.to(dtype)
+        for given in (None, hx):
+            on_dtype = None if given is None else tuple(s.to(dtype) for s in given) if kind == "lstm" else given.to(dtype)
+            with genfast.use_backend("cpu"), torch.no_grad():
+                got = fused(x.to(dtype), on_dtype)
+                want = reference(x, given)
+            for g, w in zip(got if kind == "lstm" else [got], want if kind == "lstm" else [want]):
+                assert g.dtype == dtype
+                assert relative_error(g, w) <= tolerance, (dtype, given is None)
+
+
+def test_cell_inference_checks_its_arguments():
+    require("cpu")
+    cell = genfast.nn.LSTMCell(3, 4)
+    with genfast.use_backend("cpu"), torch.no_grad():
+        with pytest.raises(ValueError, match=r"weight_ih must be \(4 \* hidden_size, 5\)"):
+            cell(torch.randn(2, 5))
+        with pytest.raises(ValueError, match=r"h must be a CPU tensor of shape \[2, 4\]"):
+            cell(torch.randn(2, 3), (torch.zeros(3, 4), torch.zeros(2, 4)))
+        with pytest.raises(TypeError, match="c must have input's dtype"):
+            cell(torch.randn(2, 3), (torch.zeros(2, 4), torch.zeros(2, 4, dtype=torch.float64)))
+
+
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 def test_unbatched_input(kind):
     require("cpu")

@@ -6,6 +6,7 @@
 #include "rnn.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/stack.h>
@@ -279,14 +280,32 @@ void row_products(const T* h, int64_t B, int64_t P, const T* panels, int64_t blo
   }
 }
 
-// products[g][b][j - j0] = W_hh[g H + j] . h[b] for the units j in [j0, j1) and the first rows
-// of the B in h, from W_hh's rows
-// as they are: for a few steps, where packing W_hh^T would cost more than it saves. A unit's G
-// rows meet each batch row together, their sums split over two accumulators each (2G chains
-// of fused multiply-adds in flight).
+// How a product lands in the persistent loop's slots [slot][b][u] (gate, batch row, the
+// thread's u-th unit): written (h W_hh^T), or added to what the slot holds (x W_ih^T, where the
+// loop projects the input), except a GRU's n gate, whose input part goes to slot 3 of its own:
+// r multiplies only h W_hn^T.
+enum class Store { kWrite, kAdd, kAddGRUInput };
+
+template <typename T>
+struct GateProducts {
+  T* data;
+  int64_t gate_stride, row_stride;
+  Store mode = Store::kWrite;
+
+  void store(int64_t g, int64_t b, int64_t u, T value) const {
+    const bool apart = mode == Store::kAddGRUInput && g == 2;
+    T& slot = data[(apart ? 3 : g) * gate_stride + b * row_stride + u];
+    slot = mode == Store::kWrite || apart ? value : slot + value;
+  }
+};
+
+// into(g, b, j - j0) = W[g H + j] . h[b] for the units j in [j0, j1) and the first rows of h,
+// from the rows of W (G H, P) as they are: for a few steps, where packing W^T would cost more
+// than it saves. A unit's G rows meet each batch row together, their sums split over two
+// accumulators each (2G chains of fused multiply-adds in flight).
 template <int G, typename T>
-void unit_dots(const T* w, int64_t H, int64_t P, const T* h, int64_t rows, int64_t B, int64_t j0, int64_t j1,
-               T* products, int64_t width) {
+void unit_dots(const T* w, int64_t H, int64_t P, const T* h, int64_t rows, int64_t j0, int64_t j1,
+               const GateProducts<T>& into) {
   constexpr int64_t kLanes = kVectorBytes / sizeof(T);
   for (int64_t j = j0; j < j1; ++j)
     for (int64_t b = 0; b < rows; ++b) {
@@ -312,28 +331,33 @@ void unit_dots(const T* w, int64_t H, int64_t P, const T* h, int64_t rows, int64
         T sum = 0;
         for (int64_t lane = 0; lane < kLanes; ++lane) sum += both[lane];
         for (int64_t rest = k; rest < P; ++rest) sum += w[(g * H + j) * P + rest] * hb[rest];
-        products[(g * B + b) * width + j - j0] = sum;
+        into.store(g, b, j - j0, sum);
       }
     }
 }
 
-// products[g][b][j - j0] as unit_dots computes them, by register tiles: W_hh's rows, in place,
-// are tile_matmul's A operand and h^T (P x padded rows, written into ht) its B, so six rows of
-// W_hh meet a strip of batch rows at once; yt receives each gate's (units x padded rows).
+// ht (P x padded_columns(rows)) = the first rows of h (rows x P), transposed, zero-padded: the
+// B operand of tiled_unit_products.
 template <typename T>
-void tiled_unit_products(const T* w, int64_t H, int64_t P, int64_t G, const T* h, int64_t rows, int64_t B,
-                         int64_t j0, int64_t j1, T* products, int64_t width, T* ht, T* yt) {
-  const int64_t columns = padded_columns<T>(rows), units = j1 - j0;
+void transpose_rows(const T* h, int64_t rows, int64_t P, T* ht) {
+  const int64_t columns = padded_columns<T>(rows);
   for (int64_t k = 0; k < P; ++k) {
     for (int64_t b = 0; b < rows; ++b) ht[k * columns + b] = h[b * P + k];
     std::fill(ht + k * columns + rows, ht + (k + 1) * columns, T(0));
   }
+}
+
+// What unit_dots computes, by register tiles: W's rows, in place, are tile_matmul's A operand
+// and h^T (ht, transpose_rows's) its B, so six rows of W meet a strip of batch rows at once;
+// yt receives each gate's (units x padded rows).
+template <typename T>
+void tiled_unit_products(const T* w, int64_t H, int64_t P, int64_t G, const T* ht, int64_t rows, int64_t j0,
+                         int64_t j1, const GateProducts<T>& into, T* yt) {
+  const int64_t columns = padded_columns<T>(rows), units = j1 - j0;
   for (int64_t g = 0; g < G; ++g) {
     tile_matmul<false>(units, columns, P, w + (g * H + j0) * P, P, 1, ht, columns, yt, columns);
-    for (int64_t b = 0; b < rows; ++b) {
-      T* row = products + (g * B + b) * width;
-      for (int64_t j = 0; j < units; ++j) row[j] = yt[j * columns + b];
-    }
+    for (int64_t b = 0; b < rows; ++b)
+      for (int64_t u = 0; u < units; ++u) into.store(g, b, u, yt[u * columns + b]);
   }
 }
 
@@ -350,6 +374,9 @@ constexpr int64_t kPersistentBatch = 64;
 // at hidden 256 a step of batch 16 took 98 us against 130 (LSTM) and 88 against 145 (GRU); at
 // batch 8, where a strip of 16 batch rows is half padding, unit_dots was faster.
 constexpr int64_t kTiledFromBatch = 12;
+
+// Units per share of a short sequence's step, which threads take as they come free.
+constexpr int64_t kUnitsPerShare = 32;
 
 // W_hh (G H, H) as the panels (G, blocks, H, block) of persistent_forward, units past H zero.
 // A direct loop, parallel over panels: packing through ATen (a zero-padded copy, then a
@@ -395,59 +422,81 @@ void persistent_forward(const Recurrence& r, const Shape& n, std::vector<at::Ten
   at::Tensor spare = at::empty({B, H}, out[1].options());
   T* buffers[2] = {out[1].mutable_data_ptr<T>(), spare.mutable_data_ptr<T>()};
   const T* panel_data = packed ? panels.const_data_ptr<T>() : nullptr;
+  // x_proj's rows; where the loop projects the input, the bias, expanded (Recurrence's comment).
   const T* xp_all = r.x_proj.const_data_ptr<T>();
+  const int64_t xp_step = r.x_proj.stride(0), xp_row = r.x_proj.stride(1);
+  const int64_t I = r.input ? r.input->size(2) : 0;
+  const T* input = r.input ? r.input->const_data_ptr<T>() : nullptr;
+  const T* w_ih = r.input ? r.weight_ih->const_data_ptr<T>() : nullptr;
   const T* bias = r.bias_hh ? r.bias_hh->const_data_ptr<T>() : nullptr;
   T *output = out[0].mutable_data_ptr<T>(), *gates = out[3].mutable_data_ptr<T>(), *h_prev = out[4].mutable_data_ptr<T>();
   T* c = lstm ? out[2].mutable_data_ptr<T>() : nullptr;
   T* c_prev = lstm ? out[5].mutable_data_ptr<T>() : nullptr;
   T* tanh_c = lstm ? out[6].mutable_data_ptr<T>() : nullptr;
-  // Slices of whole column blocks, so that threads write apart.
-  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks)));
+  // Slices of whole column blocks, so that threads write apart. A short sequence instead shares
+  // its units out as threads come free: no weights stay in a core's cache from step to step
+  // there, and a thread slowed by other work on the machine then costs its shares, not the
+  // step (an LSTM cell at hidden 256, batch 16: the other thread had waited 6 to 21 us of 140).
+  const bool shared_out = !packed && n.T < kPackFromSteps;
+  const int64_t shares = (H + kUnitsPerShare - 1) / kUnitsPerShare;
+  const int threads = static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), shared_out ? shares : blocks)));
 #pragma omp parallel num_threads(threads)
   {
     const int64_t id = omp_get_thread_num(), team = omp_get_num_threads();
     const int64_t j0 = std::min(H, blocks * id / team * block), j1 = std::min(H, blocks * (id + 1) / team * block);
-    const int64_t width = (j1 - j0 + block - 1) / block * block;
-    std::vector<T> products(G * B * width);  // [g][b][j - j0]
+    const int64_t width = shared_out ? kUnitsPerShare : (j1 - j0 + block - 1) / block * block;
+    // Four slots of products: an LSTM's gates, or a GRU's and its n gate's input part (zero
+    // unless the loop projects the input).
+    std::vector<T> products(4 * B * width);
+    const GateProducts<T> own{products.data(), B * width, width};
+    const GateProducts<T> own_input{products.data(), B * width, width, lstm ? Store::kAdd : Store::kAddGRUInput};
     const bool tiled = !packed && B >= kTiledFromBatch;
-    std::vector<T> ht(tiled ? H * padded_columns<T>(B) : 0), yt(tiled ? width * padded_columns<T>(B) : 0);
-    for (int64_t s = 0; s < n.T; ++s) {
-      const int64_t t = n.time(s);
-      const T* h = buffers[s % 2];
-      T* h_next = buffers[(s + 1) % 2];
-      if (tiled && j1 > j0) {
-        tiled_unit_products(w, H, H, G, h, n.product_rows(t), B, j0, j1, products.data(), width, ht.data(), yt.data());
-      } else if (!packed) {
-        if (lstm) {
-          unit_dots<4>(w, H, H, h, n.product_rows(t), B, j0, j1, products.data(), width);
-        } else {
-          unit_dots<3>(w, H, H, h, n.product_rows(t), B, j0, j1, products.data(), width);
-        }
+    const int64_t columns = padded_columns<T>(B);
+    std::vector<T> ht(tiled ? H * columns : 0), xt(tiled && input ? I * columns : 0), yt(tiled ? width * columns : 0);
+    // The products of the units [u0, u1) of the gates of weight (G H, K), in place, with the
+    // first rows of x (x^T in xt where tiled).
+    auto in_place_products = [&](const T* weight, int64_t K, const T* x, const T* x_t, int64_t rows, int64_t u0,
+                                 int64_t u1, const GateProducts<T>& into) {
+      if (tiled) {
+        tiled_unit_products(weight, H, K, G, x_t, rows, u0, u1, into, yt.data());
+      } else if (lstm) {
+        unit_dots<4>(weight, H, K, x, rows, u0, u1, into);
+      } else {
+        unit_dots<3>(weight, H, K, x, rows, u0, u1, into);
       }
-      for (int64_t g = 0; g < G && j1 > j0 && packed; ++g)
-        row_products(h, n.product_rows(t), H, panel_data + (g * blocks + j0 / block) * H * block, width / block,
-                     products.data() + g * B * width, width);
-      for (int64_t b = 0; b < B && j1 > j0; ++b) {
-        const T* xp = xp_all + (t * B + b) * G * H;
+    };
+    // Step t for the units [u0, u1): their gate products, then their gate math.
+    auto step_units = [&](int64_t t, int64_t rows, const T* h, T* h_next, int64_t u0, int64_t u1) {
+      if (packed) {
+        for (int64_t g = 0; g < G; ++g)
+          row_products(h, rows, H, panel_data + (g * blocks + u0 / block) * H * block, width / block,
+                       products.data() + g * B * width, width);
+      } else {
+        in_place_products(w, H, h, ht.data(), rows, u0, u1, own);
+      }
+      if (input) in_place_products(w_ih, I, input + t * B * I, xt.data(), rows, u0, u1, own_input);
+      for (int64_t b = 0; b < B; ++b) {
+        const T* xp = xp_all + t * xp_step + b * xp_row;
         T* g4 = gates + (n.slot(t) * B + b) * 4 * H;
         T* out = output + (t * B + b) * H;
         const int64_t row = (n.slot(t) * B + b) * H;
-        const T *p0 = products.data() + b * width - j0, *p1 = p0 + B * width, *p2 = p1 + B * width;
-        std::copy(h + b * H + j0, h + b * H + j1, h_prev + row + j0);
+        const T *p0 = products.data() + b * width - u0, *p1 = p0 + B * width, *p2 = p1 + B * width,
+                *p3 = p2 + B * width;
+        std::copy(h + b * H + u0, h + b * H + u1, h_prev + row + u0);
         if (!n.live(b, t)) {
-          std::copy(h + b * H + j0, h + b * H + j1, h_next + b * H + j0);
-          std::fill(out + j0, out + j1, T(0));
-          for (int64_t g = 0; g < 4; ++g) std::fill(g4 + g * H + j0, g4 + g * H + j1, T(0));
+          std::copy(h + b * H + u0, h + b * H + u1, h_next + b * H + u0);
+          std::fill(out + u0, out + u1, T(0));
+          for (int64_t g = 0; g < 4; ++g) std::fill(g4 + g * H + u0, g4 + g * H + u1, T(0));
           if (lstm) {
-            std::copy(c + b * H + j0, c + b * H + j1, c_prev + row + j0);
-            std::fill(tanh_c + row + j0, tanh_c + row + j1, T(0));
+            std::copy(c + b * H + u0, c + b * H + u1, c_prev + row + u0);
+            std::fill(tanh_c + row + u0, tanh_c + row + u1, T(0));
           }
           continue;
         }
         if (lstm) {
-          const T* p3 = p2 + B * width;
 #pragma omp simd
-          for (int64_t j = j0; j < j1; ++j) {
+          for (int64_t j = u0; j < u1; ++j) {
             const T i = sigmoid(xp[j] + p0[j]), f = sigmoid(xp[H + j] + p1[j]);
             const T gg = tanh_fast(xp[2 * H + j] + p2[j]), o = sigmoid(xp[3 * H + j] + p3[j]);
             const T previous = c[b * H + j], cell = f * previous + i * gg, tc = tanh_fast(cell);
@@ -457,19 +506,35 @@ void persistent_forward(const Recurrence& r, const Shape& n, std::vector<at::Ten
           }
         } else {
 #pragma omp simd
-          for (int64_t j = j0; j < j1; ++j) {
+          for (int64_t j = u0; j < u1; ++j) {
             const T h_n = p2[j] + bias[2 * H + j];
             const T rg = sigmoid(xp[j] + p0[j] + bias[j]), z = sigmoid(xp[H + j] + p1[j] + bias[H + j]);
-            const T ng = tanh_fast(xp[2 * H + j] + rg * h_n), next = (T(1) - z) * ng + z * h[b * H + j];
+            const T ng = tanh_fast(xp[2 * H + j] + p3[j] + rg * h_n), next = (T(1) - z) * ng + z * h[b * H + j];
             g4[j] = rg, g4[H + j] = z, g4[2 * H + j] = ng, g4[3 * H + j] = h_n;
             h_next[b * H + j] = next, out[j] = next;
           }
         }
       }
+    };
+    for (int64_t s = 0; s < n.T; ++s) {
+      const int64_t t = n.time(s), rows = n.product_rows(t);
+      const T* h = buffers[s % 2];
+      T* h_next = buffers[(s + 1) % 2];
+      if (tiled) {
+        transpose_rows(h, rows, H, ht.data());
+        if (input) transpose_rows(input + t * B * I, rows, I, xt.data());
+      }
+      if (shared_out) {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t share = 0; share < shares; ++share)
+          step_units(t, rows, h, h_next, share * kUnitsPerShare, std::min(H, (share + 1) * kUnitsPerShare));
+      } else {
+        if (j1 > j0) step_units(t, rows, h, h_next, j0, j1);
 #pragma omp barrier
+      }
     }
   }
-  if (n.T % 2) out[1].copy_(spare);  // the last state was written into the spare buffer
+  if (n.T % 2) out[1] = spare;  // the last state was written into the spare buffer
 }
 
 // Zoneout's backward of one row: kept = m grad and grad = (1 - m) grad, the parts of a state's
@@ -599,6 +664,16 @@ void backward_loop(const Recurrence& r, const Shape& n, const at::Tensor& d_outp
 
 std::vector<at::Tensor> recurrence_forward(const Recurrence& r) {
   const Shape n(r);
+  const bool persistent =
+      n.B <= kPersistentBatch && !r.weight_hr && !r.zoneout_h && !r.zoneout_c && !r.norm_hh && !r.norm_c;
+  if (r.input && !(persistent && n.T < kPackFromSteps)) {
+    // One product over every step pays: the projection comes first, as the Python op's does.
+    Recurrence projected = r;
+    const at::Tensor bias = r.x_proj.select(0, 0).select(0, 0);
+    projected.x_proj = at::addmm(bias, r.input->view({n.T * n.B, -1}), r.weight_ih->t()).view(r.x_proj.sizes());
+    projected.input.reset();
+    return recurrence_forward(projected);
+  }
   const auto options = r.x_proj.options();
   const bool lstm = r.cell == Cell::kLSTM;
   std::vector<at::Tensor> out = {
@@ -614,8 +689,6 @@ std::vector<at::Tensor> recurrence_forward(const Recurrence& r) {
       r.norm_c ? at::zeros({n.saved_steps(), n.B, n.H}, options) : at::Tensor(),
       r.norm_hh || r.norm_c ? at::zeros({n.saved_steps(), n.B, 2}, options) : at::Tensor(),
   };
-  const bool persistent =
-      n.B <= kPersistentBatch && !r.weight_hr && !r.zoneout_h && !r.zoneout_c && !r.norm_hh && !r.norm_c;
   if (r.x_proj.scalar_type() == at::kDouble) {
     persistent ? persistent_forward<double>(r, n, out) : forward_loop<double>(r, n, out);
   } else {

@@ -21,6 +21,11 @@ enum class Cell { kLSTM, kGRU };
 // (2, 4H) and norm_c (2, H): the weight and bias of LN_hh and LN_c, epsilon eps (LN_ih is
 // in x_proj already). Without save (inference), what the backward reads is kept for one step
 // only.
+//
+// Or the loop projects the input itself (a cell: for a step or two, a product of its own per
+// step costs less than waking ATen's): input (T, B, I) and weight_ih (G*H, I) given, and x_proj
+// the constant part of the projection, b_ih (plus b_hh for an LSTM) expanded to (T, B, G*H);
+// the loop adds input W_ih^T to it.
 struct Recurrence {
   Cell cell;
   at::Tensor x_proj, weight_hh, h0;
@@ -28,6 +33,7 @@ struct Recurrence {
   double eps = 1e-5;
   bool reverse = false;
   bool save = true;
+  std::optional<at::Tensor> input, weight_ih;
 };
 
 // Returns output (T, B, P), h_n (B, P), c_n (B, H) (undefined for a GRU), and what the backward
