@@ -349,15 +349,29 @@ void transpose_rows(const T* h, int64_t rows, int64_t P, T* ht) {
 
 // What unit_dots computes, by register tiles: W's rows, in place, are tile_matmul's A operand
 // and h^T (ht, transpose_rows's) its B, so six rows of W meet a strip of batch rows at once;
-// yt receives each gate's (units x padded rows).
+// yt receives each gate's (units x padded rows). Given a second weight w2 (G H, K2) and x^T
+// (x2t), a cell's input projection, its products land as into's mode says, those that add
+// summed in the tile before it is stored.
 template <typename T>
 void tiled_unit_products(const T* w, int64_t H, int64_t P, int64_t G, const T* ht, int64_t rows, int64_t j0,
-                         int64_t j1, const GateProducts<T>& into, T* yt) {
+                         int64_t j1, const GateProducts<T>& into, T* yt, const T* w2 = nullptr, int64_t K2 = 0,
+                         const T* x2t = nullptr) {
   const int64_t columns = padded_columns<T>(rows), units = j1 - j0;
-  for (int64_t g = 0; g < G; ++g) {
-    tile_matmul<false>(units, columns, P, w + (g * H + j0) * P, P, 1, ht, columns, yt, columns);
+  auto store = [&](int64_t slot) {
+    T* products = into.data + slot * into.gate_stride;
     for (int64_t b = 0; b < rows; ++b)
-      for (int64_t u = 0; u < units; ++u) into.store(g, b, u, yt[u * columns + b]);
+      for (int64_t u = 0; u < units; ++u) products[b * into.row_stride + u] = yt[u * columns + b];
+  };
+  for (int64_t g = 0; g < G; ++g) {
+    const T* w2_rows = w2 ? w2 + (g * H + j0) * K2 : nullptr;
+    tile_matmul<false>(units, columns, P, w + (g * H + j0) * P, P, 1, ht, columns, yt, columns);
+    const bool apart = into.mode == Store::kAddGRUInput && g == 2;
+    if (w2 && !apart) tile_matmul<true>(units, columns, K2, w2_rows, K2, 1, x2t, columns, yt, columns);
+    store(g);
+    if (w2 && apart) {
+      tile_matmul<false>(units, columns, K2, w2_rows, K2, 1, x2t, columns, yt, columns);
+      store(3);
+    }
   }
 }
 
@@ -404,8 +418,9 @@ void pack_panels(const T* w, int64_t G, int64_t H, int64_t block, T* panels) {
 // Each thread owns a slice of hidden units, and the columns of W_hh^T of their G gates, packed,
 // stay in its core's cache from step to step. It computes those gates for every batch row, then their
 // gate math a vector of units at a time, and writes the new state into the other of two
-// buffers; one barrier per step publishes it. Writes what forward_loop writes.
-template <typename T>
+// buffers; one barrier per step publishes it. Writes what forward_loop writes, what the backward
+// reads only with kSave (r.save).
+template <typename T, bool kSave>
 void persistent_forward(const Recurrence& r, const Shape& n, std::vector<at::Tensor>& out) {
   const bool lstm = r.cell == Cell::kLSTM;
   const int64_t H = n.H, B = n.B, G = n.G, block = kColumnBlock<T>;
@@ -456,11 +471,9 @@ void persistent_forward(const Recurrence& r, const Shape& n, std::vector<at::Ten
     std::vector<T> ht(tiled ? H * columns : 0), xt(tiled && input ? I * columns : 0), yt(tiled ? width * columns : 0);
     // The products of the units [u0, u1) of the gates of weight (G H, K), in place, with the
     // first rows of x (x^T in xt where tiled).
-    auto in_place_products = [&](const T* weight, int64_t K, const T* x, const T* x_t, int64_t rows, int64_t u0,
-                                 int64_t u1, const GateProducts<T>& into) {
-      if (tiled) {
-        tiled_unit_products(weight, H, K, G, x_t, rows, u0, u1, into, yt.data());
-      } else if (lstm) {
+    auto in_place_products = [&](const T* weight, int64_t K, const T* x, int64_t rows, int64_t u0, int64_t u1,
+                                 const GateProducts<T>& into) {
+      if (lstm) {
         unit_dots<4>(weight, H, K, x, rows, u0, u1, into);
       } else {
         unit_dots<3>(weight, H, K, x, rows, u0, u1, into);
@@ -468,14 +481,18 @@ void persistent_forward(const Recurrence& r, const Shape& n, std::vector<at::Ten
     };
     // Step t for the units [u0, u1): their gate products, then their gate math.
     auto step_units = [&](int64_t t, int64_t rows, const T* h, T* h_next, int64_t u0, int64_t u1) {
+      const T* x = input ? input + t * B * I : nullptr;
       if (packed) {
         for (int64_t g = 0; g < G; ++g)
           row_products(h, rows, H, panel_data + (g * blocks + u0 / block) * H * block, width / block,
                        products.data() + g * B * width, width);
+      } else if (tiled) {
+        tiled_unit_products(w, H, H, G, ht.data(), rows, u0, u1, input ? own_input : own, yt.data(), w_ih, I,
+                            xt.data());
       } else {
-        in_place_products(w, H, h, ht.data(), rows, u0, u1, own);
+        in_place_products(w, H, h, rows, u0, u1, own);
+        if (x) in_place_products(w_ih, I, x, rows, u0, u1, own_input);
       }
-      if (input) in_place_products(w_ih, I, input + t * B * I, xt.data(), rows, u0, u1, own_input);
       for (int64_t b = 0; b < B; ++b) {
         const T* xp = xp_all + t * xp_step + b * xp_row;
         T* g4 = gates + (n.slot(t) * B + b) * 4 * H;
@@ -483,14 +500,16 @@ void persistent_forward(const Recurrence& r, const Shape& n, std::vector<at::Ten
         const int64_t row = (n.slot(t) * B + b) * H;
         const T *p0 = products.data() + b * width - u0, *p1 = p0 + B * width, *p2 = p1 + B * width,
                 *p3 = p2 + B * width;
-        std::copy(h + b * H + u0, h + b * H + u1, h_prev + row + u0);
+        if constexpr (kSave) std::copy(h + b * H + u0, h + b * H + u1, h_prev + row + u0);
         if (!n.live(b, t)) {
           std::copy(h + b * H + u0, h + b * H + u1, h_next + b * H + u0);
           std::fill(out + u0, out + u1, T(0));
-          for (int64_t g = 0; g < 4; ++g) std::fill(g4 + g * H + u0, g4 + g * H + u1, T(0));
-          if (lstm) {
-            std::copy(c + b * H + u0, c + b * H + u1, c_prev + row + u0);
-            std::fill(tanh_c + row + u0, tanh_c + row + u1, T(0));
+          if constexpr (kSave) {
+            for (int64_t g = 0; g < 4; ++g) std::fill(g4 + g * H + u0, g4 + g * H + u1, T(0));
+            if (lstm) {
+              std::copy(c + b * H + u0, c + b * H + u1, c_prev + row + u0);
+              std::fill(tanh_c + row + u0, tanh_c + row + u1, T(0));
+            }
           }
           continue;
         }
@@ -499,18 +518,23 @@ void persistent_forward(const Recurrence& r, const Shape& n, std::vector<at::Ten
           for (int64_t j = u0; j < u1; ++j) {
             const T i = sigmoid(xp[j] + p0[j]), f = sigmoid(xp[H + j] + p1[j]);
             const T gg = tanh_fast(xp[2 * H + j] + p2[j]), o = sigmoid(xp[3 * H + j] + p3[j]);
-            const T previous = c[b * H + j], cell = f * previous + i * gg, tc = tanh_fast(cell);
-            g4[j] = i, g4[H + j] = f, g4[2 * H + j] = gg, g4[3 * H + j] = o;
-            c_prev[row + j] = previous, tanh_c[row + j] = tc, c[b * H + j] = cell;
-            h_next[b * H + j] = o * tc, out[j] = o * tc;
+            // Explicit fused multiply-adds: the compiler's own choice differed with kSave, and
+            // inference gave other last bits than training.
+            const T previous = c[b * H + j], cell = std::fma(f, previous, i * gg), tc = tanh_fast(cell);
+            if constexpr (kSave) {
+              g4[j] = i, g4[H + j] = f, g4[2 * H + j] = gg, g4[3 * H + j] = o;
+              c_prev[row + j] = previous, tanh_c[row + j] = tc;
+            }
+            c[b * H + j] = cell, h_next[b * H + j] = o * tc, out[j] = o * tc;
           }
         } else {
 #pragma omp simd
           for (int64_t j = u0; j < u1; ++j) {
             const T h_n = p2[j] + bias[2 * H + j];
             const T rg = sigmoid(xp[j] + p0[j] + bias[j]), z = sigmoid(xp[H + j] + p1[j] + bias[H + j]);
-            const T ng = tanh_fast(xp[2 * H + j] + p3[j] + rg * h_n), next = (T(1) - z) * ng + z * h[b * H + j];
-            g4[j] = rg, g4[H + j] = z, g4[2 * H + j] = ng, g4[3 * H + j] = h_n;
+            const T ng = tanh_fast(std::fma(rg, h_n, xp[2 * H + j] + p3[j]));
+            const T next = std::fma(z, h[b * H + j] - ng, ng);
+            if constexpr (kSave) g4[j] = rg, g4[H + j] = z, g4[2 * H + j] = ng, g4[3 * H + j] = h_n;
             h_next[b * H + j] = next, out[j] = next;
           }
         }
@@ -690,9 +714,13 @@ std::vector<at::Tensor> recurrence_forward(const Recurrence& r) {
       r.norm_hh || r.norm_c ? at::zeros({n.saved_steps(), n.B, 2}, options) : at::Tensor(),
   };
   if (r.x_proj.scalar_type() == at::kDouble) {
-    persistent ? persistent_forward<double>(r, n, out) : forward_loop<double>(r, n, out);
+    if (!persistent) forward_loop<double>(r, n, out);
+    else if (r.save) persistent_forward<double, true>(r, n, out);
+    else persistent_forward<double, false>(r, n, out);
   } else {
-    persistent ? persistent_forward<float>(r, n, out) : forward_loop<float>(r, n, out);
+    if (!persistent) forward_loop<float>(r, n, out);
+    else if (r.save) persistent_forward<float, true>(r, n, out);
+    else persistent_forward<float, false>(r, n, out);
   }
   return out;
 }

@@ -19,8 +19,8 @@ enum class Cell { kLSTM, kGRU };
 // zoneout_h (T, B, P) and an LSTM's zoneout_c (T, B, H): the share of each state unit a step
 // keeps from the step before (genfast/reference/rnn.py). A layer-normalized LSTM's norm_hh
 // (2, 4H) and norm_c (2, H): the weight and bias of LN_hh and LN_c, epsilon eps (LN_ih is
-// in x_proj already). Without save (inference), what the backward reads is kept for one step
-// only.
+// in x_proj already). Without save (inference), what the backward reads covers one step and
+// may be left unwritten.
 //
 // Or the loop projects the input itself (a cell: for a step or two, a product of its own per
 // step costs less than waking ATen's): input (T, B, I) and weight_ih (G*H, I) given, and x_proj

@@ -289,7 +289,7 @@ def _native_cell(cell: str, *tensors: Tensor | None) -> bool:
     100 for a GRU step). Anything else runs as a layer of one step."""
     input = tensors[0]
     return (
-        isinstance(input, Tensor) and input.device.type == "cpu" and input.dtype in (torch.float32, torch.float64)
+        isinstance(input, Tensor) and input.is_cpu and input.dtype in (torch.float32, torch.float64)
         and input.numel() > 0 and tensors[1].numel() > 0 and not torch.compiler.is_compiling()
         and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
         and resolve(f"{cell}_cell", input.device, _IMPLEMENTED, _UNPROVEN) == "cpu"
