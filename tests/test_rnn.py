@@ -173,16 +173,17 @@ CELL_SIZES = [  # (batch, input, hidden): the loop's two product kernels (tiles 
 def test_cell_inference(kind, bias, batch, input_size, hidden):
     """Where nothing needs a gradient, a cell's step is one call that projects the input in the
     loop's own products (an LSTM's gates summed in place, a GRU's n gate kept apart): float64
-    against torch's cells within 1e-10, float32 within 1e-5 of it, from a state and from none."""
+    against torch's cells within 1e-10, float32 within 1e-5 of it, from a state and from none,
+    the input and the states transposed views."""
     require("cpu")
     torch_class, genfast_class = {"lstm": (nn.LSTMCell, genfast.nn.LSTMCell), "gru": (nn.GRUCell, genfast.nn.GRUCell)}[kind]
     torch.manual_seed(0)
     reference = torch_class(input_size, hidden, bias=bias).double()
     fused = genfast_class(input_size, hidden, bias=bias).double()
     fused.load_state_dict(reference.state_dict())
-    x = torch.randn(batch, input_size, dtype=torch.float64)
-    state = torch.randn(batch, hidden, dtype=torch.float64)
-    hx = (state, torch.randn(batch, hidden, dtype=torch.float64)) if kind == "lstm" else state
+    x = torch.randn(input_size, batch, dtype=torch.float64).t()
+    state = torch.randn(hidden, batch, dtype=torch.float64).t()
+    hx = (state, torch.randn(hidden, batch, dtype=torch.float64).t()) if kind == "lstm" else state
     for dtype, tolerance in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
         fused.to(dtype)
         for given in (None, hx):

@@ -287,10 +287,11 @@ def _native_cell(cell: str, *tensors: Tensor | None) -> bool:
     or float64, where nothing needs a gradient. Its team of threads projects the input too, where
     the ATen product alone took longer than the whole step (at batch 16, hidden 256: 119 us against
     100 for a GRU step). Anything else runs as a layer of one step."""
-    input = tensors[0]
+    input, h = tensors[:2]
     return (
-        isinstance(input, Tensor) and input.is_cpu and input.dtype in (torch.float32, torch.float64)
-        and input.numel() > 0 and tensors[1].numel() > 0 and not torch.compiler.is_compiling()
+        all(t is None or isinstance(t, Tensor) for t in tensors)  # else the layer's checks say what is wrong
+        and input.is_cpu and input.dtype in (torch.float32, torch.float64)
+        and input.numel() > 0 and h.numel() > 0 and not torch.compiler.is_compiling()
         and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
         and resolve(f"{cell}_cell", input.device, _IMPLEMENTED, _UNPROVEN) == "cpu"
     )
