@@ -469,8 +469,8 @@ void persistent_forward(const Recurrence& r, const Shape& n, std::vector<at::Ten
     const bool tiled = !packed && B >= kTiledFromBatch;
     const int64_t columns = padded_columns<T>(B);
     std::vector<T> ht(tiled ? H * columns : 0), xt(tiled && input ? I * columns : 0), yt(tiled ? width * columns : 0);
-    // The products of the units [u0, u1) of the gates of weight (G H, K), in place, with the
-    // first rows of x (x^T in xt where tiled).
+    // unit_dots for the units [u0, u1) of weight (G H, K) and the first rows of x, G as a
+    // template argument.
     auto in_place_products = [&](const T* weight, int64_t K, const T* x, int64_t rows, int64_t u0, int64_t u1,
                                  const GateProducts<T>& into) {
       if (lstm) {
