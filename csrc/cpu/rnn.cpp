@@ -241,37 +241,33 @@ inline __attribute__((always_inline)) void column_block(const T* wt, int64_t ldw
 template <typename T>
 constexpr int64_t kColumnBlock = 8 * kVectorBytes / sizeof(T);
 
+// Rows of a panel that the tile products of six rows and more take at once: 64 rows of a
+// strip of columns (a cache line each) and 64 columns of h (256 bytes a row) stay in L1 while
+// every block of rows meets them. A strip read down all of P (32 KB at P = 512) went back to L2 for each
+// block of six rows, and its loads stalled the fastrnns LSTM's products a fifth behind MKL's.
+constexpr int64_t kPanelDepth = 64;
+
 // y (B, blocks * kColumnBlock, row stride ldy) = h (B, P) times the panels: each panel a
-// contiguous (P, kColumnBlock) block of columns, read front to back. From six rows on, strips of
-// two vectors meet six rows at a time (a strip's 2 loads feed 12 multiply-adds, as in
-// tile_matmul); fewer rows take the whole block at once.
+// contiguous (P, kColumnBlock) block of columns. From six rows on, tile_matmul's tiles take
+// the panel kPanelDepth rows at a time; fewer rows take the whole block at once.
 template <typename T>
 void row_products(const T* h, int64_t B, int64_t P, const T* panels, int64_t blocks, T* y, int64_t ldy) {
-  constexpr int64_t kBlock = kColumnBlock<T>, kHalf = kBlock / 2, kStrip = kBlock / 4;
+  constexpr int64_t kBlock = kColumnBlock<T>, kHalf = kBlock / 2;
   for (int64_t i = 0; i < blocks; ++i) {
     const T* panel = panels + i * P * kBlock;
     T* y_block = y + i * kBlock;
-    int64_t b = 0;
     if (B >= 6) {
-      for (int64_t s = 0; s < kBlock; s += kStrip) {
-        const T* strip = panel + s;
-        for (b = 0; b + 6 <= B; b += 6)
-          column_block<T, 6, 2>(strip, kBlock, h + b * P, P, P, y_block + b * ldy + s, ldy);
-        // The last rows together: one at a time, a strip's 2 loads fed 2 multiply-adds, and
-        // batch 64's last four cost an eighth of the step.
-        const T* rest = h + b * P;
-        T* y_rest = y_block + b * ldy + s;
-        switch (B - b) {
-          case 5: column_block<T, 5, 2>(strip, kBlock, rest, P, P, y_rest, ldy); break;
-          case 4: column_block<T, 4, 2>(strip, kBlock, rest, P, P, y_rest, ldy); break;
-          case 3: column_block<T, 3, 2>(strip, kBlock, rest, P, P, y_rest, ldy); break;
-          case 2: column_block<T, 2, 2>(strip, kBlock, rest, P, P, y_rest, ldy); break;
-          case 1: column_block<T, 1, 2>(strip, kBlock, rest, P, P, y_rest, ldy); break;
-          default: break;
+      for (int64_t k0 = 0; k0 < P; k0 += kPanelDepth) {
+        const int64_t depth = std::min(kPanelDepth, P - k0);
+        if (k0 == 0) {
+          tile_matmul<false>(B, kBlock, depth, h, P, 1, panel, kBlock, y_block, ldy);
+        } else {
+          tile_matmul<true>(B, kBlock, depth, h + k0, P, 1, panel + k0 * kBlock, kBlock, y_block, ldy);
         }
       }
       continue;
     }
+    int64_t b = 0;
     for (; b + 2 <= B; b += 2) {
       column_block<T, 2, 4>(panel, kBlock, h + b * P, P, P, y_block + b * ldy, ldy);
       column_block<T, 2, 4>(panel + kHalf, kBlock, h + b * P, P, P, y_block + b * ldy + kHalf, ldy);
