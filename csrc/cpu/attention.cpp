@@ -61,13 +61,20 @@ Rows<T*> mutable_rows_of(const at::Tensor& t) {
   return {t.mutable_data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)};
 }
 
+// The base of the scores' logarithms: the backward's are natural, the forward's binary, so
+// that its softmax takes exp2_fast (cheaper than exp_fast). A score in base 2 is its natural
+// value times log2(e): the scale, the softcap, ALiBi's slopes and an added mask take that
+// factor, and the forward's log-sum-exp goes back to natural units.
+enum class Logits { kNatural, kBinary };
+
 template <typename T>
 struct Problem {
   static constexpr T kMinusInf = -std::numeric_limits<T>::infinity();
 
   Rows<const T*> q, k, v;
   int64_t batch, heads, kv_heads, queries, keys, dim, value_dim;
-  T scale, softcap;
+  // units: 1, or log2(e) for binary logits; scale and softcap include it.
+  T units, scale, softcap;
   int64_t left, right;
   const bool* bool_mask = nullptr;
   const T* float_mask = nullptr;
@@ -80,7 +87,7 @@ struct Problem {
   uint32_t drop_threshold;
   T keep_scale;
 
-  Problem(const AttentionProblem& p, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_)
+  Problem(const AttentionProblem& p, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, Logits logits)
       : q(rows_of<T>(q_)),
         k(rows_of<T>(k_)),
         v(rows_of<T>(v_)),
@@ -91,8 +98,9 @@ struct Problem {
         keys(k_.size(2)),
         dim(q_.size(3)),
         value_dim(v_.size(3)),
-        scale(static_cast<T>(p.scale)),
-        softcap(static_cast<T>(p.softcap)),
+        units(logits == Logits::kBinary ? T(1.4426950408889634) : T(1)),
+        scale(static_cast<T>(p.scale) * units),
+        softcap(static_cast<T>(p.softcap) * units),
         left(p.window_left),
         right(p.window_right),
         seed(p.dropout_seed),
@@ -145,14 +153,14 @@ struct Problem {
   }
 
   // Turns the products s = (scale q_i) . k_j of queries [i0, i0 + m) and keys [j0, j0 + n) of
-  // head (b, h), in place, into the scores of genfast/reference/attention.py. The tile is
-  // query-major (s[r * lds + c], the backward's) or, with kKeyMajor, key-major (s[c * lds + r],
-  // the forward's); each loop runs along the contiguous lines. capped, where given, receives
-  // the softcapped scores (the backward's chain rule).
+  // head (b, h), in place, into the scores of genfast/reference/attention.py in the problem's
+  // units. The tile is query-major (s[r * lds + c], the backward's) or, with kKeyMajor,
+  // key-major (s[c * lds + r], the forward's); each loop runs along the contiguous lines.
+  // capped, where given, receives the softcapped scores (the backward's chain rule).
   template <bool kKeyMajor>
   void finish_scores(int64_t b, int64_t h, int64_t i0, int64_t m, int64_t j0, int64_t n, T* s, int64_t lds,
                      T* capped) const {
-    const T slope = slopes ? slopes[b * slope_stride[0] + h * slope_stride[1]] : T(0);
+    const T slope = slopes ? units * slopes[b * slope_stride[0] + h * slope_stride[1]] : T(0);
     const int64_t lines = kKeyMajor ? n : m, length = kKeyMajor ? m : n;
     // Along a line the distance i - j steps by +1 (key-major: the query grows) or -1.
     const int64_t step = kKeyMajor ? 1 : -1;
@@ -183,7 +191,7 @@ struct Problem {
         for (int64_t x = 0; x < length; ++x) line[x] = keep[x * mask_step] ? line[x] : kMinusInf;
       } else if (float_mask) {
         const T* add = float_mask + mask_offset;
-        for (int64_t x = 0; x < length; ++x) line[x] += add[x * mask_step];
+        for (int64_t x = 0; x < length; ++x) line[x] += units * add[x * mask_step];
       }
       // The distance is monotonic along the line: a line inside the band at both ends skips this.
       const int64_t distance_last = distance0 + step * (length - 1);
@@ -293,12 +301,13 @@ struct ForwardBlock {
       const T* src = acc.data() + r * dv_width;
 #pragma omp simd
       for (int64_t c = 0; c < p.value_dim; ++c) dst[c] = src[c] * inverse;
-      lse[r] = row_sum[r] > 0 ? row_max[r] + std::log(row_sum[r]) : Problem<T>::kMinusInf;
+      lse[r] = row_sum[r] > 0 ? row_max[r] / p.units + std::log(row_sum[r]) : Problem<T>::kMinusInf;
     }
   }
 
-  // The online softmax of queries [x0, x0 + kLanes) over a tile of n keys: the scores become
-  // exp(score - running max), the sums and maxima advance, and acc's rows are rescaled.
+  // The online softmax of queries [x0, x0 + kLanes) over a tile of n keys (binary logits): the
+  // scores become 2^(score - running max), the sums and maxima advance, and acc's rows are
+  // rescaled.
   void softmax_columns(int64_t x0, int64_t n, int64_t width) {
     T* tile = scores.data() + x0;
     T new_max[kLanes], base[kLanes], rescale[kLanes], sum[kLanes] = {};
@@ -312,13 +321,13 @@ struct ForwardBlock {
     for (int64_t x = 0; x < kLanes; ++x) {
       // Until a query sees a key its maximum is -inf: subtracting 0 keeps every exp at 0.
       base[x] = new_max[x] == Problem<T>::kMinusInf ? T(0) : new_max[x];
-      rescale[x] = exp_fast(row_max[x0 + x] - base[x]);
+      rescale[x] = exp2_fast(row_max[x0 + x] - base[x]);
       row_max[x0 + x] = new_max[x];
     }
     for (int64_t c = 0; c < n; ++c) {
 #pragma omp simd
       for (int64_t x = 0; x < kLanes; ++x) {
-        const T weight = exp_fast(tile[c * width + x] - base[x]);
+        const T weight = exp2_fast(tile[c * width + x] - base[x]);
         tile[c * width + x] = weight;
         sum[x] += weight;
       }
@@ -519,7 +528,7 @@ std::vector<at::Tensor> attention_forward(const AttentionProblem& problem) {
   const int64_t blocks = (S + kBlockQ - 1) / kBlockQ;
   dispatch_math_type(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    const Problem<T> p(problem, q, k, v);
+    const Problem<T> p(problem, q, k, v, Logits::kBinary);
     const Rows<T*> out_rows = mutable_rows_of<T>(out);
     T* lse_data = lse.mutable_data_ptr<T>();
     at::parallel_for(0, B * H * blocks, 1, [&](int64_t begin, int64_t end) {
@@ -546,7 +555,7 @@ std::vector<at::Tensor> attention_backward(const AttentionProblem& problem, cons
   const at::Tensor keys_t = blocked_transpose(k), values_t = blocked_transpose(v);
   dispatch_math_type(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    const Problem<T> p(problem, q, k, v);
+    const Problem<T> p(problem, q, k, v, Logits::kNatural);
     const Rows<T*> no_mask{nullptr, 0, 0, 0};
     at::parallel_for(0, B * kv_heads, 1, [&](int64_t begin, int64_t end) {
       BackwardHead<T> head(p, rows_of<T>(keys_t), rows_of<T>(values_t), rows_of<T>(out_math), rows_of<T>(dout_math), lse.const_data_ptr<T>(),
