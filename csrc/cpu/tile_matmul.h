@@ -78,8 +78,11 @@ inline __attribute__((always_inline)) void tile_rows(int64_t K, const T* a, int6
 // C = A B, or C += A B with kAccumulate. A (M x K) at a[i * a_row + k * a_col]; B (K x N) at
 // b[k * ldb + j]; C (M x N) at c[i * ldc + j]; N a multiple of kTileColumns<T>, and the
 // columns of B and C up to N allocated (zero padding is the caller's).
+//
+// Never inlined: inside attention's backward GCC gave the inlined tile too few registers, and
+// it moved half its accumulators through the stack on every step of K.
 template <bool kAccumulate, typename T>
-void tile_matmul(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb,
+__attribute__((noinline)) void tile_matmul(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb,
                  T* c, int64_t ldc) {
   constexpr int kRows = 6;
   for (int64_t j = 0; j < N; j += kTileColumns<T>) {
