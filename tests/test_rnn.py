@@ -290,9 +290,8 @@ def test_float64_matches_torch(kind, batch):
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 def test_persistent_loop_products(kind):
     """The persistent loop's products: with W_hh^T packed (5 steps), batches 6 to 11 take the
-    rows six at a time, then the remaining 0 to 5 together, each count its own kernel, and
-    hidden size 70 takes the panel in 64 rows and 6; with W_hh read in place (2 steps),
-    batches 11 to 17 cross over from unit_dots to tiles."""
+    rows six at a time, then the remaining 0 to 5 together, each count its own kernel; with
+    W_hh read in place (2 steps), batches 11 to 17 cross over from unit_dots to tiles."""
     require("cpu")
     reference, fused = (m.double() for m in twins(kind, dict(input_size=4, hidden_size=70)))
     generator = torch.Generator().manual_seed(5)

@@ -241,15 +241,10 @@ inline __attribute__((always_inline)) void column_block(const T* wt, int64_t ldw
 template <typename T>
 constexpr int64_t kColumnBlock = 8 * kVectorBytes / sizeof(T);
 
-// Rows of a panel that the tile products of six rows and more take at once: 64 rows of a
-// strip of columns (a cache line each) and 64 columns of h (256 bytes a row) stay in L1 while
-// every block of rows meets them. A strip read down all of P (32 KB at P = 512) went back to L2 for each
-// block of six rows, and its loads stalled the fastrnns LSTM's products a fifth behind MKL's.
-constexpr int64_t kPanelDepth = 64;
-
 // y (B, blocks * kColumnBlock, row stride ldy) = h (B, P) times the panels: each panel a
-// contiguous (P, kColumnBlock) block of columns. From six rows on, tile_matmul's tiles take
-// the panel kPanelDepth rows at a time; fewer rows take the whole block at once.
+// contiguous (P, kColumnBlock) block of columns, read front to back. From six rows on,
+// tile_matmul's tiles take it (a strip's 2 loads feed 12 multiply-adds); fewer rows take the
+// whole block at once.
 template <typename T>
 void row_products(const T* h, int64_t B, int64_t P, const T* panels, int64_t blocks, T* y, int64_t ldy) {
   constexpr int64_t kBlock = kColumnBlock<T>, kHalf = kBlock / 2;
@@ -257,14 +252,7 @@ void row_products(const T* h, int64_t B, int64_t P, const T* panels, int64_t blo
     const T* panel = panels + i * P * kBlock;
     T* y_block = y + i * kBlock;
     if (B >= 6) {
-      for (int64_t k0 = 0; k0 < P; k0 += kPanelDepth) {
-        const int64_t depth = std::min(kPanelDepth, P - k0);
-        if (k0 == 0) {
-          tile_matmul<false>(B, kBlock, depth, h, P, 1, panel, kBlock, y_block, ldy);
-        } else {
-          tile_matmul<true>(B, kBlock, depth, h + k0, P, 1, panel + k0 * kBlock, kBlock, y_block, ldy);
-        }
-      }
+      tile_matmul<false>(B, kBlock, P, h, P, 1, panel, kBlock, y_block, ldy);
       continue;
     }
     int64_t b = 0;
