@@ -82,8 +82,8 @@ inline __attribute__((always_inline)) void tile_rows(int64_t K, const T* a, int6
 // Never inlined: inside attention's backward GCC gave the inlined tile too few registers, and
 // it moved half its accumulators through the stack on every step of K.
 template <bool kAccumulate, typename T>
-__attribute__((noinline)) void tile_matmul(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb,
-                 T* c, int64_t ldc) {
+__attribute__((noinline)) void tile_matmul(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_row, int64_t a_col,
+                                           const T* b, int64_t ldb, T* c, int64_t ldc) {
   constexpr int kRows = 6;
   for (int64_t j = 0; j < N; j += kTileColumns<T>) {
     int64_t i = 0;
