@@ -20,6 +20,7 @@
 #include <cstddef>
 #include <cstdlib>
 #include <deque>
+#include <iterator>
 #include <mutex>
 #include <new>
 #include <type_traits>
@@ -47,15 +48,18 @@ class OutputCache {
     return *cache;
   }
 
-  // A 2 MB-aligned block of `bytes` (a multiple of kHugePage), reused when one is cached.
+  // A 2 MB-aligned block of `bytes` (a multiple of kHugePage), reused when one is cached: the
+  // one given back last, whose lines the cache most likely still holds. (Taking the oldest
+  // instead cycled a LayerNorm's outputs through 32 cached blocks, every store a miss to
+  // memory: 2.05 ms against 1.1 on a 300 MB-L3 Xeon.)
   void* take(size_t bytes) {
     {
       const std::lock_guard<std::mutex> lock(mutex_);
-      for (auto it = blocks_.begin(); it != blocks_.end(); ++it) {
+      for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it) {
         if (it->bytes == bytes) {
           void* block = it->ptr;
           cached_bytes_ -= bytes;
-          blocks_.erase(it);
+          blocks_.erase(std::next(it).base());
           return block;
         }
       }
