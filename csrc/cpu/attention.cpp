@@ -235,11 +235,11 @@ void scaled_queries(const Problem<T>& p, int64_t b, int64_t h, int64_t i0, int64
   }
 }
 
-// scale times queries [i0, i0 + m) of head (b, h), transposed into buffer (dim x
-// padded_columns(m), zero padded): the B operand of the forward's key-major score products.
+// scale times queries [i0, i0 + m) of head (b, h), transposed into buffer (dim x width, zero
+// padded): the B operand of the forward's key-major score products.
 template <typename T>
-void scaled_queries_transposed(const Problem<T>& p, int64_t b, int64_t h, int64_t i0, int64_t m, T* buffer) {
-  const int64_t width = padded_columns<T>(m);
+void scaled_queries_transposed(const Problem<T>& p, int64_t b, int64_t h, int64_t i0, int64_t m, int64_t width,
+                               T* buffer) {
   for (int64_t c = 0; c < p.dim; ++c) std::fill(buffer + c * width + m, buffer + (c + 1) * width, T(0));
   for (int64_t r = 0; r < m; ++r) {
     const T* src = p.q.at(b, h, i0 + r);
@@ -272,8 +272,9 @@ struct ForwardBlock {
 
   void run(int64_t b, int64_t h, int64_t i0, Rows<T*> out, T* lse) {
     const int64_t m = std::min(kBlockQ, p.queries - i0), kv_head = h / p.group();
-    const int64_t width = padded_columns<T>(m), dv_width = padded_columns<T>(p.value_dim);
-    scaled_queries_transposed(p, b, h, i0, m, queries.data());
+    // Whole strips of kLanes queries, the softmax's unit.
+    const int64_t width = (m + kLanes - 1) / kLanes * kLanes, dv_width = padded_columns<T>(p.value_dim);
+    scaled_queries_transposed(p, b, h, i0, m, width, queries.data());
     std::fill(acc.begin(), acc.begin() + m * dv_width, T(0));
     std::fill(row_max.begin(), row_max.end(), Problem<T>::kMinusInf);
     std::fill(row_sum.begin(), row_sum.end(), T(0));

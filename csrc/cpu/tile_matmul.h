@@ -3,10 +3,12 @@
 //
 // Each step of the inner loop broadcasts one element of A per row and multiplies it into
 // two vectors of B's row, so A is read through any pair of strides (a transposed operand
-// costs nothing), while B and C need unit column stride and N a multiple of kTileColumns.
+// costs nothing), while B and C need unit column stride and N a multiple of a vector.
 // Six rows by two vectors keep 12 accumulators in registers: on a 2-core AVX2 EPYC this
 // runs attention's 64 x 64 x 64 products at 83-85 GFLOP/s per core (MKL's 2048^3: 86-90),
 // where a plain triple loop that GCC auto-vectorises ran at 2 (its accumulators spilled).
+// A last strip one vector wide takes twelve rows by one vector: padding it to two would
+// waste half of a 16-column product's work with AVX-512 (an LSTM cell's batch of 16).
 #pragma once
 
 #include <cstdint>
@@ -21,12 +23,16 @@ inline constexpr int kVectorBytes = 32;
 #endif
 
 template <typename T>
-inline constexpr int64_t kTileColumns = 2 * kVectorBytes / sizeof(T);
+inline constexpr int64_t kVectorLanes = kVectorBytes / sizeof(T);
 
-// n rounded up to a multiple of kTileColumns<T>: the row length of a B or C buffer.
+// The columns of a full strip: two vectors.
+template <typename T>
+inline constexpr int64_t kTileColumns = 2 * kVectorLanes<T>;
+
+// n rounded up to a multiple of a vector: the row length of a B or C buffer.
 template <typename T>
 constexpr int64_t padded_columns(int64_t n) {
-  return (n + kTileColumns<T> - 1) / kTileColumns<T> * kTileColumns<T>;
+  return (n + kVectorLanes<T> - 1) / kVectorLanes<T> * kVectorLanes<T>;
 }
 
 // A typedef in a class template: GCC drops vector_size from a dependent alias template.
@@ -40,17 +46,17 @@ using Vector = typename VectorOf<T>::type;
 
 namespace detail {
 
-template <int kRows, bool kAccumulate, typename T>
+template <int kRows, int kVectors, bool kAccumulate, typename T>
 inline __attribute__((always_inline)) void tile_rows(int64_t K, const T* a, int64_t a_row, int64_t a_col, const T* b,
                                                      int64_t ldb, T* c, int64_t ldc) {
-  constexpr int kLanes = kVectorBytes / sizeof(T);
-  Vector<T> acc[kRows][2];
+  constexpr int kLanes = kVectorLanes<T>;
+  Vector<T> acc[kRows][kVectors];
   // Unrolled by hand: GCC left the loops over the tile rolled, which put the accumulators on
   // the stack and moved each through it in 16-byte halves on the way in and out.
-#pragma GCC unroll 6
+#pragma GCC unroll 12
   for (int i = 0; i < kRows; ++i)
 #pragma GCC unroll 2
-    for (int v = 0; v < 2; ++v) {
+    for (int v = 0; v < kVectors; ++v) {
       if constexpr (kAccumulate) {
         std::memcpy(&acc[i][v], c + i * ldc + v * kLanes, sizeof(Vector<T>));
       } else {
@@ -58,25 +64,52 @@ inline __attribute__((always_inline)) void tile_rows(int64_t K, const T* a, int6
       }
     }
   for (int64_t k = 0; k < K; ++k) {
-    Vector<T> row[2];
-    std::memcpy(&row[0], b + k * ldb, sizeof(Vector<T>));
-    std::memcpy(&row[1], b + k * ldb + kLanes, sizeof(Vector<T>));
+    Vector<T> row[kVectors];
+#pragma GCC unroll 2
+    for (int v = 0; v < kVectors; ++v) std::memcpy(&row[v], b + k * ldb + v * kLanes, sizeof(Vector<T>));
+#pragma GCC unroll 12
     for (int i = 0; i < kRows; ++i) {
       const T ai = a[i * a_row + k * a_col];
-      acc[i][0] += ai * row[0];
-      acc[i][1] += ai * row[1];
+#pragma GCC unroll 2
+      for (int v = 0; v < kVectors; ++v) acc[i][v] += ai * row[v];
     }
   }
-#pragma GCC unroll 6
+#pragma GCC unroll 12
   for (int i = 0; i < kRows; ++i)
 #pragma GCC unroll 2
-    for (int v = 0; v < 2; ++v) std::memcpy(c + i * ldc + v * kLanes, &acc[i][v], sizeof(Vector<T>));
+    for (int v = 0; v < kVectors; ++v) std::memcpy(c + i * ldc + v * kLanes, &acc[i][v], sizeof(Vector<T>));
+}
+
+// C's columns [j, j + kVectors vectors) for all M rows: kRows at a time, then the rest.
+template <int kRows, int kVectors, bool kAccumulate, typename T>
+inline __attribute__((always_inline)) void tile_strip(int64_t M, int64_t K, const T* a, int64_t a_row, int64_t a_col,
+                                                      const T* b, int64_t ldb, T* c, int64_t ldc) {
+  int64_t i = 0;
+  for (; i + kRows <= M; i += kRows)
+    tile_rows<kRows, kVectors, kAccumulate>(K, a + i * a_row, a_row, a_col, b, ldb, c + i * ldc, ldc);
+  const T* a_rest = a + i * a_row;
+  T* c_rest = c + i * ldc;
+  // The rest in one tile, or two past six rows: six, then what remains.
+  if constexpr (kRows > 6) {
+    if (M - i >= 6) {
+      tile_rows<6, kVectors, kAccumulate>(K, a_rest, a_row, a_col, b, ldb, c_rest, ldc);
+      i += 6, a_rest += 6 * a_row, c_rest += 6 * ldc;
+    }
+  }
+  switch (M - i) {
+    case 5: tile_rows<5, kVectors, kAccumulate>(K, a_rest, a_row, a_col, b, ldb, c_rest, ldc); break;
+    case 4: tile_rows<4, kVectors, kAccumulate>(K, a_rest, a_row, a_col, b, ldb, c_rest, ldc); break;
+    case 3: tile_rows<3, kVectors, kAccumulate>(K, a_rest, a_row, a_col, b, ldb, c_rest, ldc); break;
+    case 2: tile_rows<2, kVectors, kAccumulate>(K, a_rest, a_row, a_col, b, ldb, c_rest, ldc); break;
+    case 1: tile_rows<1, kVectors, kAccumulate>(K, a_rest, a_row, a_col, b, ldb, c_rest, ldc); break;
+    default: break;
+  }
 }
 
 }  // namespace detail
 
 // C = A B, or C += A B with kAccumulate. A (M x K) at a[i * a_row + k * a_col]; B (K x N) at
-// b[k * ldb + j]; C (M x N) at c[i * ldc + j]; N a multiple of kTileColumns<T>, and the
+// b[k * ldb + j]; C (M x N) at c[i * ldc + j]; N a multiple of kVectorLanes<T>, and the
 // columns of B and C up to N allocated (zero padding is the caller's).
 //
 // Never inlined: inside attention's backward GCC gave the inlined tile too few registers, and
@@ -84,22 +117,10 @@ inline __attribute__((always_inline)) void tile_rows(int64_t K, const T* a, int6
 template <bool kAccumulate, typename T>
 __attribute__((noinline)) void tile_matmul(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_row, int64_t a_col,
                                            const T* b, int64_t ldb, T* c, int64_t ldc) {
-  constexpr int kRows = 6;
-  for (int64_t j = 0; j < N; j += kTileColumns<T>) {
-    int64_t i = 0;
-    for (; i + kRows <= M; i += kRows)
-      detail::tile_rows<kRows, kAccumulate>(K, a + i * a_row, a_row, a_col, b + j, ldb, c + i * ldc + j, ldc);
-    const T* a_rest = a + i * a_row;
-    T* c_rest = c + i * ldc + j;
-    switch (M - i) {
-      case 5: detail::tile_rows<5, kAccumulate>(K, a_rest, a_row, a_col, b + j, ldb, c_rest, ldc); break;
-      case 4: detail::tile_rows<4, kAccumulate>(K, a_rest, a_row, a_col, b + j, ldb, c_rest, ldc); break;
-      case 3: detail::tile_rows<3, kAccumulate>(K, a_rest, a_row, a_col, b + j, ldb, c_rest, ldc); break;
-      case 2: detail::tile_rows<2, kAccumulate>(K, a_rest, a_row, a_col, b + j, ldb, c_rest, ldc); break;
-      case 1: detail::tile_rows<1, kAccumulate>(K, a_rest, a_row, a_col, b + j, ldb, c_rest, ldc); break;
-      default: break;
-    }
-  }
+  int64_t j = 0;
+  for (; j + kTileColumns<T> <= N; j += kTileColumns<T>)
+    detail::tile_strip<6, 2, kAccumulate>(M, K, a, a_row, a_col, b + j, ldb, c + j, ldc);
+  if (j < N) detail::tile_strip<12, 1, kAccumulate>(M, K, a, a_row, a_col, b + j, ldb, c + j, ldc);
 }
 
 }  // namespace genfast::cpu
