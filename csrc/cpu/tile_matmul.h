@@ -7,7 +7,7 @@
 // Six rows by two vectors keep 12 accumulators in registers: on a 2-core AVX2 EPYC this
 // runs attention's 64 x 64 x 64 products at 83-85 GFLOP/s per core (MKL's 2048^3: 86-90),
 // where a plain triple loop that GCC auto-vectorises ran at 2 (its accumulators spilled).
-// A last strip one vector wide takes twelve rows by one vector: padding it to two would
+// A last strip one vector wide takes eight rows by one vector: padding it to two would
 // waste half of a 16-column product's work with AVX-512 (an LSTM cell's batch of 16).
 #pragma once
 
@@ -120,7 +120,7 @@ __attribute__((noinline)) void tile_matmul(int64_t M, int64_t N, int64_t K, cons
   int64_t j = 0;
   for (; j + kTileColumns<T> <= N; j += kTileColumns<T>)
     detail::tile_strip<6, 2, kAccumulate>(M, K, a, a_row, a_col, b + j, ldb, c + j, ldc);
-  if (j < N) detail::tile_strip<12, 1, kAccumulate>(M, K, a, a_row, a_col, b + j, ldb, c + j, ldc);
+  if (j < N) detail::tile_strip<8, 1, kAccumulate>(M, K, a, a_row, a_col, b + j, ldb, c + j, ldc);
 }
 
 }  // namespace genfast::cpu
