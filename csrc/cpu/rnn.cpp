@@ -312,9 +312,7 @@ void unit_dots(const T* w, int64_t H, int64_t P, const T* h, int64_t rows, int64
       }
 #pragma GCC unroll 4
       for (int g = 0; g < G; ++g) {
-        const Vector<T> both = acc[g][0] + acc[g][1];
-        T sum = 0;
-        for (int64_t lane = 0; lane < kLanes; ++lane) sum += both[lane];
+        T sum = sum_lanes<T>(acc[g][0] + acc[g][1]);
         for (int64_t rest = k; rest < P; ++rest) sum += w[(g * H + j) * P + rest] * hb[rest];
         into.store(g, b, j - j0, sum);
       }

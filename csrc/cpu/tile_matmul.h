@@ -44,6 +44,26 @@ struct VectorOf {
 template <typename T>
 using Vector = typename VectorOf<T>::type;
 
+template <typename T, int kBytes>
+struct VectorOfBytes {
+  typedef T type __attribute__((vector_size(kBytes)));
+};
+
+// The sum of a vector's lanes as a pairwise tree, the vector halved at each step: summed lane
+// after lane, GCC kept the order, a chain of dependent scalar adds (with AVX-512, half of a
+// streaming LSTM's dot products).
+template <typename T, int kBytes = kVectorBytes>
+inline T sum_lanes(typename VectorOfBytes<T, kBytes>::type v) {
+  if constexpr (kBytes == 2 * sizeof(T)) {
+    return v[0] + v[1];
+  } else {
+    typename VectorOfBytes<T, kBytes / 2>::type low, high;
+    std::memcpy(&low, &v, kBytes / 2);
+    std::memcpy(&high, reinterpret_cast<const char*>(&v) + kBytes / 2, kBytes / 2);
+    return sum_lanes<T, kBytes / 2>(low + high);
+  }
+}
+
 namespace detail {
 
 template <int kRows, int kVectors, bool kAccumulate, typename T>
