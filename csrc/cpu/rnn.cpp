@@ -372,7 +372,7 @@ constexpr int64_t kPersistentBatch = 64;
 // batch 8, where a strip of 16 batch rows is half padding, unit_dots was faster.
 constexpr int64_t kTiledFromBatch = 12;
 
-// Units per share of a short sequence's step, which threads take as they come free.
+// Units per share of a short sequence's step, ShareDealer's unit of work.
 constexpr int64_t kUnitsPerShare = 32;
 
 // Shares of each step's units for a team of threads. Thread i owns the i-th contiguous range of
