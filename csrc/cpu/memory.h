@@ -132,6 +132,13 @@ inline void store_streaming(float* dst, const float* src, int64_t n) {
   for (; i < n; ++i) dst[i] = src[i];
 }
 
+// Asks for the cache lines of values [0, n) of `values` without waiting for them.
+template <typename T>
+void prefetch(const T* values, int64_t n) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int64_t i = 0; i < n; i += kLine) __builtin_prefetch(values + i);
+}
+
 // Writes n results computed in float (or double): float outputs stream past the cache, the others
 // convert as they store.
 template <typename T, typename acc_t>
