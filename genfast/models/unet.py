@@ -3,8 +3,8 @@ from genfast's from the same weights, and its sampling loop.
 
 The two builds share one module tree and state_dict; the genfast one runs
 GroupNorm+SiLU as one kernel (genfast.nn.GroupNorm), the timestep embedding
-as one kernel, and guidance inside the scheduler's fused step. Everything
-else (convolutions, attention) is torch in both.
+as one kernel, attention with genfast.ops.scaled_dot_product_attention, and
+guidance inside the scheduler's fused step. Convolutions are torch in both.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ class SelfAttention(nn.Module):
     def __init__(self, channels: int, heads: int, groups: int, fused: bool):
         super().__init__()
         self.heads = heads
+        self.attend = ops.scaled_dot_product_attention if fused else F.scaled_dot_product_attention
         self.norm = _norm(channels, groups, fused, silu=False)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.out = nn.Conv2d(channels, channels, 1)
@@ -63,7 +64,7 @@ class SelfAttention(nn.Module):
         batch, channels, height, width = x.shape
         qkv = self.qkv(self.norm(x)).reshape(batch, 3, self.heads, channels // self.heads, height * width)
         q, k, v = qkv.transpose(-1, -2).unbind(1)  # (batch, heads, pixels, head_dim) each
-        attended = F.scaled_dot_product_attention(q, k, v)
+        attended = self.attend(q, k, v)
         return x + self.out(attended.transpose(-1, -2).reshape(batch, channels, height, width))
 
 
