@@ -429,6 +429,19 @@ def test_fused_noise_statistics(backend):
     assert relative_error(noise, reference) <= 1e-5
 
 
+@pytest.mark.parametrize("backend", STEP_BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 1, 5, 7), (2, 3, 37, 41)], ids=str)
+def test_fused_noise_odd_sizes(backend, shape):
+    """Samples whose sizes are not multiples of Philox's four lanes start and end tiles inside a
+    block: the noise is still the reference's philox_normal, element for element."""
+    device = require(backend)
+    sample = torch.zeros(shape, device=device)
+    with genfast.use_backend(backend):
+        noise, _ = genfast.ops.denoise_step(sample, sample, StepCoefficients(prev_noise=1.0), noise_seed=12345,
+                                            return_denoised=False)
+    assert relative_error(noise, philox_normal(12345, shape, device, torch.float64)) <= 1e-5
+
+
 def test_fused_noise_bad_input():
     sample = torch.zeros(2, 3, 4)
     with pytest.raises(ValueError, match="noise or noise_seed, not both"):
