@@ -19,6 +19,7 @@ from . import nn as genfast_nn
 
 # torch class -> (genfast class, attributes the genfast class adds, with their torch-equivalent value)
 _SWAPS: dict[type[nn.Module], tuple[type[nn.Module], dict[str, object]]] = {
+    nn.Conv2d: (genfast_nn.Conv2d, {}),
     nn.GroupNorm: (genfast_nn.GroupNorm, {"activation": None}),
     nn.LayerNorm: (genfast_nn.LayerNorm, {}),
     nn.RMSNorm: (genfast_nn.RMSNorm, {}),

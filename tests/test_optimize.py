@@ -51,7 +51,8 @@ def test_swaps_in_place_and_keeps_outputs_and_gradients():
     swapped = genfast.optimize(model)
 
     assert swapped == {
-        "group_norm": nn.GroupNorm, "act": nn.SiLU, "mlp.0": nn.LayerNorm, "mlp.2": nn.GELU, "rms": nn.RMSNorm,
+        "conv": nn.Conv2d, "group_norm": nn.GroupNorm, "act": nn.SiLU, "mlp.0": nn.LayerNorm, "mlp.2": nn.GELU,
+        "rms": nn.RMSNorm,
     }
     assert type(model.mlp[0]) is genfast.nn.LayerNorm and model.mlp[0] is layer_norm and model.shared is layer_norm
     assert type(model.custom) is _CustomNorm

@@ -2,9 +2,10 @@
 from genfast's from the same weights, and its sampling loop.
 
 The two builds share one module tree and state_dict; the genfast one runs
-GroupNorm+SiLU as one kernel (genfast.nn.GroupNorm), the timestep embedding
-as one kernel, attention with genfast.ops.scaled_dot_product_attention, and
-guidance inside the scheduler's fused step. Convolutions are torch in both.
+GroupNorm+SiLU as one kernel (genfast.nn.GroupNorm), its 3x3 convolutions by
+Winograd's algorithm (genfast.nn.Conv2d), the timestep embedding as one kernel,
+attention with genfast.ops.scaled_dot_product_attention, and guidance inside
+the scheduler's fused step.
 """
 
 from __future__ import annotations
@@ -32,17 +33,21 @@ def _norm(channels: int, groups: int, fused: bool, silu: bool) -> nn.GroupNorm:
     return GroupNormSiLU(groups, channels) if silu else nn.GroupNorm(groups, channels)
 
 
+def _conv(in_channels: int, out_channels: int, kernel_size: int, fused: bool, **kwargs) -> nn.Conv2d:
+    return (genfast_nn.Conv2d if fused else nn.Conv2d)(in_channels, out_channels, kernel_size, **kwargs)
+
+
 class ResBlock(nn.Module):
     """GroupNorm+SiLU, conv, plus the embedding's projection, GroupNorm+SiLU, conv, plus the skip."""
 
     def __init__(self, in_channels: int, out_channels: int, embedding_dim: int, groups: int, fused: bool):
         super().__init__()
         self.norm1 = _norm(in_channels, groups, fused, silu=True)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = _conv(in_channels, out_channels, 3, fused, padding=1)
         self.embedding = nn.Linear(embedding_dim, out_channels)
         self.norm2 = _norm(out_channels, groups, fused, silu=True)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        self.conv2 = _conv(out_channels, out_channels, 3, fused, padding=1)
+        self.skip = _conv(in_channels, out_channels, 1, fused) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: Tensor, embedding: Tensor) -> Tensor:
         h = self.conv1(self.norm1(x)) + self.embedding(embedding)[:, :, None, None]
@@ -57,8 +62,8 @@ class SelfAttention(nn.Module):
         self.heads = heads
         self.attend = ops.scaled_dot_product_attention if fused else F.scaled_dot_product_attention
         self.norm = _norm(channels, groups, fused, silu=False)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.out = nn.Conv2d(channels, channels, 1)
+        self.qkv = _conv(channels, 3 * channels, 1, fused)
+        self.out = _conv(channels, channels, 1, fused)
 
     def forward(self, x: Tensor) -> Tensor:
         batch, channels, height, width = x.shape
@@ -94,7 +99,7 @@ class UNet(nn.Module):
             nn.Linear(channels[0], embedding_dim), nn.SiLU(), nn.Linear(embedding_dim, embedding_dim)
         )
         self.class_embedding = nn.Embedding(num_classes + 1, embedding_dim)
-        self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
+        self.conv_in = _conv(in_channels, channels[0], 3, fused, padding=1)
 
         def level(in_ch: int, out_ch: int, index: int) -> nn.ModuleList:
             attention = SelfAttention(out_ch, heads, groups, fused) if index in attention_levels else nn.Identity()
@@ -106,7 +111,7 @@ class UNet(nn.Module):
         for index, width in enumerate(channels):
             self.down.append(level(previous, width, index))
             if index < len(channels) - 1:
-                self.downsample.append(nn.Conv2d(width, width, 3, stride=2, padding=1))
+                self.downsample.append(_conv(width, width, 3, fused, stride=2, padding=1))
             previous = width
         self.middle = nn.ModuleList([
             ResBlock(previous, previous, embedding_dim, groups, fused),
@@ -118,10 +123,10 @@ class UNet(nn.Module):
         for index in reversed(range(len(channels))):
             self.up.append(level(previous + channels[index], channels[index], index))
             if index > 0:
-                self.upsample.append(nn.Conv2d(channels[index], channels[index - 1], 3, padding=1))
+                self.upsample.append(_conv(channels[index], channels[index - 1], 3, fused, padding=1))
                 previous = channels[index - 1]
         self.norm_out = _norm(channels[0], groups, fused, silu=True)
-        self.conv_out = nn.Conv2d(channels[0], in_channels, 3, padding=1)
+        self.conv_out = _conv(channels[0], in_channels, 3, fused, padding=1)
 
     def _embed(self, timesteps: Tensor, class_labels: Tensor) -> Tensor:
         args = (timesteps, self.frequency_dim, True, 0)  # diffusers' Stable Diffusion settings

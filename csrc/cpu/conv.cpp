@@ -1,0 +1,318 @@
+// 3x3 convolutions with stride 1 by Winograd's minimal filtering F(2x2, 3x3) (Lavin and Gray,
+// "Fast Algorithms for Convolutional Neural Networks", 2015).
+//
+// Each 2x2 block of outputs comes from a 4x4 tile of input: transformed (V = B^T d B), the tile
+// and the transformed filter (U = G g G^T) multiply elementwise, summed over input channels, and
+// the 4x4 product transforms back (Y = A^T M A). Summed over channels, the elementwise product is
+// 16 matrix products, one per tile position: M[p] (tiles x K) = V[p] (tiles x C) U[p] (C x K).
+// That is 16 multiplies per input-output channel pair and output block where direct convolution
+// takes 36, and the products run at the matrix-product rate of the machine, as oneDNN's direct
+// convolutions do not at the small images of a latent U-Net (140-250 GFLOP/s on a 2-core Xeon
+// whose matrix products reach 300).
+//
+// F(2x2, 3x3) and not the larger tiles: F(4x4, 3x3) takes 4 multiplies per 1 instead of 2.25,
+// but its transforms' coefficients (up to 8 and 1/24) cost accuracy. Against a float64
+// reference its float32 error was 15 to 35 times ATen's; F(2x2, 3x3)'s is 1 to 2 times.
+//
+// Small filters: tiles go in blocks that stay in L2. One parallel task transforms a block's
+// input, takes its 16 products (tile_matmul.h), and transforms them straight into the output,
+// so the transformed data (16/4 times the input's size) never goes to memory. Apart, through
+// ATen's bmm, the three steps ran a 4 x 32 x 32 x 32 image no faster than oneDNN (270 against
+// 300 us): V and M, 2 MB each, went to L3 and back at 64 flops per value.
+//
+// Large filters: the three steps apart, the products by ATen's batched matrix product (MKL).
+// There a tile's transformed input is too large for a block of them to share the filters in
+// cache (40 KB at 640 channels): fused, Stable Diffusion's 640-channel convolution ran at half
+// the matrix-product rate, while each value of V and M now meets hundreds of flops.
+//
+// The input is read channels-last, (N, H, W, C), so each transform runs over channels in vector
+// lanes; a channels-first input is transposed to that layout first, and the output back.
+
+#include "conv.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <vector>
+
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
+
+#include "tile_matmul.h"
+
+namespace genfast::cpu {
+namespace {
+
+using at::Tensor;
+
+// The bytes a block's transformed input and products may take: half of a 512 KB L2.
+constexpr int64_t kBlockBytes = 256 << 10;
+// The bytes of transformed filters one task multiplies by: a filter chunk stays in L2 across the
+// blocks of tiles a thread takes, rather than stream from L3 once per block.
+constexpr int64_t kFilterBytes = 512 << 10;
+// The largest transformed filters that take the fused blocks; larger ones go through ATen's bmm.
+constexpr int64_t kFusedFilterBytes = 1 << 20;
+constexpr int64_t kTileRows = 6;  // tile_matmul's rows per register tile
+
+struct TileGrid {
+  int64_t N, H, W, C, K, pad_h, pad_w;
+  int64_t out_h() const { return H + 2 * pad_h - 2; }
+  int64_t out_w() const { return W + 2 * pad_w - 2; }
+  int64_t rows() const { return (out_h() + 1) / 2; }
+  int64_t cols() const { return (out_w() + 1) / 2; }
+  int64_t tiles() const { return N * rows() * cols(); }
+  int64_t padded_k() const { return padded_columns<float>(K); }
+};
+
+inline bool fused_products(int64_t C, int64_t Kp) { return 16 * C * Kp * int64_t(sizeof(float)) <= kFusedFilterBytes; }
+
+// Where filter column k of row c sits in one position's transformed filters (C x Kp). For the
+// fused blocks: in panels of tile_matmul's strip width, each panel's rows contiguous, so a strip
+// of products streams its filters from one run of memory (from rows 512 B apart, at 128
+// channels, the loads of the filters took 40% of the time). For bmm: row-major.
+inline int64_t filter_offset(int64_t c, int64_t k, int64_t C, int64_t Kp) {
+  if (!fused_products(C, Kp)) return c * Kp + k;
+  const int64_t start = k / kTileColumns<float> * kTileColumns<float>;
+  const int64_t width = std::min(kTileColumns<float>, Kp - start);
+  return start * C + c * width + (k - start);
+}
+
+// How the work splits into tasks: blocks of tiles times chunks of output channels.
+struct Schedule {
+  int64_t block, blocks, k_chunk, k_chunks;
+
+  // Large filters split into up to a chunk per thread (each chunk's tasks are consecutive, so a
+  // thread keeps its chunk in cache); blocks as large as fit kBlockBytes, but at least four
+  // tasks per thread, so the threads finish together; a multiple of tile_matmul's rows.
+  explicit Schedule(const TileGrid& g) {
+    const int64_t threads = at::get_num_threads(), Kp = g.padded_k();
+    const int64_t filter_bytes = 16 * g.C * Kp * int64_t(sizeof(float));
+    k_chunks = std::clamp<int64_t>(filter_bytes / kFilterBytes, 1, threads);
+    constexpr int64_t strip = kTileColumns<float>;
+    k_chunk = std::min(Kp, ((Kp + k_chunks - 1) / k_chunks + strip - 1) / strip * strip);
+    k_chunks = (Kp + k_chunk - 1) / k_chunk;
+    const int64_t fit = kBlockBytes / (16 * int64_t(sizeof(float)) * (g.C + k_chunk));
+    const int64_t share = (g.tiles() * k_chunks + 4 * threads - 1) / (4 * threads);
+    block = std::max<int64_t>(kTileRows, std::min(fit, share) / kTileRows * kTileRows);
+    blocks = (g.tiles() + block - 1) / block;
+  }
+};
+
+#ifdef __AVX__
+// The 8x8 block at src (rows lds apart) transposed into dst (rows ldd apart), in registers.
+inline void transpose_8x8(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m256 r[8], pairs[8], quads[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+  for (int i = 0; i < 8; i += 2) {  // interleave rows i and i + 1
+    pairs[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    pairs[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4)  // then pairs of pairs: columns within each 128-bit half
+    for (int j = 0; j < 2; ++j) {
+      quads[i + 2 * j] = _mm256_shuffle_ps(pairs[i + j], pairs[i + j + 2], _MM_SHUFFLE(1, 0, 1, 0));
+      quads[i + 2 * j + 1] = _mm256_shuffle_ps(pairs[i + j], pairs[i + j + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+  for (int i = 0; i < 4; ++i) {  // then the halves: rows 0-3 with rows 4-7
+    _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(quads[i], quads[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(quads[i], quads[i + 4], 0x31));
+  }
+}
+#endif
+
+// dst (N, cols, rows) = src (N, rows, cols) transposed: a channels-first image to channels-last
+// (rows = channels, cols = pixels) or back. Through ATen's layout conversion it ran at an eighth
+// of a copy's speed (177 us for a 4 x 64 x 32 x 32 image, where a copy takes 23).
+void transpose_batched(const float* src, float* dst, int64_t N, int64_t rows, int64_t cols) {
+  constexpr int64_t kBlock = 8;
+  const int64_t row_blocks = (rows + kBlock - 1) / kBlock;
+  at::parallel_for(0, N * row_blocks, std::max<int64_t>(1, 4096 / cols), [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / row_blocks, r0 = task % row_blocks * kBlock, r1 = std::min(rows, r0 + kBlock);
+      const float* in = src + n * rows * cols;
+      float* out = dst + n * rows * cols;
+      int64_t c0 = 0;
+#ifdef __AVX__
+      if (r1 - r0 == kBlock)
+        for (; c0 + kBlock <= cols; c0 += kBlock) transpose_8x8(in + r0 * cols + c0, cols, out + c0 * rows + r0, rows);
+#endif
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t c = c0; c < cols; ++c) out[c * rows + r] = in[r * cols + c];
+    }
+  });
+}
+
+// v[p * plane + c] = (B^T d B)[p] of tile t, with B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1].
+// Reads the tile's 4x4 pixels of x (N, H, W, C); pixels in the padding read `zeros` (C of them).
+void transform_input_tile(const float* x, const float* zeros, const TileGrid& g, int64_t t, float* v,
+                          int64_t plane) {
+  const int64_t n = t / (g.rows() * g.cols()), ty = t / g.cols() % g.rows(), tx = t % g.cols();
+  const float* d[4][4];
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j) {
+      const int64_t y = 2 * ty - g.pad_h + i, xx = 2 * tx - g.pad_w + j;
+      const bool inside = y >= 0 && y < g.H && xx >= 0 && xx < g.W;
+      d[i][j] = inside ? x + ((n * g.H + y) * g.W + xx) * g.C : zeros;
+    }
+#pragma omp simd
+  for (int64_t c = 0; c < g.C; ++c) {
+    float r[4][4];  // B^T d: combinations of the tile's rows
+    for (int j = 0; j < 4; ++j) {
+      r[0][j] = d[0][j][c] - d[2][j][c];
+      r[1][j] = d[1][j][c] + d[2][j][c];
+      r[2][j] = d[2][j][c] - d[1][j][c];
+      r[3][j] = d[1][j][c] - d[3][j][c];
+    }
+    for (int i = 0; i < 4; ++i) {  // (B^T d) B: the same combinations of its columns
+      v[(4 * i + 0) * plane + c] = r[i][0] - r[i][2];
+      v[(4 * i + 1) * plane + c] = r[i][1] + r[i][2];
+      v[(4 * i + 2) * plane + c] = r[i][2] - r[i][1];
+      v[(4 * i + 3) * plane + c] = r[i][1] - r[i][3];
+    }
+  }
+}
+
+// Tile t's 2x2 outputs A^T M A + bias for g.K channels, with A^T = [1 1 1 0; 0 1 -1 -1], from
+// m[p * plane + k]; written to y (N, out_h, out_w, pixel_stride), the outputs past the image's
+// edge to `discard` (g.K floats).
+void transform_output_tile(const float* m, int64_t plane, const float* bias, float* y, float* discard,
+                           const TileGrid& g, int64_t pixel_stride, int64_t t) {
+  const int64_t n = t / (g.rows() * g.cols()), ty = t / g.cols() % g.rows(), tx = t % g.cols();
+  float* out[2][2];
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j) {
+      const int64_t oy = 2 * ty + i, ox = 2 * tx + j;
+      out[i][j] = oy < g.out_h() && ox < g.out_w() ? y + ((n * g.out_h() + oy) * g.out_w() + ox) * pixel_stride
+                                                   : discard;
+    }
+#pragma omp simd
+  for (int64_t k = 0; k < g.K; ++k) {
+    float r[2][4];  // A^T M
+    for (int j = 0; j < 4; ++j) {
+      const float m0 = m[j * plane + k], m1 = m[(4 + j) * plane + k], m2 = m[(8 + j) * plane + k],
+                  m3 = m[(12 + j) * plane + k];
+      r[0][j] = m0 + m1 + m2;
+      r[1][j] = m1 - m2 - m3;
+    }
+    const float b = bias ? bias[k] : 0.0f;
+    for (int i = 0; i < 2; ++i) {
+      out[i][0][k] = r[i][0] + r[i][1] + r[i][2] + b;
+      out[i][1][k] = r[i][1] - r[i][2] - r[i][3] + b;
+    }
+  }
+}
+
+// The convolution of x (N, H, W, C) into y (N, out_h, out_w, K) by fused blocks, task by task.
+void convolve_blocks(const float* x, const float* U, const float* bias, float* y, const TileGrid& g) {
+  const Schedule s(g);
+  const int64_t T = g.tiles(), C = g.C, Kp = g.padded_k();
+  at::parallel_for(0, s.blocks * s.k_chunks, 1, [&](int64_t begin, int64_t end) {
+    const std::vector<float> zeros(C, 0.0f);
+    std::vector<float> V(16 * s.block * C), M(16 * s.block * s.k_chunk), discard(g.K);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t first = task % s.blocks * s.block, count = std::min(s.block, T - first);
+      const int64_t k0 = task / s.blocks * s.k_chunk, k_count = std::min(s.k_chunk, Kp - k0);
+      const TileGrid chunk{g.N, g.H, g.W, C, std::min(k_count, g.K - k0), g.pad_h, g.pad_w};
+      for (int64_t t = 0; t < count; ++t)
+        transform_input_tile(x, zeros.data(), g, first + t, V.data() + t * C, s.block * C);
+      for (int p = 0; p < 16; ++p)
+        for (int64_t j = 0; j < k_count; j += kTileColumns<float>) {
+          const int64_t width = std::min(kTileColumns<float>, Kp - k0 - j);
+          tile_matmul<false>(count, width, C, V.data() + p * s.block * C, C, 1, U + p * C * Kp + (k0 + j) * C, width,
+                             M.data() + p * s.block * s.k_chunk + j, s.k_chunk);
+        }
+      for (int64_t t = 0; t < count; ++t)
+        transform_output_tile(M.data() + t * s.k_chunk, s.block * s.k_chunk, bias ? bias + k0 : nullptr,
+                              y + k0, discard.data(), chunk, g.K, first + t);
+    }
+  });
+}
+
+// The same convolution by its three steps apart, the products through ATen's bmm.
+void convolve_batched(const float* x, const Tensor& U, const float* bias, float* y, const TileGrid& g) {
+  const int64_t T = g.tiles(), C = g.C, Kp = g.padded_k();
+  Tensor V = at::empty({16, T, C}, U.options());
+  float* v = V.data_ptr<float>();
+  at::parallel_for(0, T, kTileRows, [&](int64_t begin, int64_t end) {
+    const std::vector<float> zeros(C, 0.0f);
+    for (int64_t t = begin; t < end; ++t) transform_input_tile(x, zeros.data(), g, t, v + t * C, T * C);
+  });
+  const Tensor M = at::bmm(V, U);
+  const float* m = M.data_ptr<float>();
+  at::parallel_for(0, T, kTileRows, [&](int64_t begin, int64_t end) {
+    std::vector<float> discard(g.K);
+    for (int64_t t = begin; t < end; ++t) transform_output_tile(m + t * Kp, T * Kp, bias, y, discard.data(), g, g.K, t);
+  });
+}
+
+void convolve(const float* x, const Tensor& U, const float* bias, float* y, const TileGrid& g) {
+  if (fused_products(g.C, g.padded_k())) {
+    convolve_blocks(x, U.data_ptr<float>(), bias, y, g);
+  } else {
+    convolve_batched(x, U, bias, y, g);
+  }
+}
+
+}  // namespace
+
+Tensor conv2d_winograd_weight(const Tensor& weight) {
+  const Tensor w = weight.contiguous();
+  const int64_t K = w.size(0), C = w.size(1), Kp = padded_columns<float>(K);
+  Tensor U = at::empty({16, C, Kp}, w.options());
+  const float* g = w.data_ptr<float>();
+  float* u = U.data_ptr<float>();
+  // A task per input channel and panel. The 16 positions' rows of a panel lie C x Kp floats apart,
+  // a power of two at usual sizes, so their lines share one set of L1: written a value at a time
+  // they evicted each other (1 ms at 256 to 128 channels). The rows are made in registers first.
+  constexpr int64_t kPanel = kTileColumns<float>;
+  const int64_t panels = (Kp + kPanel - 1) / kPanel;
+  at::parallel_for(0, C * panels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t c = task / panels, k0 = task % panels * kPanel, width = std::min(kPanel, Kp - k0);
+      float rows[16][kPanel] = {};
+      for (int64_t k = k0; k < std::min(K, k0 + kPanel); ++k) {
+        const float* f = g + (k * C + c) * 9;
+        float r[4][3];  // G g, with G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1]
+        for (int j = 0; j < 3; ++j) {
+          r[0][j] = f[j];
+          r[1][j] = 0.5f * (f[j] + f[3 + j] + f[6 + j]);
+          r[2][j] = 0.5f * (f[j] - f[3 + j] + f[6 + j]);
+          r[3][j] = f[6 + j];
+        }
+        for (int i = 0; i < 4; ++i) {  // (G g) G^T
+          rows[4 * i][k - k0] = r[i][0];
+          rows[4 * i + 1][k - k0] = 0.5f * (r[i][0] + r[i][1] + r[i][2]);
+          rows[4 * i + 2][k - k0] = 0.5f * (r[i][0] - r[i][1] + r[i][2]);
+          rows[4 * i + 3][k - k0] = r[i][2];
+        }
+      }
+      for (int p = 0; p < 16; ++p) std::copy_n(rows[p], width, u + p * C * Kp + filter_offset(c, k0, C, Kp));
+    }
+  });
+  return U;
+}
+
+Tensor conv2d_winograd(const Tensor& x, const Tensor& U, const std::optional<Tensor>& bias, int64_t out_channels,
+                       int64_t pad_h, int64_t pad_w) {
+  const bool channels_last = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
+  const TileGrid g{x.size(0), x.size(2), x.size(3), x.size(1), out_channels, pad_h, pad_w};
+  const auto options = x.options();
+  Tensor y = at::empty({g.N, g.K, g.out_h(), g.out_w()}, options.memory_format(at::MemoryFormat::ChannelsLast));
+  if (y.numel() == 0) return channels_last ? y : y.contiguous();
+  const Tensor b = bias ? bias->contiguous() : Tensor();
+  const float* b_data = bias ? b.data_ptr<float>() : nullptr;
+  if (channels_last) {
+    convolve(x.data_ptr<float>(), U.contiguous(), b_data, y.data_ptr<float>(), g);
+    return y;
+  }
+  const Tensor input = x.contiguous(), pixels = at::empty({g.N, g.H, g.W, g.C}, options);
+  transpose_batched(input.data_ptr<float>(), pixels.data_ptr<float>(), g.N, g.C, g.H * g.W);
+  convolve(pixels.data_ptr<float>(), U.contiguous(), b_data, y.data_ptr<float>(), g);
+  Tensor out = at::empty({g.N, g.K, g.out_h(), g.out_w()}, options);
+  transpose_batched(y.data_ptr<float>(), out.data_ptr<float>(), g.N, g.out_h() * g.out_w(), g.K);
+  return out;
+}
+
+}  // namespace genfast::cpu

@@ -1,0 +1,188 @@
+"""genfast.ops.conv2d and genfast.nn.Conv2d against torch's convolution in float64."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_close_to_reference, assert_compiles_like_eager, require
+
+import genfast
+from genfast.backends import extension
+
+# (N, C, H, W, K, padding): sizes of 1, primes and images smaller than a tile's stride; the last
+# has filters over 1 MB once transformed, which take the kernel's other path (ATen's bmm).
+SHAPES = [
+    (1, 1, 1, 1, 1, 1),
+    (2, 3, 7, 5, 5, 1),
+    (3, 17, 13, 6, 33, 0),
+    (2, 5, 4, 9, 7, 2),
+    (1, 32, 3, 3, 16, 1),
+    (2, 64, 8, 8, 48, (1, 0)),
+    (1, 128, 5, 7, 130, 1),
+]
+LAYOUTS = ["contiguous", "channels_last", "sliced"]
+
+
+def _laid_out(x, layout):
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "sliced":  # every other column of a wider image: no dense layout
+        wide = torch.zeros(*x.shape[:3], 2 * x.shape[3], dtype=x.dtype)
+        wide[..., ::2] = x
+        return wide[..., ::2]
+    return x
+
+
+def _inputs(shape, bias=True, seed=0):
+    n, c, h, w, k, padding = shape
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=generator)
+    weight = torch.randn(k, c, 3, 3, generator=generator) / (3 * c**0.5)
+    return x, weight, torch.randn(k, generator=generator) if bias else None, padding
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """The number of calls of the Winograd kernel, to tell it ran (not ATen's)."""
+    require("cpu")
+    calls = []
+    kernel = extension().conv2d_winograd
+
+    def counted(*args):
+        calls.append(args)
+        return kernel(*args)
+
+    monkeypatch.setattr(extension(), "conv2d_winograd", counted)
+    return calls
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_reference(shape, layout, bias, kernel_calls):
+    x, weight, b, padding = _inputs(shape, bias)
+    x = _laid_out(x, layout)
+    with genfast.use_backend("cpu"):
+        y = genfast.ops.conv2d(x, weight, b, padding=padding)
+    assert len(kernel_calls) == 1
+    want = F.conv2d(x, weight, b, padding=padding)
+    ref = F.conv2d(x.double(), weight.double(), None if b is None else b.double(), padding=padding)
+    assert y.shape == ref.shape
+    assert y.is_contiguous(memory_format=torch.channels_last) == want.is_contiguous(memory_format=torch.channels_last)
+    assert y.is_contiguous() == want.is_contiguous()
+    assert_close_to_reference(y, ref, want, 1e-6, f"{shape} {layout}")
+
+
+@pytest.mark.parametrize("shape", SHAPES[1:4])
+def test_gradients_match_reference(shape):
+    require("cpu")
+    x, weight, b, padding = _inputs(shape)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, b)]
+    with genfast.use_backend("cpu"):
+        y = genfast.ops.conv2d(*leaves, padding=padding)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves, dy)
+    leaves64 = [t.double().requires_grad_() for t in (x, weight, b)]
+    want = torch.autograd.grad(F.conv2d(*leaves64, padding=padding), leaves64, dy.double())
+    for name, got, ref in zip(("input", "weight", "bias"), grads, want, strict=True):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_unbatched_and_padding_names(kernel_calls):
+    x, weight, b, _ = _inputs((1, 6, 9, 11, 4, 1))
+    for padding, torch_padding in (("same", "same"), ("valid", "valid"), (2, 2)):
+        with genfast.use_backend("cpu"):
+            got = genfast.ops.conv2d(x[0], weight, b, padding=padding)
+        torch.testing.assert_close(got, F.conv2d(x[0], weight, b, padding=torch_padding), rtol=1e-5, atol=1e-5)
+    assert len(kernel_calls) == 3
+
+
+@pytest.mark.parametrize(
+    "kwargs, kernel_size, dtype",
+    [({"stride": 2}, 3, torch.float32), ({"dilation": 2}, 3, torch.float32), ({"groups": 2}, 3, torch.float32),
+     ({}, 1, torch.float32), ({}, 5, torch.float32), ({}, 3, torch.float64), ({}, 3, torch.bfloat16)],
+)
+def test_other_convolutions_run_aten(kwargs, kernel_size, dtype, kernel_calls):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 9, 9, generator=generator).to(dtype)
+    weight = torch.randn(6, 4 // kwargs.get("groups", 1), kernel_size, kernel_size, generator=generator).to(dtype)
+    with genfast.use_backend("cpu"):
+        got = genfast.ops.conv2d(x, weight, None, padding=1, **kwargs)
+    assert not kernel_calls
+    torch.testing.assert_close(got, F.conv2d(x, weight, None, padding=1, **kwargs), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_backends_without_a_convolution_run_aten(backend, kernel_calls):
+    x, weight, b, padding = _inputs(SHAPES[1])
+    with genfast.use_backend(backend):
+        got = genfast.ops.conv2d(x, weight, b, padding=padding)
+    assert not kernel_calls
+    torch.testing.assert_close(got, F.conv2d(x, weight, b, padding=padding), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "circular"])
+def test_module_loads_torch_weights(padding_mode, kernel_calls):
+    torch.manual_seed(0)
+    reference = torch.nn.Conv2d(5, 7, 3, padding=1, padding_mode=padding_mode)
+    module = genfast.nn.Conv2d(5, 7, 3, padding=1, padding_mode=padding_mode)
+    module.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 5, 6, 7)
+    with genfast.use_backend("cpu"):
+        torch.testing.assert_close(module(x), reference(x), rtol=1e-5, atol=1e-5)
+    assert len(kernel_calls) == 1
+
+
+def test_module_filters_follow_the_weight(kernel_calls):
+    """The kept transformed filters are made again after an optimizer step changes the weight."""
+    torch.manual_seed(0)
+    reference = torch.nn.Conv2d(4, 8, 3, padding=1)
+    module = genfast.nn.Conv2d(4, 8, 3, padding=1)
+    module.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 4, 5, 5)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (reference, module)]
+    for _ in range(3):
+        with genfast.use_backend("cpu"):
+            got = module(x)
+        want = reference(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for out, optimizer in zip((want, got), optimizers, strict=True):
+            out.square().sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    assert len(kernel_calls) == 3
+
+
+@pytest.mark.parametrize(
+    "make_args, error, words",
+    [
+        (lambda: (torch.ones(1, 2, 4, 4, dtype=torch.int32), torch.ones(3, 2, 3, 3)), TypeError, "input must have dtype"),
+        (lambda: (torch.ones(1, 2, 4, 4), torch.ones(3, 2, 3, 3, dtype=torch.float64)), TypeError, "weight must have"),
+        (lambda: (torch.ones(1, 2, 4, 4), torch.ones(3, 5, 3, 3)), ValueError, "input has 2 channels"),
+        (lambda: (torch.ones(1, 2, 4, 4), torch.ones(3, 2, 3)), ValueError, "weight must be"),
+        (lambda: (torch.ones(2, 4, 4), torch.ones(3, 2, 3, 3), torch.ones(4)), ValueError, "bias must have shape"),
+        (lambda: (torch.ones(1, 1, 2, 4, 4), torch.ones(3, 2, 3, 3)), ValueError, "input must be"),
+    ],
+)
+def test_bad_input(make_args, error, words):
+    require("cpu")
+    with genfast.use_backend("cpu"), pytest.raises(error, match=words):
+        genfast.ops.conv2d(*make_args())
+
+
+def test_kernel_checks_its_arguments():
+    require("cpu")
+    x, weight = torch.randn(1, 4, 5, 5), torch.randn(8, 4, 3, 3)
+    filters = genfast.ops.conv.winograd_filters(weight)
+    with pytest.raises(RuntimeError, match="transformed filters"):
+        extension().conv2d_winograd(x, filters[:, :3], None, 8, 1, 1)
+    with pytest.raises(RuntimeError, match="at least the 3x3 filter"):
+        extension().conv2d_winograd(torch.randn(1, 4, 1, 5), filters, None, 8, 0, 0)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        extension().conv2d_winograd(x, filters, torch.randn(7), 8, 1, 1)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compiles_without_graph_break(compiler):
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(genfast.nn.Conv2d(3, 8, 3, padding=1), torch.nn.SiLU(), genfast.nn.Conv2d(8, 4, 3))
+    assert_compiles_like_eager(module, torch.randn(2, 3, 9, 7), compiler)
