@@ -723,7 +723,7 @@ Tensor conv2d_winograd_weight(const Tensor& weight) {
 }
 
 Tensor conv2d_winograd(const Tensor& x, const Tensor& U, const std::optional<Tensor>& bias, int64_t out_channels,
-                       int64_t pad_h, int64_t pad_w) {
+                       int64_t pad_h, int64_t pad_w, int64_t upsample) {
   TORCH_CHECK(x.is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4, "x must be a float32 CPU (N, C, H, W) "
               "tensor, got ", x.scalar_type(), " ", x.sizes(), " on ", x.device());
   TORCH_CHECK(x.size(1) > 0 && out_channels > 0, "x and the filters need at least one channel");
@@ -732,15 +732,17 @@ Tensor conv2d_winograd(const Tensor& x, const Tensor& U, const std::optional<Ten
                   U.size(1) == x.size(1) && U.size(2) == (out_channels + lanes - 1) / lanes * lanes,
               "the transformed filters must be float32 (16, ", x.size(1), ", ", out_channels, " rounded up to ",
               lanes, "), got ", U.scalar_type(), " ", U.sizes());
-  TORCH_CHECK(pad_h >= 0 && pad_w >= 0 && x.size(2) + 2 * pad_h >= 3 && x.size(3) + 2 * pad_w >= 3,
-              "the padded input (", x.size(2), " + 2 * ", pad_h, ", ", x.size(3), " + 2 * ", pad_w,
+  TORCH_CHECK(upsample >= 1, "upsample must be >= 1, got ", upsample);
+  const int64_t height = upsample * x.size(2), width = upsample * x.size(3);
+  TORCH_CHECK(pad_h >= 0 && pad_w >= 0 && height + 2 * pad_h >= 3 && width + 2 * pad_w >= 3,
+              "the padded input (", height, " + 2 * ", pad_h, ", ", width, " + 2 * ", pad_w,
               ") must be at least the 3x3 filter");
   if (bias) {
     TORCH_CHECK(bias->is_cpu() && bias->scalar_type() == at::kFloat && bias->dim() == 1 &&
                     bias->size(0) == out_channels,
                 "bias must be float32 (", out_channels, "), got ", bias->scalar_type(), " ", bias->sizes());
   }
-  return genfast::cpu::conv2d_winograd(x, U, bias, out_channels, pad_h, pad_w);
+  return genfast::cpu::conv2d_winograd(x, U, bias, out_channels, pad_h, pad_w, upsample);
 }
 
 }  // namespace
@@ -780,6 +782,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Scaled dot-product attention's backward: (dq, dk, dv, dmask or an undefined tensor)");
   m.def("attention_decode", &attention_decode, "Decoding attention over a contiguous or paged KV cache: out");
   m.def("conv2d_winograd_weight", &conv2d_winograd_weight, "3x3 filters (K, C, 3, 3) transformed: (16, C, K)");
-  m.def("conv2d_winograd", &conv2d_winograd, "3x3 stride-1 convolution by Winograd F(2x2, 3x3): y");
+  m.def("conv2d_winograd", &conv2d_winograd, "3x3 stride-1 convolution by Winograd F(2x2, 3x3) of x upsampled by nearest neighbours: y");
   m.def("scale", &scale, "scale * x, for the denoising loss's backward");
 }

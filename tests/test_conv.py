@@ -72,6 +72,36 @@ def test_matches_reference(shape, layout, bias, kernel_calls):
     assert_close_to_reference(y, ref, want, 1e-6, f"{shape} {layout}")
 
 
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[-1]])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("upsample", [2, 3])
+def test_upsampled_input_matches_reference(shape, layout, upsample, kernel_calls):
+    """conv2d(x, upsample=u) is conv2d(F.interpolate(x, scale_factor=u)): the kernel reads x."""
+    x, weight, b, padding = _inputs(shape)
+    x = _laid_out(x, layout)
+    with genfast.use_backend("cpu"):
+        y = genfast.ops.conv2d(x, weight, b, padding=padding, upsample=upsample)
+    assert len(kernel_calls) == 1 and kernel_calls[0][0].shape == x.shape
+    big = F.interpolate(x, scale_factor=upsample, mode="nearest")
+    ref = F.conv2d(big.double(), weight.double(), b.double(), padding=padding)
+    assert_close_to_reference(y, ref, F.conv2d(big, weight, b, padding=padding), 1e-6, f"{shape} {layout}")
+
+
+def test_upsampled_gradients_match_reference():
+    require("cpu")
+    x, weight, b, padding = _inputs(SHAPES[1])
+    leaves = [t.clone().requires_grad_() for t in (x, weight, b)]
+    with genfast.use_backend("cpu"):
+        y = genfast.ops.conv2d(*leaves, padding=padding, upsample=2)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves, dy)
+    leaves64 = [t.double().requires_grad_() for t in (x, weight, b)]
+    big = F.interpolate(leaves64[0], scale_factor=2, mode="nearest")
+    want = torch.autograd.grad(F.conv2d(big, *leaves64[1:], padding=padding), leaves64, dy.double())
+    for name, got, ref in zip(("input", "weight", "bias"), grads, want, strict=True):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("shape", SHAPES[1:4])
 def test_gradients_match_reference(shape):
     require("cpu")
@@ -93,7 +123,11 @@ def test_unbatched_and_padding_names(kernel_calls):
         with genfast.use_backend("cpu"):
             got = genfast.ops.conv2d(x[0], weight, b, padding=padding)
         torch.testing.assert_close(got, F.conv2d(x[0], weight, b, padding=torch_padding), rtol=1e-5, atol=1e-5)
-    assert len(kernel_calls) == 3
+    with genfast.use_backend("cpu"):
+        got = genfast.ops.conv2d(x[0], weight, b, padding=1, upsample=2)
+    want = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest")[0], weight, b, padding=1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert len(kernel_calls) == 4
 
 
 @pytest.mark.parametrize(
@@ -129,7 +163,9 @@ def test_module_loads_torch_weights(padding_mode, kernel_calls):
     x = torch.randn(2, 5, 6, 7)
     with genfast.use_backend("cpu"):
         torch.testing.assert_close(module(x), reference(x), rtol=1e-5, atol=1e-5)
-    assert len(kernel_calls) == 1
+        upsampled = module(x, upsample=2)
+    torch.testing.assert_close(upsampled, reference(F.interpolate(x, scale_factor=2)), rtol=1e-5, atol=1e-5)
+    assert len(kernel_calls) == 2
 
 
 def test_module_filters_follow_the_weight(kernel_calls):
@@ -161,12 +197,14 @@ def test_module_filters_follow_the_weight(kernel_calls):
         (lambda: (torch.ones(1, 2, 4, 4), torch.ones(3, 2, 3)), ValueError, "weight must be"),
         (lambda: (torch.ones(2, 4, 4), torch.ones(3, 2, 3, 3), torch.ones(4)), ValueError, "bias must have shape"),
         (lambda: (torch.ones(1, 1, 2, 4, 4), torch.ones(3, 2, 3, 3)), ValueError, "input must be"),
+        (lambda: (torch.ones(1, 2, 4, 4), torch.ones(3, 2, 3, 3), None, 1, 1, 1, 1, 0), ValueError, "upsample must"),
     ],
 )
 def test_bad_input(make_args, error, words):
     require("cpu")
+    args = make_args()
     with genfast.use_backend("cpu"), pytest.raises(error, match=words):
-        genfast.ops.conv2d(*make_args())
+        genfast.ops.conv2d(*args[:7], **({"upsample": args[7]} if len(args) > 7 else {}))
 
 
 def test_kernel_checks_its_arguments():
@@ -174,11 +212,13 @@ def test_kernel_checks_its_arguments():
     x, weight = torch.randn(1, 4, 5, 5), torch.randn(8, 4, 3, 3)
     filters = genfast.ops.conv.winograd_filters(weight)
     with pytest.raises(RuntimeError, match="transformed filters"):
-        extension().conv2d_winograd(x, filters[:, :3], None, 8, 1, 1)
+        extension().conv2d_winograd(x, filters[:, :3], None, 8, 1, 1, 1)
     with pytest.raises(RuntimeError, match="at least the 3x3 filter"):
-        extension().conv2d_winograd(torch.randn(1, 4, 1, 5), filters, None, 8, 0, 0)
+        extension().conv2d_winograd(torch.randn(1, 4, 1, 5), filters, None, 8, 0, 0, 1)
     with pytest.raises(RuntimeError, match="bias must be"):
-        extension().conv2d_winograd(x, filters, torch.randn(7), 8, 1, 1)
+        extension().conv2d_winograd(x, filters, torch.randn(7), 8, 1, 1, 1)
+    with pytest.raises(RuntimeError, match="upsample must be"):
+        extension().conv2d_winograd(x, filters, None, 8, 1, 1, 0)
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])

@@ -3,7 +3,8 @@ from genfast's from the same weights, and its sampling loop.
 
 The two builds share one module tree and state_dict; the genfast one runs
 GroupNorm+SiLU as one kernel (genfast.nn.GroupNorm), its 3x3 convolutions by
-Winograd's algorithm (genfast.nn.Conv2d), the timestep embedding as one kernel,
+Winograd's algorithm with the decoder's upsampling fused into them
+(genfast.nn.Conv2d), the timestep embedding as one kernel,
 attention with genfast.ops.scaled_dot_product_attention, and guidance inside
 the scheduler's fused step.
 """
@@ -133,6 +134,10 @@ class UNet(nn.Module):
         frequencies = ops.timestep_embedding(*args) if self.fused else reference.diffusion.timestep_embedding(*args)
         return F.silu(self.time_mlp(frequencies) + self.class_embedding(class_labels))
 
+    def _upsample(self, conv: nn.Conv2d, h: Tensor) -> Tensor:
+        """conv of h upsampled twice by nearest neighbours; genfast's reads h in place."""
+        return conv(h, upsample=2) if self.fused else conv(F.interpolate(h, scale_factor=2.0, mode="nearest"))
+
     def forward(self, sample: Tensor, timesteps: Tensor, class_labels: Tensor) -> Tensor:
         embedding = self._embed(timesteps, class_labels)
         h = self.conv_in(sample)
@@ -147,7 +152,7 @@ class UNet(nn.Module):
         for index, (block, attention) in enumerate(self.up):
             h = attention(block(torch.cat([h, skips.pop()], dim=1), embedding))
             if index < len(self.upsample):
-                h = self.upsample[index](F.interpolate(h, scale_factor=2.0, mode="nearest"))
+                h = self._upsample(self.upsample[index], h)
         return self.conv_out(self.norm_out(h))
 
 

@@ -13,6 +13,10 @@ Triton or CUDA convolution: cuDNN's is the one to beat there), runs ATen's,
 which is also the reference. The backward is ATen's convolution
 backward: the gradients of a convolution do not depend on how it was computed.
 
+``upsample=2`` first upsamples the input by nearest neighbours, as diffusers'
+Upsample2D does before its convolution; the Winograd kernel reads the small
+image in place of the upsampled one.
+
 The kernel takes its filters transformed (``winograd_filters``); a module can
 keep them between calls while its weight does not change (genfast.nn.Conv2d
 does) by passing its own ``filters`` function.
@@ -40,39 +44,53 @@ def _pair(name: str, value) -> tuple[int, int]:
     return pair
 
 
-def _forward(x: Tensor, filters: Tensor, weight: Tensor, bias: Tensor | None, padding: list[int]) -> Tensor:
-    """The 3x3 stride-1 convolution of x (N, C, H, W) by weight (K, C, 3, 3), whose transform is
-    ``filters``; float32 CPU tensors. y is laid out like x (channels-last or contiguous)."""
-    return extension().conv2d_winograd(x, filters, bias, weight.shape[0], *padding)
+def upsampled(x: Tensor, upsample: int) -> Tensor:
+    """x (N, C, H, W) or (C, H, W) upsampled ``upsample`` times by nearest neighbours."""
+    if upsample == 1:
+        return x
+    return F.interpolate(x[None] if x.dim() == 3 else x, scale_factor=upsample, mode="nearest").view(
+        *x.shape[:-2], upsample * x.shape[-2], upsample * x.shape[-1])
+
+
+def _forward(
+    x: Tensor, filters: Tensor, weight: Tensor, bias: Tensor | None, padding: list[int], upsample: int
+) -> Tensor:
+    """The 3x3 stride-1 convolution of x (N, C, H, W) upsampled ``upsample`` times by weight (K, C,
+    3, 3), whose transform is ``filters``; float32 CPU tensors. y is laid out like x."""
+    return extension().conv2d_winograd(x, filters, bias, weight.shape[0], *padding, upsample)
 
 
 conv2d_op = torch.library.custom_op("genfast::conv2d_winograd", _forward, mutates_args=())
 
 
 @conv2d_op.register_fake
-def _(x, filters, weight, bias, padding):
-    shape = (x.shape[0], weight.shape[0], x.shape[2] + 2 * padding[0] - 2, x.shape[3] + 2 * padding[1] - 2)
+def _(x, filters, weight, bias, padding, upsample):
+    height, width = upsample * x.shape[2] + 2 * padding[0] - 2, upsample * x.shape[3] + 2 * padding[1] - 2
+    shape = (x.shape[0], weight.shape[0], height, width)
     channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
     return torch.empty(shape, dtype=x.dtype, device=x.device,
                        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    x, _, weight, bias, padding = inputs
+    x, _, weight, bias, padding, upsample = inputs
     ctx.save_for_backward(x, weight)
-    ctx.padding, ctx.has_bias = padding, bias is not None
+    ctx.padding, ctx.upsample, ctx.has_bias = padding, upsample, bias is not None
 
 
 def _backward(ctx, dy):
     if dy is None:
-        return None, None, None, None, None
+        return None, None, None, None, None, None
     x, weight = ctx.saved_tensors
     wants_bias = ctx.has_bias and ctx.needs_input_grad[3]
     dx, dweight, dbias = torch.ops.aten.convolution_backward(
-        dy, x, weight, [weight.shape[0]] if ctx.has_bias else None, [1, 1], list(ctx.padding), [1, 1], False,
-        [0, 0], 1, [ctx.needs_input_grad[0], ctx.needs_input_grad[2], wants_bias],
+        dy, upsampled(x, ctx.upsample), weight, [weight.shape[0]] if ctx.has_bias else None, [1, 1],
+        list(ctx.padding), [1, 1], False, [0, 0], 1, [ctx.needs_input_grad[0], ctx.needs_input_grad[2], wants_bias],
     )
-    return dx, None, dweight, dbias if wants_bias else None, None
+    if dx is not None and ctx.upsample > 1:  # each input pixel fed upsample x upsample of the upsampled image
+        u = ctx.upsample
+        dx = dx.unflatten(3, (-1, u)).sum(4).unflatten(2, (-1, u)).sum(3)
+    return dx, None, dweight, dbias if wants_bias else None, None, None
 
 
 conv2d_op.register_autograd(_backward, setup_context=_setup_context)
@@ -134,13 +152,16 @@ def _pointwise(input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 def _is_pointwise(input: Tensor, weight: Tensor, stride, padding, groups) -> bool:
     return (
-        input.dim() == 4 and input.dtype == torch.float32 and tuple(weight.shape[2:]) == (1, 1) and groups == 1
+        input.dtype == torch.float32 and tuple(weight.shape[2:]) == (1, 1) and groups == 1
         and _pair("stride", stride) == (1, 1) and padding in (0, (0, 0), [0, 0], "valid", "same")
     )
 
 
-def _winograd_padding(input: Tensor, weight: Tensor, stride, padding, dilation, groups) -> tuple[int, int] | None:
-    """The (height, width) padding if the Winograd kernel computes this convolution, else None."""
+def _winograd_padding(
+    input: Tensor, weight: Tensor, stride, padding, dilation, groups, upsample: int
+) -> tuple[int, int] | None:
+    """The (height, width) padding if the Winograd kernel computes this convolution of input
+    upsampled ``upsample`` times, else None."""
     if (
         input.dtype != torch.float32 or tuple(weight.shape[2:]) != (3, 3) or groups != 1
         or _pair("stride", stride) != (1, 1) or _pair("dilation", dilation) != (1, 1)
@@ -149,7 +170,8 @@ def _winograd_padding(input: Tensor, weight: Tensor, stride, padding, dilation, 
     if isinstance(padding, str):
         return {"same": (1, 1), "valid": (0, 0)}.get(padding)
     pad = _pair("padding", padding)
-    fits = min(pad) >= 0 and min(input.shape[-2] + 2 * pad[0], input.shape[-1] + 2 * pad[1]) >= 3
+    height, width = upsample * input.shape[-2], upsample * input.shape[-1]
+    fits = min(pad) >= 0 and min(height + 2 * pad[0], width + 2 * pad[1]) >= 3
     return pad if fits else None
 
 
@@ -162,18 +184,25 @@ def conv2d(
     dilation=1,
     groups: int = 1,
     *,
+    upsample: int = 1,
     filters: Callable[[Tensor], Tensor] = winograd_filters,
 ) -> Tensor:
-    """``torch.nn.functional.conv2d``. ``filters(weight)`` gives the Winograd kernel its
-    transformed filters when it runs: ``winograd_filters``, or a function that keeps them."""
+    """``torch.nn.functional.conv2d`` of input upsampled ``upsample`` times by nearest neighbours
+    (``F.interpolate(input, scale_factor=upsample)``; 1: not upsampled). ``filters(weight)`` gives
+    the Winograd kernel its transformed filters when it runs: ``winograd_filters``, or a function
+    that keeps them."""
     _check(input, weight, bias, groups)
+    if isinstance(upsample, bool) or not isinstance(upsample, int) or upsample < 1:
+        raise ValueError(f"upsample must be an int >= 1, got {upsample!r}")
+    if input.dim() == 3:  # unbatched (C, H, W)
+        return conv2d(input[None], weight, bias, stride, padding, dilation, groups, upsample=upsample,
+                      filters=filters)[0]
     native = get_backend() in ("auto", "cpu") and resolve("conv2d", input.device, _IMPLEMENTED) == "cpu"
-    if native and input.numel() > 0 and _is_pointwise(input, weight, stride, padding, groups):
-        return _pointwise(input, weight, bias)
-    pad = _winograd_padding(input, weight, stride, padding, dilation, groups)
+    pad = _winograd_padding(input, weight, stride, padding, dilation, groups, upsample)
     if not native or pad is None or input.numel() == 0:
+        input = upsampled(input, upsample)
+        if native and input.numel() > 0 and _is_pointwise(input, weight, stride, padding, groups):
+            return _pointwise(input, weight, bias)
         return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
-    batched = input if input.dim() == 4 else input.unsqueeze(0)
-    args = (batched, filters(weight), weight, None if bias is None else bias.contiguous(), list(pad))
-    y = conv2d_op(*args) if torch.compiler.is_compiling() else _Conv2dFunction.call(*args)[0]
-    return y if input.dim() == 4 else y.squeeze(0)
+    args = (input, filters(weight), weight, None if bias is None else bias.contiguous(), list(pad), upsample)
+    return conv2d_op(*args) if torch.compiler.is_compiling() else _Conv2dFunction.call(*args)[0]
