@@ -37,11 +37,14 @@ from ._checks import channels_last, check_tensor
 _IMPLEMENTED = frozenset({"cpu"})
 
 
-def _pair(name: str, value) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    return pair
+_ONES = (1, (1, 1), [1, 1])  # a stride or dilation of 1, as an int or a pair
+
+
+def _padding_pair(padding) -> tuple[int, int] | None:
+    """padding as (height, width) ints, or None where it is not a pair of ints (ATen's to check)."""
+    pair = (padding, padding) if isinstance(padding, int) else tuple(padding)
+    ints = len(pair) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
+    return pair if ints else None
 
 
 def upsampled(x: Tensor, upsample: int) -> Tensor:
@@ -152,8 +155,8 @@ def _pointwise(input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 def _is_pointwise(input: Tensor, weight: Tensor, stride, padding, groups) -> bool:
     return (
-        input.dtype == torch.float32 and tuple(weight.shape[2:]) == (1, 1) and groups == 1
-        and _pair("stride", stride) == (1, 1) and padding in (0, (0, 0), [0, 0], "valid", "same")
+        input.dtype == torch.float32 and weight.shape[2:] == (1, 1) and groups == 1 and stride in _ONES
+        and padding in (0, (0, 0), [0, 0], "valid", "same")
     )
 
 
@@ -163,13 +166,13 @@ def _winograd_padding(
     """The (height, width) padding if the Winograd kernel computes this convolution of input
     upsampled ``upsample`` times, else None."""
     if (
-        input.dtype != torch.float32 or tuple(weight.shape[2:]) != (3, 3) or groups != 1
-        or _pair("stride", stride) != (1, 1) or _pair("dilation", dilation) != (1, 1)
+        input.dtype != torch.float32 or weight.shape[2:] != (3, 3) or groups != 1
+        or stride not in _ONES or dilation not in _ONES
     ):
         return None
-    if isinstance(padding, str):
-        return {"same": (1, 1), "valid": (0, 0)}.get(padding)
-    pad = _pair("padding", padding)
+    pad = {"same": (1, 1), "valid": (0, 0)}.get(padding) if isinstance(padding, str) else _padding_pair(padding)
+    if pad is None:
+        return None
     height, width = upsample * input.shape[-2], upsample * input.shape[-1]
     fits = min(pad) >= 0 and min(height + 2 * pad[0], width + 2 * pad[1]) >= 3
     return pad if fits else None
