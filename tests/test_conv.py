@@ -168,6 +168,23 @@ def test_module_loads_torch_weights(padding_mode, kernel_calls):
     assert len(kernel_calls) == 2
 
 
+@pytest.mark.parametrize("kernel_size", [1, 3])
+@pytest.mark.parametrize("layouts", [("contiguous", "channels_last"), ("channels_last", "contiguous"),
+                                     ("contiguous", "contiguous")])
+def test_output_layout_follows_torch(kernel_size, layouts):
+    """As torch's: channels-last output if the input or the weight is channels-last."""
+    require("cpu")
+    x, weight = torch.randn(2, 6, 5, 5), torch.randn(8, 6, kernel_size, kernel_size)
+    x, weight = (t.contiguous(memory_format=torch.channels_last if layout == "channels_last" else
+                              torch.contiguous_format) for t, layout in zip((x, weight), layouts, strict=True))
+    with genfast.use_backend("cpu"):
+        y = genfast.ops.conv2d(x, weight, padding=kernel_size // 2)
+    want = F.conv2d(x, weight, padding=kernel_size // 2)
+    assert y.is_contiguous(memory_format=torch.channels_last) == want.is_contiguous(memory_format=torch.channels_last)
+    assert y.is_contiguous() == want.is_contiguous()
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+
+
 def test_module_filters_follow_the_weight(kernel_calls):
     """The kept transformed filters are made again after an optimizer step changes the weight."""
     torch.manual_seed(0)

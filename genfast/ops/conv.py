@@ -153,6 +153,12 @@ def _pointwise(input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return y.view(n, -1, h, w)
 
 
+def _channels_last_weight(weight: Tensor) -> bool:
+    """Whether weight's strides put its input channels innermost, as after
+    ``module.to(memory_format=torch.channels_last)`` (a 1x1 weight is contiguous both ways)."""
+    return weight.shape[1] > 1 and weight.stride(1) == 1 and weight.stride(3) == weight.shape[1]
+
+
 def _is_pointwise(input: Tensor, weight: Tensor, stride, padding, groups) -> bool:
     return (
         input.dtype == torch.float32 and weight.shape[2:] == (1, 1) and groups == 1 and stride in _ONES
@@ -201,6 +207,9 @@ def conv2d(
         return conv2d(input[None], weight, bias, stride, padding, dilation, groups, upsample=upsample,
                       filters=filters)[0]
     native = get_backend() in ("auto", "cpu") and resolve("conv2d", input.device, _IMPLEMENTED) == "cpu"
+    if native and not channels_last(input) and _channels_last_weight(weight):
+        # torch's rule: a channels-last weight makes the output channels-last.
+        input = input.contiguous(memory_format=torch.channels_last)
     pad = _winograd_padding(input, weight, stride, padding, dilation, groups, upsample)
     if not native or pad is None or input.numel() == 0:
         input = upsampled(input, upsample)
