@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import reference
 from ..ops import conv
 
 
@@ -36,7 +37,8 @@ class Conv2d(nn.Conv2d):
     def forward(self, input: Tensor, upsample: int = 1) -> Tensor:
         padding = self.padding
         if self.padding_mode != "zeros":
-            input = F.pad(conv.upsampled(input, upsample), self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            input = reference.conv.upsample_nearest(input, upsample)
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding, upsample = 0, 1
         return conv.conv2d(input, self.weight, self.bias, self.stride, padding, self.dilation, self.groups,
                            upsample=upsample, filters=self._winograd_filters)

@@ -9,8 +9,8 @@ matrix product over the pixels, which ran 1.5 to 3 times faster than oneDNN's
 input to 128 channels: 63 against 117 us channels-last, 71 against 187 us
 channels-first). Every other convolution, and
 every convolution on a GPU or under a backend other than cpu (genfast has no
-Triton or CUDA convolution: cuDNN's is the one to beat there), runs ATen's,
-which is also the reference. The backward is ATen's convolution
+Triton or CUDA convolution: cuDNN's is the one to beat there), runs ATen's:
+genfast/reference/conv.py. The backward is ATen's convolution
 backward: the gradients of a convolution do not depend on how it was computed.
 
 ``upsample=2`` first upsamples the input by nearest neighbours, as diffusers'
@@ -27,9 +27,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from .. import reference
 from ..backends import extension, get_backend, resolve
 from ._autograd import eager_function
 from ._checks import channels_last, check_tensor
@@ -45,14 +45,6 @@ def _padding_pair(padding) -> tuple[int, int] | None:
     pair = (padding, padding) if isinstance(padding, int) else tuple(padding)
     ints = len(pair) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
     return pair if ints else None
-
-
-def upsampled(x: Tensor, upsample: int) -> Tensor:
-    """x (N, C, H, W) or (C, H, W) upsampled ``upsample`` times by nearest neighbours."""
-    if upsample == 1:
-        return x
-    return F.interpolate(x[None] if x.dim() == 3 else x, scale_factor=upsample, mode="nearest").view(
-        *x.shape[:-2], upsample * x.shape[-2], upsample * x.shape[-1])
 
 
 def _forward(
@@ -87,7 +79,7 @@ def _backward(ctx, dy):
     x, weight = ctx.saved_tensors
     wants_bias = ctx.has_bias and ctx.needs_input_grad[3]
     dx, dweight, dbias = torch.ops.aten.convolution_backward(
-        dy, upsampled(x, ctx.upsample), weight, [weight.shape[0]] if ctx.has_bias else None, [1, 1],
+        dy, reference.conv.upsample_nearest(x, ctx.upsample), weight, [weight.shape[0]] if ctx.has_bias else None, [1, 1],
         list(ctx.padding), [1, 1], False, [0, 0], 1, [ctx.needs_input_grad[0], ctx.needs_input_grad[2], wants_bias],
     )
     if dx is not None and ctx.upsample > 1:  # each input pixel fed upsample x upsample of the upsampled image
@@ -212,9 +204,9 @@ def conv2d(
         input = input.contiguous(memory_format=torch.channels_last)
     pad = _winograd_padding(input, weight, stride, padding, dilation, groups, upsample)
     if not native or pad is None or input.numel() == 0:
-        input = upsampled(input, upsample)
+        input = reference.conv.upsample_nearest(input, upsample)
         if native and input.numel() > 0 and _is_pointwise(input, weight, stride, padding, groups):
             return _pointwise(input, weight, bias)
-        return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+        return reference.conv.conv2d(input, weight, bias, stride, padding, dilation, groups)
     args = (input, filters(weight), weight, None if bias is None else bias.contiguous(), list(pad), upsample)
     return conv2d_op(*args) if torch.compiler.is_compiling() else _Conv2dFunction.call(*args)[0]
