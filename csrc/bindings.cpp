@@ -722,8 +722,9 @@ Tensor conv2d_winograd_weight(const Tensor& weight) {
   return genfast::cpu::conv2d_winograd_weight(weight);
 }
 
-Tensor conv2d_winograd(const Tensor& x, const Tensor& U, const std::optional<Tensor>& bias, int64_t out_channels,
-                       int64_t pad_h, int64_t pad_w, int64_t upsample) {
+Tensor conv2d_winograd(const Tensor& x, const Tensor& U, const std::optional<Tensor>& bias,
+                       const std::optional<Tensor>& residual, int64_t out_channels, int64_t pad_h, int64_t pad_w,
+                       int64_t upsample) {
   TORCH_CHECK(x.is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4, "x must be a float32 CPU (N, C, H, W) "
               "tensor, got ", x.scalar_type(), " ", x.sizes(), " on ", x.device());
   TORCH_CHECK(x.size(1) > 0 && out_channels > 0, "x and the filters need at least one channel");
@@ -742,7 +743,14 @@ Tensor conv2d_winograd(const Tensor& x, const Tensor& U, const std::optional<Ten
                     bias->size(0) == out_channels,
                 "bias must be float32 (", out_channels, "), got ", bias->scalar_type(), " ", bias->sizes());
   }
-  return genfast::cpu::conv2d_winograd(x, U, bias, out_channels, pad_h, pad_w, upsample);
+  if (residual) {
+    const std::vector<int64_t> out_sizes{x.size(0), out_channels, height + 2 * pad_h - 2, width + 2 * pad_w - 2};
+    TORCH_CHECK(residual->is_cpu() && residual->scalar_type() == at::kFloat && residual->sizes() == out_sizes &&
+                    (residual->stride(1) == 1 || out_channels == 1),
+                "residual must be float32 ", at::IntArrayRef(out_sizes), " with channels innermost, got ",
+                residual->scalar_type(), " ", residual->sizes(), " strides ", residual->strides());
+  }
+  return genfast::cpu::conv2d_winograd(x, U, bias, residual, out_channels, pad_h, pad_w, upsample);
 }
 
 }  // namespace
@@ -782,6 +790,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Scaled dot-product attention's backward: (dq, dk, dv, dmask or an undefined tensor)");
   m.def("attention_decode", &attention_decode, "Decoding attention over a contiguous or paged KV cache: out");
   m.def("conv2d_winograd_weight", &conv2d_winograd_weight, "3x3 filters (K, C, 3, 3) transformed: (16, C, K)");
-  m.def("conv2d_winograd", &conv2d_winograd, "3x3 stride-1 convolution by Winograd F(2x2, 3x3) of x upsampled by nearest neighbours: y");
+  m.def("conv2d_winograd", &conv2d_winograd, "3x3 stride-1 convolution by Winograd F(2x2, 3x3) of x upsampled by nearest neighbours, + residual: y");
   m.def("scale", &scale, "scale * x, for the denoising loss's backward");
 }

@@ -102,6 +102,50 @@ def test_upsampled_gradients_match_reference():
         torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5, msg=name)
 
 
+# residual: how it is made from the output's shape, and whether the kernel adds it (channels innermost)
+RESIDUALS = {
+    "channels_last": (lambda n, k, h, w: torch.randn(n, k, h, w).contiguous(memory_format=torch.channels_last), True),
+    "per channel": (lambda n, k, h, w: torch.randn(n, k, 1, 1), True),
+    "bias-like": (lambda n, k, h, w: torch.randn(k, 1, 1), True),
+    "contiguous": (lambda n, k, h, w: torch.randn(n, k, h, w), False),
+    "per pixel": (lambda n, k, h, w: torch.randn(1, 1, h, w), False),
+}
+
+
+@pytest.mark.parametrize("residual_kind", list(RESIDUALS))
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[-1]])
+def test_residual_matches_reference(residual_kind, layout, shape, kernel_calls):
+    x, weight, b, padding = _inputs(shape)
+    x = _laid_out(x, layout)
+    want = F.conv2d(x, weight, b, padding=padding)
+    make, fused = RESIDUALS[residual_kind]
+    residual = make(*want.shape)
+    with genfast.use_backend("cpu"):
+        y = genfast.ops.conv2d(x, weight, b, padding=padding, residual=residual)
+    assert len(kernel_calls) == 1 and (kernel_calls[0][3] is not None) == fused
+    ref = F.conv2d(x.double(), weight.double(), b.double(), padding=padding) + residual.double()
+    assert y.shape == ref.shape
+    assert_close_to_reference(y, ref, want + residual, 1e-6, f"{shape} {layout} {residual_kind}")
+
+
+@pytest.mark.parametrize("residual_kind", ["channels_last", "per channel"])
+def test_residual_gradients(residual_kind):
+    require("cpu")
+    x, weight, b, padding = _inputs(SHAPES[1])
+    residual = RESIDUALS[residual_kind][0](*F.conv2d(x, weight, b, padding=padding).shape)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, b, residual)]
+    with genfast.use_backend("cpu"):
+        y = genfast.ops.conv2d(*leaves[:3], padding=padding, residual=leaves[3], upsample=1)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves, dy)
+    leaves64 = [t.double().requires_grad_() for t in (x, weight, b, residual)]
+    want = torch.autograd.grad(F.conv2d(*leaves64[:3], padding=padding) + leaves64[3], leaves64, dy.double())
+    for name, got, ref in zip(("input", "weight", "bias", "residual"), grads, want, strict=True):
+        assert got.shape == ref.shape, name
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("shape", SHAPES[1:4])
 def test_gradients_match_reference(shape):
     require("cpu")
@@ -206,22 +250,29 @@ def test_module_filters_follow_the_weight(kernel_calls):
 
 
 @pytest.mark.parametrize(
-    "make_args, error, words",
+    "make_args, kwargs, error, words",
     [
-        (lambda: (torch.ones(1, 2, 4, 4, dtype=torch.int32), torch.ones(3, 2, 3, 3)), TypeError, "input must have dtype"),
-        (lambda: (torch.ones(1, 2, 4, 4), torch.ones(3, 2, 3, 3, dtype=torch.float64)), TypeError, "weight must have"),
-        (lambda: (torch.ones(1, 2, 4, 4), torch.ones(3, 5, 3, 3)), ValueError, "input has 2 channels"),
-        (lambda: (torch.ones(1, 2, 4, 4), torch.ones(3, 2, 3)), ValueError, "weight must be"),
-        (lambda: (torch.ones(2, 4, 4), torch.ones(3, 2, 3, 3), torch.ones(4)), ValueError, "bias must have shape"),
-        (lambda: (torch.ones(1, 1, 2, 4, 4), torch.ones(3, 2, 3, 3)), ValueError, "input must be"),
-        (lambda: (torch.ones(1, 2, 4, 4), torch.ones(3, 2, 3, 3), None, 1, 1, 1, 1, 0), ValueError, "upsample must"),
+        (lambda: (torch.ones(1, 2, 4, 4, dtype=torch.int32), torch.ones(3, 2, 3, 3)), {}, TypeError,
+         "input must have dtype"),
+        (lambda: (torch.ones(1, 2, 4, 4), torch.ones(3, 2, 3, 3, dtype=torch.float64)), {}, TypeError,
+         "weight must have"),
+        (lambda: (torch.ones(1, 2, 4, 4), torch.ones(3, 5, 3, 3)), {}, ValueError, "input has 2 channels"),
+        (lambda: (torch.ones(1, 2, 4, 4), torch.ones(3, 2, 3)), {}, ValueError, "weight must be"),
+        (lambda: (torch.ones(2, 4, 4), torch.ones(3, 2, 3, 3), torch.ones(4)), {}, ValueError, "bias must have shape"),
+        (lambda: (torch.ones(1, 1, 2, 4, 4), torch.ones(3, 2, 3, 3)), {}, ValueError, "input must be"),
+        (lambda: (torch.ones(1, 2, 4, 4), torch.ones(3, 2, 3, 3)), {"upsample": 0}, ValueError, "upsample must"),
+        (lambda: (torch.ones(1, 2, 4, 4), torch.ones(3, 2, 3, 3)), {"residual": torch.ones(3, 4, 4)}, ValueError,
+         "residual of shape"),
+        (lambda: (torch.ones(1, 2, 4, 4), torch.ones(3, 2, 3, 3)), {"residual": torch.ones(2, 3, 2, 2)}, ValueError,
+         "residual of shape"),
+        (lambda: (torch.ones(1, 2, 4, 4), torch.ones(3, 2, 3, 3)), {"residual": torch.ones(1, dtype=torch.float64)},
+         TypeError, "residual must have"),
     ],
 )
-def test_bad_input(make_args, error, words):
+def test_bad_input(make_args, kwargs, error, words):
     require("cpu")
-    args = make_args()
     with genfast.use_backend("cpu"), pytest.raises(error, match=words):
-        genfast.ops.conv2d(*args[:7], **({"upsample": args[7]} if len(args) > 7 else {}))
+        genfast.ops.conv2d(*make_args(), **kwargs)
 
 
 def test_kernel_checks_its_arguments():
@@ -229,17 +280,31 @@ def test_kernel_checks_its_arguments():
     x, weight = torch.randn(1, 4, 5, 5), torch.randn(8, 4, 3, 3)
     filters = genfast.ops.conv.winograd_filters(weight)
     with pytest.raises(RuntimeError, match="transformed filters"):
-        extension().conv2d_winograd(x, filters[:, :3], None, 8, 1, 1, 1)
+        extension().conv2d_winograd(x, filters[:, :3], None, None, 8, 1, 1, 1)
     with pytest.raises(RuntimeError, match="at least the 3x3 filter"):
-        extension().conv2d_winograd(torch.randn(1, 4, 1, 5), filters, None, 8, 0, 0, 1)
+        extension().conv2d_winograd(torch.randn(1, 4, 1, 5), filters, None, None, 8, 0, 0, 1)
     with pytest.raises(RuntimeError, match="bias must be"):
-        extension().conv2d_winograd(x, filters, torch.randn(7), 8, 1, 1, 1)
+        extension().conv2d_winograd(x, filters, torch.randn(7), None, 8, 1, 1, 1)
     with pytest.raises(RuntimeError, match="upsample must be"):
-        extension().conv2d_winograd(x, filters, None, 8, 1, 1, 0)
+        extension().conv2d_winograd(x, filters, None, None, 8, 1, 1, 0)
+    with pytest.raises(RuntimeError, match="residual must be"):
+        extension().conv2d_winograd(x, filters, None, torch.randn(1, 8, 5, 5), 8, 1, 1, 1)
+
+
+class _Decoder(torch.nn.Module):
+    """A convolution, SiLU, then an upsampling convolution (diffusers' Upsample2D) and a 1x1 one."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = genfast.nn.Conv2d(3, 8, 3, padding=1)
+        self.upsample = genfast.nn.Conv2d(8, 8, 3, padding=1)
+        self.out = genfast.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.out(self.upsample(F.silu(self.conv(x)), upsample=2))
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 def test_compiles_without_graph_break(compiler):
     torch.manual_seed(0)
-    module = torch.nn.Sequential(genfast.nn.Conv2d(3, 8, 3, padding=1), torch.nn.SiLU(), genfast.nn.Conv2d(8, 4, 3))
-    assert_compiles_like_eager(module, torch.randn(2, 3, 9, 7), compiler)
+    assert_compiles_like_eager(_Decoder(), torch.randn(2, 3, 9, 7), compiler)

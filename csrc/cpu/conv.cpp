@@ -186,18 +186,38 @@ void transform_input_tile(const float* x, const float* zeros, const TileGrid& g,
   }
 }
 
-// Tile t's 2x2 outputs A^T M A + bias for g.K channels, with A^T = [1 1 1 0; 0 1 -1 -1], from
-// m[p * plane + k]; written to y (N, out_h, out_w, pixel_stride), the outputs past the image's
-// edge to `discard` (g.K floats).
-void transform_output_tile(const float* m, int64_t plane, const float* bias, float* y, float* discard,
+// What the output transform adds to the convolution: a bias (K) and a residual (N, out_h, out_w, K)
+// read through its strides (a channel's stride is 1; a broadcast dimension's is 0); either may
+// be absent (null). A ResNet block's skip connection and a U-Net's timestep embedding are added
+// here, rather than in a pass of their own over the output.
+struct Addends {
+  const float* bias = nullptr;
+  const float* residual = nullptr;
+  int64_t residual_n = 0, residual_h = 0, residual_w = 0;
+
+  // The addends of output channels k0 and on.
+  Addends from_channel(int64_t k0) const {
+    return {bias ? bias + k0 : nullptr, residual ? residual + k0 : nullptr, residual_n, residual_h, residual_w};
+  }
+};
+
+// Tile t's 2x2 outputs A^T M A + the addends for g.K channels, with A^T = [1 1 1 0; 0 1 -1 -1],
+// from m[p * plane + k]; written to y (N, out_h, out_w, pixel_stride), the outputs past the
+// image's edge to `discard` (g.K floats).
+template <bool kResidual>
+void transform_output_tile(const float* m, int64_t plane, const Addends& add, float* y, float* discard,
                            const TileGrid& g, int64_t pixel_stride, int64_t t) {
   const int64_t n = t / (g.rows() * g.cols()), ty = t / g.cols() % g.rows(), tx = t % g.cols();
   float* out[2][2];
+  const float* residual[2][2];
   for (int i = 0; i < 2; ++i)
     for (int j = 0; j < 2; ++j) {
       const int64_t oy = 2 * ty + i, ox = 2 * tx + j;
-      out[i][j] = oy < g.out_h() && ox < g.out_w() ? y + ((n * g.out_h() + oy) * g.out_w() + ox) * pixel_stride
-                                                   : discard;
+      const bool inside = oy < g.out_h() && ox < g.out_w();
+      out[i][j] = inside ? y + ((n * g.out_h() + oy) * g.out_w() + ox) * pixel_stride : discard;
+      if constexpr (kResidual)
+        residual[i][j] = inside ? add.residual + n * add.residual_n + oy * add.residual_h + ox * add.residual_w
+                                : discard;
     }
 #pragma omp simd
   for (int64_t k = 0; k < g.K; ++k) {
@@ -208,16 +228,30 @@ void transform_output_tile(const float* m, int64_t plane, const float* bias, flo
       r[0][j] = m0 + m1 + m2;
       r[1][j] = m1 - m2 - m3;
     }
-    const float b = bias ? bias[k] : 0.0f;
+    const float b = add.bias ? add.bias[k] : 0.0f;
     for (int i = 0; i < 2; ++i) {
-      out[i][0][k] = r[i][0] + r[i][1] + r[i][2] + b;
-      out[i][1][k] = r[i][1] - r[i][2] - r[i][3] + b;
+      float first = r[i][0] + r[i][1] + r[i][2] + b, second = r[i][1] - r[i][2] - r[i][3] + b;
+      if constexpr (kResidual) {
+        first += residual[i][0][k];
+        second += residual[i][1][k];
+      }
+      out[i][0][k] = first;
+      out[i][1][k] = second;
     }
   }
 }
 
+void transform_output_tile(const float* m, int64_t plane, const Addends& add, float* y, float* discard,
+                           const TileGrid& g, int64_t pixel_stride, int64_t t) {
+  if (add.residual) {
+    transform_output_tile<true>(m, plane, add, y, discard, g, pixel_stride, t);
+  } else {
+    transform_output_tile<false>(m, plane, add, y, discard, g, pixel_stride, t);
+  }
+}
+
 // The convolution of x (N, H, W, C) into y (N, out_h, out_w, K) by fused blocks, task by task.
-void convolve_blocks(const float* x, const float* U, const float* bias, float* y, const TileGrid& g) {
+void convolve_blocks(const float* x, const float* U, const Addends& add, float* y, const TileGrid& g) {
   const Schedule s(g);
   const int64_t T = g.tiles(), C = g.C, Kp = g.padded_k();
   at::parallel_for(0, s.blocks * s.k_chunks, 1, [&](int64_t begin, int64_t end) {
@@ -236,14 +270,14 @@ void convolve_blocks(const float* x, const float* U, const float* bias, float* y
                              M.data() + p * s.block * s.k_chunk + j, s.k_chunk);
         }
       for (int64_t t = 0; t < count; ++t)
-        transform_output_tile(M.data() + t * s.k_chunk, s.block * s.k_chunk, bias ? bias + k0 : nullptr,
+        transform_output_tile(M.data() + t * s.k_chunk, s.block * s.k_chunk, add.from_channel(k0),
                               y + k0, discard.data(), chunk, g.K, first + t);
     }
   });
 }
 
 // The same convolution by its three steps apart, the products through ATen's bmm.
-void convolve_batched(const float* x, const Tensor& U, const float* bias, float* y, const TileGrid& g) {
+void convolve_batched(const float* x, const Tensor& U, const Addends& add, float* y, const TileGrid& g) {
   const int64_t T = g.tiles(), C = g.C, Kp = g.padded_k();
   Tensor V = at::empty({16, T, C}, U.options());
   float* v = V.data_ptr<float>();
@@ -255,15 +289,15 @@ void convolve_batched(const float* x, const Tensor& U, const float* bias, float*
   const float* m = M.data_ptr<float>();
   at::parallel_for(0, T, kTileRows, [&](int64_t begin, int64_t end) {
     std::vector<float> discard(g.K);
-    for (int64_t t = begin; t < end; ++t) transform_output_tile(m + t * Kp, T * Kp, bias, y, discard.data(), g, g.K, t);
+    for (int64_t t = begin; t < end; ++t) transform_output_tile(m + t * Kp, T * Kp, add, y, discard.data(), g, g.K, t);
   });
 }
 
-void convolve(const float* x, const Tensor& U, const float* bias, float* y, const TileGrid& g) {
+void convolve(const float* x, const Tensor& U, const Addends& add, float* y, const TileGrid& g) {
   if (fused_products(g.C, g.padded_k())) {
-    convolve_blocks(x, U.data_ptr<float>(), bias, y, g);
+    convolve_blocks(x, U.data_ptr<float>(), add, y, g);
   } else {
-    convolve_batched(x, U, bias, y, g);
+    convolve_batched(x, U, add, y, g);
   }
 }
 
@@ -306,8 +340,9 @@ Tensor conv2d_winograd_weight(const Tensor& weight) {
   return U;
 }
 
-Tensor conv2d_winograd(const Tensor& x, const Tensor& U, const std::optional<Tensor>& bias, int64_t out_channels,
-                       int64_t pad_h, int64_t pad_w, int64_t upsample) {
+Tensor conv2d_winograd(const Tensor& x, const Tensor& U, const std::optional<Tensor>& bias,
+                       const std::optional<Tensor>& residual, int64_t out_channels, int64_t pad_h, int64_t pad_w,
+                       int64_t upsample) {
   const bool channels_last = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
   const TileGrid g{x.size(0), upsample * x.size(2), upsample * x.size(3), x.size(1), out_channels, pad_h, pad_w,
                    upsample};
@@ -315,14 +350,19 @@ Tensor conv2d_winograd(const Tensor& x, const Tensor& U, const std::optional<Ten
   Tensor y = at::empty({g.N, g.K, g.out_h(), g.out_w()}, options.memory_format(at::MemoryFormat::ChannelsLast));
   if (y.numel() == 0) return channels_last ? y : y.contiguous();
   const Tensor b = bias ? bias->contiguous() : Tensor();
-  const float* b_data = bias ? b.data_ptr<float>() : nullptr;
+  Addends add;
+  add.bias = bias ? b.data_ptr<float>() : nullptr;
+  if (residual) {
+    add.residual = residual->data_ptr<float>();
+    add.residual_n = residual->stride(0), add.residual_h = residual->stride(2), add.residual_w = residual->stride(3);
+  }
   if (channels_last) {
-    convolve(x.data_ptr<float>(), U.contiguous(), b_data, y.data_ptr<float>(), g);
+    convolve(x.data_ptr<float>(), U.contiguous(), add, y.data_ptr<float>(), g);
     return y;
   }
   const Tensor input = x.contiguous(), pixels = at::empty({g.N, x.size(2), x.size(3), g.C}, options);
   transpose_batched(input.data_ptr<float>(), pixels.data_ptr<float>(), g.N, g.C, x.size(2) * x.size(3));
-  convolve(pixels.data_ptr<float>(), U.contiguous(), b_data, y.data_ptr<float>(), g);
+  convolve(pixels.data_ptr<float>(), U.contiguous(), add, y.data_ptr<float>(), g);
   Tensor out = at::empty({g.N, g.K, g.out_h(), g.out_w()}, options);
   transpose_batched(y.data_ptr<float>(), out.data_ptr<float>(), g.N, g.out_h() * g.out_w(), g.K);
   return out;

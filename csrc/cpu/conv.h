@@ -14,9 +14,11 @@ at::Tensor conv2d_winograd_weight(const at::Tensor& weight);
 
 // The 3x3, stride-1 convolution of x (N, C, H, W), float32, upsampled by nearest neighbours to
 // (upsample H, upsample W) first, with K = out_channels filters transformed into U, plus bias
-// (K): y (N, K, upsample H + 2 pad_h - 2, upsample W + 2 pad_w - 2), laid out like x
-// (channels-last if x is, else contiguous).
+// (K) and residual: y (N, K, upsample H + 2 pad_h - 2, upsample W + 2 pad_w - 2), laid out like x
+// (channels-last if x is, else contiguous). residual has y's sizes and any strides whose channel
+// stride is 1 (a channels-last tensor, or a (N, K, 1, 1) one expanded).
 at::Tensor conv2d_winograd(const at::Tensor& x, const at::Tensor& U, const std::optional<at::Tensor>& bias,
-                           int64_t out_channels, int64_t pad_h, int64_t pad_w, int64_t upsample);
+                           const std::optional<at::Tensor>& residual, int64_t out_channels, int64_t pad_h,
+                           int64_t pad_w, int64_t upsample);
 
 }  // namespace genfast::cpu

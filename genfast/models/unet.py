@@ -3,8 +3,8 @@ from genfast's from the same weights, and its sampling loop.
 
 The two builds share one module tree and state_dict; the genfast one runs
 GroupNorm+SiLU as one kernel (genfast.nn.GroupNorm), its 3x3 convolutions by
-Winograd's algorithm with the decoder's upsampling fused into them
-(genfast.nn.Conv2d), the timestep embedding as one kernel,
+Winograd's algorithm with the decoder's upsampling and the ResNet blocks' sums
+fused into them (genfast.nn.Conv2d), the timestep embedding as one kernel,
 attention with genfast.ops.scaled_dot_product_attention, and guidance inside
 the scheduler's fused step.
 """
@@ -43,6 +43,7 @@ class ResBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, embedding_dim: int, groups: int, fused: bool):
         super().__init__()
+        self.fused = fused
         self.norm1 = _norm(in_channels, groups, fused, silu=True)
         self.conv1 = _conv(in_channels, out_channels, 3, fused, padding=1)
         self.embedding = nn.Linear(embedding_dim, out_channels)
@@ -51,7 +52,11 @@ class ResBlock(nn.Module):
         self.skip = _conv(in_channels, out_channels, 1, fused) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: Tensor, embedding: Tensor) -> Tensor:
-        h = self.conv1(self.norm1(x)) + self.embedding(embedding)[:, :, None, None]
+        projected = self.embedding(embedding)[:, :, None, None]
+        if self.fused:  # the sums added as the convolutions write their outputs
+            h = self.conv1(self.norm1(x), residual=projected)
+            return self.conv2(self.norm2(h), residual=self.skip(x))
+        h = self.conv1(self.norm1(x)) + projected
         return self.skip(x) + self.conv2(self.norm2(h))
 
 

@@ -17,7 +17,8 @@ class Conv2d(nn.Conv2d):
     Winograd kernel (genfast.ops.conv2d). Parameters and state_dict are torch's.
 
     ``conv(x)`` is torch's; ``conv(x, upsample=2)`` is ``conv(F.interpolate(x, scale_factor=2))``,
-    diffusers' Upsample2D, with the upsampling fused into the kernel's reads.
+    diffusers' Upsample2D, with the upsampling fused into the kernel's reads; ``conv(x,
+    residual=r)`` is ``conv(x) + r``, added as the kernel writes (genfast.ops.conv2d).
 
     The kernel's transformed filters are kept between calls and made again when the weight
     changes (an optimizer step, load_state_dict): at 256 to 128 channels they take 2 MB, and
@@ -34,11 +35,11 @@ class Conv2d(nn.Conv2d):
             self._filters = (weakref.ref(weight), weight._version, conv.winograd_filters(weight))
         return self._filters[2]
 
-    def forward(self, input: Tensor, upsample: int = 1) -> Tensor:
+    def forward(self, input: Tensor, upsample: int = 1, residual: Tensor | None = None) -> Tensor:
         padding = self.padding
         if self.padding_mode != "zeros":
             input = reference.conv.upsample_nearest(input, upsample)
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding, upsample = 0, 1
         return conv.conv2d(input, self.weight, self.bias, self.stride, padding, self.dilation, self.groups,
-                           upsample=upsample, filters=self._winograd_filters)
+                           upsample=upsample, residual=residual, filters=self._winograd_filters)

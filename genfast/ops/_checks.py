@@ -49,9 +49,16 @@ def check_int(name: str, value: object, *, minimum: int) -> int:
     return value
 
 
+_MEMORY_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
 def channels_last(x: torch.Tensor) -> bool:
     """Whether x is dense with channels innermost, (N, *spatial, C) in memory."""
-    return x.dim() > 2 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
+    if x.dim() <= 2 or x.is_contiguous():
+        return False
+    if memory_format := _MEMORY_FORMATS.get(x.dim()):  # a stride check, where movedim makes a view (2 us)
+        return x.is_contiguous(memory_format=memory_format)
+    return x.movedim(1, -1).is_contiguous()
 
 
 def dense(x: torch.Tensor) -> torch.Tensor:

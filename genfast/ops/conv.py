@@ -48,18 +48,25 @@ def _padding_pair(padding) -> tuple[int, int] | None:
 
 
 def _forward(
-    x: Tensor, filters: Tensor, weight: Tensor, bias: Tensor | None, padding: list[int], upsample: int
+    x: Tensor,
+    filters: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    padding: list[int],
+    upsample: int,
 ) -> Tensor:
     """The 3x3 stride-1 convolution of x (N, C, H, W) upsampled ``upsample`` times by weight (K, C,
-    3, 3), whose transform is ``filters``; float32 CPU tensors. y is laid out like x."""
-    return extension().conv2d_winograd(x, filters, bias, weight.shape[0], *padding, upsample)
+    3, 3), whose transform is ``filters``, + bias + residual (y's sizes, channel stride 1); float32
+    CPU tensors. y is laid out like x."""
+    return extension().conv2d_winograd(x, filters, bias, residual, weight.shape[0], *padding, upsample)
 
 
 conv2d_op = torch.library.custom_op("genfast::conv2d_winograd", _forward, mutates_args=())
 
 
 @conv2d_op.register_fake
-def _(x, filters, weight, bias, padding, upsample):
+def _(x, filters, weight, bias, residual, padding, upsample):
     height, width = upsample * x.shape[2] + 2 * padding[0] - 2, upsample * x.shape[3] + 2 * padding[1] - 2
     shape = (x.shape[0], weight.shape[0], height, width)
     channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
@@ -68,14 +75,14 @@ def _(x, filters, weight, bias, padding, upsample):
 
 
 def _setup_context(ctx, inputs, output):
-    x, _, weight, bias, padding, upsample = inputs
+    x, _, weight, bias, residual, padding, upsample = inputs
     ctx.save_for_backward(x, weight)
     ctx.padding, ctx.upsample, ctx.has_bias = padding, upsample, bias is not None
 
 
 def _backward(ctx, dy):
     if dy is None:
-        return None, None, None, None, None, None
+        return None, None, None, None, None, None, None
     x, weight = ctx.saved_tensors
     wants_bias = ctx.has_bias and ctx.needs_input_grad[3]
     dx, dweight, dbias = torch.ops.aten.convolution_backward(
@@ -85,7 +92,7 @@ def _backward(ctx, dy):
     if dx is not None and ctx.upsample > 1:  # each input pixel fed upsample x upsample of the upsampled image
         u = ctx.upsample
         dx = dx.unflatten(3, (-1, u)).sum(4).unflatten(2, (-1, u)).sum(3)
-    return dx, None, dweight, dbias if wants_bias else None, None, None
+    return dx, None, dweight, dbias if wants_bias else None, dy if ctx.needs_input_grad[4] else None, None, None
 
 
 conv2d_op.register_autograd(_backward, setup_context=_setup_context)
@@ -176,6 +183,22 @@ def _winograd_padding(
     return pad if fits else None
 
 
+def _broadcast(residual: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """residual expanded to the output's shape, or a ValueError naming both."""
+    try:
+        fits = torch.broadcast_shapes(residual.shape, shape) == shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"residual of shape {tuple(residual.shape)} must broadcast to the output's shape {shape}")
+    return residual.expand(shape)
+
+
+def _output_shape(input: Tensor, weight: Tensor, pad: tuple[int, int], upsample: int) -> tuple[int, ...]:
+    height, width = upsample * input.shape[2] + 2 * pad[0] - 2, upsample * input.shape[3] + 2 * pad[1] - 2
+    return (input.shape[0], weight.shape[0], height, width)
+
+
 def conv2d(
     input: Tensor,
     weight: Tensor,
@@ -186,18 +209,26 @@ def conv2d(
     groups: int = 1,
     *,
     upsample: int = 1,
+    residual: Tensor | None = None,
     filters: Callable[[Tensor], Tensor] = winograd_filters,
 ) -> Tensor:
     """``torch.nn.functional.conv2d`` of input upsampled ``upsample`` times by nearest neighbours
-    (``F.interpolate(input, scale_factor=upsample)``; 1: not upsampled). ``filters(weight)`` gives
-    the Winograd kernel its transformed filters when it runs: ``winograd_filters``, or a function
-    that keeps them."""
+    (``F.interpolate(input, scale_factor=upsample)``; 1: not upsampled), plus ``residual``, a
+    tensor that broadcasts to the output (a ResNet block's skip connection, a timestep
+    embedding's (N, K, 1, 1) projection). The Winograd kernel adds the residual as it writes
+    the output where the residual's channels are innermost (channels-last, or one value per
+    channel); others are added after. ``filters(weight)`` gives the kernel its transformed
+    filters when it runs: ``winograd_filters``, or a function that keeps them."""
     _check(input, weight, bias, groups)
     if isinstance(upsample, bool) or not isinstance(upsample, int) or upsample < 1:
         raise ValueError(f"upsample must be an int >= 1, got {upsample!r}")
+    if residual is not None:
+        check_tensor("residual", residual, like=input)
+        if residual.dtype != input.dtype:
+            raise TypeError(f"residual must have input's dtype {input.dtype}, got {residual.dtype}")
     if input.dim() == 3:  # unbatched (C, H, W)
         return conv2d(input[None], weight, bias, stride, padding, dilation, groups, upsample=upsample,
-                      filters=filters)[0]
+                      residual=residual, filters=filters)[0]
     native = get_backend() in ("auto", "cpu") and resolve("conv2d", input.device, _IMPLEMENTED) == "cpu"
     if native and not channels_last(input) and _channels_last_weight(weight):
         # torch's rule: a channels-last weight makes the output channels-last.
@@ -206,7 +237,15 @@ def conv2d(
     if not native or pad is None or input.numel() == 0:
         input = reference.conv.upsample_nearest(input, upsample)
         if native and input.numel() > 0 and _is_pointwise(input, weight, stride, padding, groups):
-            return _pointwise(input, weight, bias)
-        return reference.conv.conv2d(input, weight, bias, stride, padding, dilation, groups)
-    args = (input, filters(weight), weight, None if bias is None else bias.contiguous(), list(pad), upsample)
-    return conv2d_op(*args) if torch.compiler.is_compiling() else _Conv2dFunction.call(*args)[0]
+            y = _pointwise(input, weight, bias)
+        else:
+            y = reference.conv.conv2d(input, weight, bias, stride, padding, dilation, groups)
+        return y if residual is None else y + _broadcast(residual, tuple(y.shape))
+    shape = _output_shape(input, weight, pad, upsample)
+    fused = None
+    if residual is not None:
+        residual = _broadcast(residual, shape)
+        fused = residual if residual.stride(1) == 1 or shape[1] == 1 else None
+    args = (input, filters(weight), weight, None if bias is None else bias.contiguous(), fused, list(pad), upsample)
+    y = conv2d_op(*args) if torch.compiler.is_compiling() else _Conv2dFunction.call(*args)[0]
+    return y if residual is None or fused is not None else y + residual
