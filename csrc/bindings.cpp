@@ -790,6 +790,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Scaled dot-product attention's backward: (dq, dk, dv, dmask or an undefined tensor)");
   m.def("attention_decode", &attention_decode, "Decoding attention over a contiguous or paged KV cache: out");
   m.def("conv2d_winograd_weight", &conv2d_winograd_weight, "3x3 filters (K, C, 3, 3) transformed: (16, C, K)");
-  m.def("conv2d_winograd", &conv2d_winograd, "3x3 stride-1 convolution by Winograd F(2x2, 3x3) of x upsampled by nearest neighbours, + residual: y");
+  m.def("conv2d_winograd", &conv2d_winograd,
+        "3x3 stride-1 convolution by Winograd F(2x2, 3x3) of x upsampled by nearest neighbours, + residual: y");
   m.def("scale", &scale, "scale * x, for the denoising loss's backward");
 }

@@ -7,11 +7,11 @@ times the float32 error of ATen's direct kernel. A 1x1 one (no padding) is one
 matrix product over the pixels, which ran 1.5 to 3 times faster than oneDNN's
 1x1 convolution at a small U-Net's sizes on a 2-core Xeon (a (4, 128, 8, 8)
 input to 128 channels: 63 against 117 us channels-last, 71 against 187 us
-channels-first). Every other convolution, and
-every convolution on a GPU or under a backend other than cpu (genfast has no
-Triton or CUDA convolution: cuDNN's is the one to beat there), runs ATen's:
-genfast/reference/conv.py. The backward is ATen's convolution
-backward: the gradients of a convolution do not depend on how it was computed.
+channels-first). Every other convolution, and every convolution on a GPU or
+under a backend other than cpu (genfast has no Triton or CUDA convolution:
+cuDNN's is the one to beat there), runs ATen's: genfast/reference/conv.py.
+The backward is ATen's convolution backward: the gradients of a convolution
+do not depend on how it was computed.
 
 ``upsample=2`` first upsamples the input by nearest neighbours, as diffusers'
 Upsample2D does before its convolution; the Winograd kernel reads the small
@@ -35,8 +35,6 @@ from ._autograd import eager_function
 from ._checks import channels_last, check_tensor
 
 _IMPLEMENTED = frozenset({"cpu"})
-
-
 _ONES = (1, (1, 1), [1, 1])  # a stride or dilation of 1, as an int or a pair
 
 
@@ -67,8 +65,7 @@ conv2d_op = torch.library.custom_op("genfast::conv2d_winograd", _forward, mutate
 
 @conv2d_op.register_fake
 def _(x, filters, weight, bias, residual, padding, upsample):
-    height, width = upsample * x.shape[2] + 2 * padding[0] - 2, upsample * x.shape[3] + 2 * padding[1] - 2
-    shape = (x.shape[0], weight.shape[0], height, width)
+    shape = _output_shape(x, weight, padding, upsample)
     channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
     return torch.empty(shape, dtype=x.dtype, device=x.device,
                        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -85,9 +82,11 @@ def _backward(ctx, dy):
         return None, None, None, None, None, None, None
     x, weight = ctx.saved_tensors
     wants_bias = ctx.has_bias and ctx.needs_input_grad[3]
+    upsampled = reference.conv.upsample_nearest(x, ctx.upsample)
+    bias_sizes = [weight.shape[0]] if ctx.has_bias else None
+    wanted = [ctx.needs_input_grad[0], ctx.needs_input_grad[2], wants_bias]
     dx, dweight, dbias = torch.ops.aten.convolution_backward(
-        dy, reference.conv.upsample_nearest(x, ctx.upsample), weight, [weight.shape[0]] if ctx.has_bias else None, [1, 1],
-        list(ctx.padding), [1, 1], False, [0, 0], 1, [ctx.needs_input_grad[0], ctx.needs_input_grad[2], wants_bias],
+        dy, upsampled, weight, bias_sizes, [1, 1], list(ctx.padding), [1, 1], False, [0, 0], 1, wanted
     )
     if dx is not None and ctx.upsample > 1:  # each input pixel fed upsample x upsample of the upsampled image
         u = ctx.upsample
