@@ -87,14 +87,14 @@ def test_upsampled_input_matches_reference(shape, layout, upsample, kernel_calls
     assert_close_to_reference(y, ref, F.conv2d(big, weight, b, padding=padding), 1e-6, f"{shape} {layout}")
 
 
-def test_upsampled_gradients_match_reference():
-    require("cpu")
+def test_upsampled_gradients_match_reference(kernel_calls):
     x, weight, b, padding = _inputs(SHAPES[1])
     leaves = [t.clone().requires_grad_() for t in (x, weight, b)]
     with genfast.use_backend("cpu"):
         y = genfast.ops.conv2d(*leaves, padding=padding, upsample=2)
-    dy = torch.randn_like(y)
-    grads = torch.autograd.grad(y, leaves, dy)
+        dy = torch.randn_like(y)
+        grads = torch.autograd.grad(y, leaves, dy)
+    assert len(kernel_calls) == 1
     leaves64 = [t.double().requires_grad_() for t in (x, weight, b)]
     big = F.interpolate(leaves64[0], scale_factor=2, mode="nearest")
     want = torch.autograd.grad(F.conv2d(big, *leaves64[1:], padding=padding), leaves64, dy.double())
@@ -146,15 +146,15 @@ def test_residual_gradients(residual_kind):
         torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("shape", SHAPES[1:4])
-def test_gradients_match_reference(shape):
-    require("cpu")
+@pytest.mark.parametrize("shape", [*SHAPES[1:4], (2, 4, 6, 5, 3, 3)])
+def test_gradients_match_reference(shape, kernel_calls):
     x, weight, b, padding = _inputs(shape)
     leaves = [t.clone().requires_grad_() for t in (x, weight, b)]
     with genfast.use_backend("cpu"):
         y = genfast.ops.conv2d(*leaves, padding=padding)
-    dy = torch.randn_like(y)
-    grads = torch.autograd.grad(y, leaves, dy)
+        dy = torch.randn_like(y)
+        grads = torch.autograd.grad(y, leaves, dy)
+    assert len(kernel_calls) == 1
     leaves64 = [t.double().requires_grad_() for t in (x, weight, b)]
     want = torch.autograd.grad(F.conv2d(*leaves64, padding=padding), leaves64, dy.double())
     for name, got, ref in zip(("input", "weight", "bias"), grads, want, strict=True):
