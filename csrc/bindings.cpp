@@ -14,11 +14,11 @@
 #include "cpu/cross_entropy.h"
 #include "cpu/diffusion.h"
 #include "cpu/memory.h"
-#include "cpu/tile_matmul.h"
 #include "cpu/norm.h"
 #include "cpu/rnn.h"
 #include "cpu/rotary.h"
 #include "cpu/sampling.h"
+#include "cpu/tile_matmul.h"
 #include "layout.h"
 
 #ifdef GENFAST_WITH_CUDA

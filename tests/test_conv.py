@@ -146,6 +146,21 @@ def test_residual_gradients(residual_kind):
         torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_inputs_reach_the_outputs_they_reach_in_torch(bad, kernel_calls):
+    """NaN lands where torch's NaN does; an infinity makes the same outputs non-finite (some NaN
+    where torch's are infinite: the transforms subtract it from itself)."""
+    x, weight, b, padding = _inputs((2, 3, 9, 8, 4, 1))
+    x[0, 1, 4, 3], x[1, 0, 0, 7], x[1, 2, 8, 0] = bad, bad, bad
+    with genfast.use_backend("cpu"):
+        y = genfast.ops.conv2d(x, weight, b, padding=padding)
+    want = F.conv2d(x, weight, b, padding=padding)
+    assert len(kernel_calls) == 1
+    assert torch.equal(torch.isfinite(y), torch.isfinite(want))
+    if bad != bad:
+        assert torch.equal(torch.isnan(y), torch.isnan(want))
+
+
 @pytest.mark.parametrize("shape", [*SHAPES[1:4], (2, 4, 6, 5, 3, 3)])
 def test_gradients_match_reference(shape, kernel_calls):
     x, weight, b, padding = _inputs(shape)

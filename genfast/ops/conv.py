@@ -13,6 +13,11 @@ cuDNN's is the one to beat there), runs ATen's: genfast/reference/conv.py.
 The backward is ATen's convolution backward: the gradients of a convolution
 do not depend on how it was computed.
 
+Non-finite values: a NaN input reaches the same outputs as in direct
+convolution, and an infinite one makes the same outputs non-finite, some of
+them NaN where direct convolution gives an infinity (the transforms subtract
+it from itself).
+
 ``upsample=2`` first upsamples the input by nearest neighbours, as diffusers'
 Upsample2D does before its convolution; the Winograd kernel reads the small
 image in place of the upsampled one.
