@@ -10,6 +10,7 @@
 
 #include "cpu/activation.h"
 #include "cpu/attention.h"
+#include "cpu/bias_act.h"
 #include "cpu/conv.h"
 #include "cpu/cross_entropy.h"
 #include "cpu/diffusion.h"
@@ -199,6 +200,46 @@ std::vector<Tensor> activation_backward(const Tensor& dy, const Tensor& x, const
   TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type() && dy.is_contiguous() && dy.is_cpu(),
               "dy must be a contiguous CPU tensor of x's shape ", x.sizes(), " and dtype ", x.scalar_type());
   return genfast::cpu::activation_backward(dy, x, up, genfast::cpu::activation_kind(activation));
+}
+
+// x: a dense CPU tensor of a float type in any dimension order; bias: (channels,) of x's dtype,
+// contiguous, with `inner` elements of x per channel per run (see BiasActParams).
+genfast::cpu::BiasActParams bias_act_params(const Tensor& x, const std::optional<Tensor>& bias,
+                                            const std::string& activation, double alpha, double gain,
+                                            std::optional<double> clamp, int64_t inner) {
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
+              "x must be float32, float16, bfloat16 or float64, got ", dtype);
+  TORCH_CHECK(x.is_cpu(), "bias_act: no C++ kernel for ", x.device(), " tensors (use triton)");
+  TORCH_CHECK(x.is_non_overlapping_and_dense(), "x must be dense (some order of its dimensions contiguous), got sizes ",
+              x.sizes(), " strides ", x.strides());
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->scalar_type() == dtype && bias->is_cpu() && bias->is_contiguous(),
+                "bias must be a contiguous 1-D CPU tensor of x's dtype ", dtype, ", got ", bias->scalar_type(), " ",
+                bias->sizes());
+    TORCH_CHECK(inner >= 1 && bias->numel() >= 1 && x.numel() % (inner * bias->numel()) == 0, "inner (", inner,
+                ") times the ", bias->numel(), " channels of bias must divide x's ", x.numel(), " elements");
+  }
+  TORCH_CHECK(std::isfinite(alpha) && std::isfinite(gain), "alpha and gain must be finite, got ", alpha, " and ", gain);
+  TORCH_CHECK(!clamp || *clamp >= 0, "clamp must be >= 0, got ", clamp.value_or(0));
+  return {activation, alpha, gain, clamp, inner};
+}
+
+Tensor bias_act_forward(const Tensor& x, const std::optional<Tensor>& bias, const std::string& activation,
+                        double alpha, double gain, std::optional<double> clamp, int64_t inner) {
+  return genfast::cpu::bias_act_forward(x, bias, bias_act_params(x, bias, activation, alpha, gain, clamp, inner));
+}
+
+std::vector<Tensor> bias_act_backward(const Tensor& dy, const Tensor& x, const std::optional<Tensor>& bias,
+                                      const std::string& activation, double alpha, double gain,
+                                      std::optional<double> clamp, int64_t inner, int64_t order) {
+  const auto params = bias_act_params(x, bias, activation, alpha, gain, clamp, inner);
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.strides() == x.strides() && dy.scalar_type() == x.scalar_type() &&
+                  dy.is_cpu(),
+              "dy must be a CPU tensor of x's shape ", x.sizes(), ", strides ", x.strides(), " and dtype ",
+              x.scalar_type(), ", got ", dy.sizes(), " ", dy.strides(), " ", dy.scalar_type());
+  TORCH_CHECK(order == 1 || order == 2, "order must be 1 or 2, got ", order);
+  return genfast::cpu::bias_act_backward(dy, x, bias, params, order);
 }
 
 // cell "lstm" or "gru"; x_proj (T, B, G*H), weight_hh (G*H, P), h0 (B, P), c0 (B, H) (LSTM),
@@ -768,6 +809,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("group_norm_backward", &group_norm_backward, "GroupNorm + activation backward: (dx, dweight, dbias)");
   m.def("activation_forward", &activation_forward, "act(x) or act(x) * up: y");
   m.def("activation_backward", &activation_backward, "The activation's backward: (dx, dup or an undefined tensor)");
+  m.def("bias_act_forward", &bias_act_forward, "clamp(gain act(x + bias)), laid out like x: y");
+  m.def("bias_act_backward", &bias_act_backward,
+        "dy gain act' (order 1) or act'' (order 2) of x + bias where not clamped, and its sum per channel: (g, "
+        "dbias or an undefined tensor)");
   m.def("cross_entropy_rows", &cross_entropy_rows,
         "Each row's cross-entropy: losses (rows,); with grad_scale, the logits become their gradient");
   m.def("recurrence_forward", &recurrence_forward,

@@ -1,38 +1,16 @@
 // Activations, plain or gated (GLU variants: SwiGLU, GeGLU), on the CPU: y = act(x) [* up] in one
 // pass, and its backward in one more. x and up are (rows, width) with the last dimension
 // contiguous and any row stride, so the two halves of a fused gate-and-up projection are read in
-// place. Tasks are tiles of a row, so long rows split and short rows batch.
-
-#include <ATen/Parallel.h>
-
-#include <algorithm>
+// place.
 
 #include "activation.h"
 #include "dispatch.h"
+#include "elementwise.h"
 #include "memory.h"
 
 namespace genfast::cpu {
-namespace {
 
 using at::Tensor;
-
-constexpr int64_t kTile = 4096;            // elements of a row per task at most
-constexpr int64_t kTaskElements = 1 << 14;  // elements per parallel chunk at least
-
-// Calls body(row, first column, end column) for every tile, in parallel.
-template <typename Body>
-void for_each_tile(int64_t rows, int64_t width, Body&& body) {
-  const int64_t tiles_per_row = (width + kTile - 1) / kTile;
-  const int64_t tile = std::min(width, kTile);
-  at::parallel_for(0, rows * tiles_per_row, std::max<int64_t>(1, kTaskElements / tile), [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t row = t / tiles_per_row, first = t % tiles_per_row * kTile;
-      body(row, first, std::min(width, first + kTile));
-    }
-  });
-}
-
-}  // namespace
 
 Tensor activation_forward(const Tensor& x, const std::optional<Tensor>& up, ActivationKind kind) {
   const int64_t rows = x.size(0), width = x.size(1);

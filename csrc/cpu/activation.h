@@ -1,6 +1,9 @@
 // Activations fused into CPU kernels, as types so that each kernel is instantiated per
 // activation and the choice costs nothing per element. The formulas are genfast/reference/
-// activation.py's; the names (ActivationKind) are the ones its ops take.
+// activation.py's and bias_act.py's; the names (ActivationKind) are the ones the activation op
+// takes. forward(z) is act(z), backward(z, dy) is dy act'(z) and, where bias_act needs it,
+// second(z, dy) is dy act''(z). LeakyReLU alone holds a parameter, so bias_act calls them on
+// instances.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -20,6 +23,58 @@ struct Identity {
   // d act / dz at z, times dy.
   template <typename T>
   GENFAST_VECTOR_INLINE static T backward(T z, T dy) { return dy; }
+  template <typename T>
+  GENFAST_VECTOR_INLINE static T second(T z, T dy) { return T(0); }
+};
+
+// The derivative at 0 is torch's: 0 for relu, the slope for leaky_relu. NaN passes through.
+struct ReLU {
+  template <typename T>
+  GENFAST_VECTOR_INLINE static T forward(T z) { return z < T(0) ? T(0) : z; }
+  template <typename T>
+  GENFAST_VECTOR_INLINE static T backward(T z, T dy) { return z <= T(0) ? T(0) : dy; }
+  template <typename T>
+  GENFAST_VECTOR_INLINE static T second(T z, T dy) { return T(0); }
+};
+
+struct LeakyReLU {
+  double alpha;
+  template <typename T>
+  GENFAST_VECTOR_INLINE T forward(T z) const { return z < T(0) ? T(alpha) * z : z; }
+  template <typename T>
+  GENFAST_VECTOR_INLINE T backward(T z, T dy) const { return z > T(0) ? dy : T(alpha) * dy; }
+  template <typename T>
+  GENFAST_VECTOR_INLINE T second(T z, T dy) const { return T(0); }
+};
+
+struct Tanh {
+  template <typename T>
+  GENFAST_VECTOR_INLINE static T forward(T z) { return tanh_fast(z); }
+  template <typename T>
+  GENFAST_VECTOR_INLINE static T backward(T z, T dy) {
+    const T t = tanh_fast(z);
+    return dy * (T(1) - t * t);
+  }
+  template <typename T>
+  GENFAST_VECTOR_INLINE static T second(T z, T dy) {
+    const T t = tanh_fast(z);
+    return dy * T(-2) * t * (T(1) - t * t);
+  }
+};
+
+struct Sigmoid {
+  template <typename T>
+  GENFAST_VECTOR_INLINE static T forward(T z) { return T(1) / (T(1) + exp_fast(-z)); }
+  template <typename T>
+  GENFAST_VECTOR_INLINE static T backward(T z, T dy) {
+    const T s = forward(z);
+    return dy * s * (T(1) - s);
+  }
+  template <typename T>
+  GENFAST_VECTOR_INLINE static T second(T z, T dy) {
+    const T s = forward(z);
+    return dy * s * (T(1) - s) * (T(1) - T(2) * s);
+  }
 };
 
 struct SiLU {
@@ -29,6 +84,11 @@ struct SiLU {
   GENFAST_VECTOR_INLINE static T backward(T z, T dy) {
     const T s = T(1) / (T(1) + exp_fast(-z));
     return dy * s * (T(1) + z * (T(1) - s));
+  }
+  template <typename T>
+  GENFAST_VECTOR_INLINE static T second(T z, T dy) {
+    const T s = T(1) / (T(1) + exp_fast(-z));
+    return dy * s * (T(1) - s) * (T(2) + z * (T(1) - T(2) * s));
   }
 };
 
@@ -41,6 +101,11 @@ struct GELU {
   GENFAST_VECTOR_INLINE static T backward(T z, T dy) {
     const T cdf = T(0.5) * (T(1) + erf_fast(z * T(0.70710678118654752)));
     return dy * (cdf + z * T(0.39894228040143268) * exp_fast(T(-0.5) * z * z));
+  }
+  // phi(z) (2 - z^2).
+  template <typename T>
+  GENFAST_VECTOR_INLINE static T second(T z, T dy) {
+    return dy * T(0.39894228040143268) * exp_fast(T(-0.5) * z * z) * (T(2) - z * z);
   }
 };
 

@@ -2,6 +2,7 @@
 
 from ..reference.diffusion import StepCoefficients
 from .activation import geglu, gelu, silu, swiglu
+from .bias_act import bias_act
 from .attention import attention_with_kv_cache, scaled_dot_product_attention
 from .conv import conv2d
 from .cross_entropy import linear_cross_entropy
@@ -12,7 +13,7 @@ from .rotary import apply_rotary_pos_emb
 from .sampling import sample_tokens
 
 __all__ = [
-    "StepCoefficients", "add_noise", "apply_rotary_pos_emb", "attention_with_kv_cache", "conv2d", "denoise_step", "denoising_loss", "geglu", "gelu", "group_norm", "layer_norm",
+    "StepCoefficients", "add_noise", "apply_rotary_pos_emb", "attention_with_kv_cache", "bias_act", "conv2d", "denoise_step", "denoising_loss", "geglu", "gelu", "group_norm", "layer_norm",
     "linear_cross_entropy", "lstm_cell", "lstm_layer", "gru_cell", "gru_layer", "CellNorms",
     "rms_norm", "sample_tokens", "scaled_dot_product_attention", "silu", "swiglu", "timestep_embedding",
 ]

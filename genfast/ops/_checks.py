@@ -61,6 +61,16 @@ def channels_last(x: torch.Tensor) -> bool:
     return x.movedim(1, -1).is_contiguous()
 
 
+def fills_memory(x: torch.Tensor) -> bool:
+    """Whether x is a permutation of a contiguous tensor: its elements fill its memory span, each once."""
+    expected = 1
+    for stride, size in sorted((stride, size) for size, stride in zip(x.shape, x.stride()) if size != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def dense(x: torch.Tensor) -> torch.Tensor:
     """x itself if channels-first or channels-last dense, else a contiguous copy:
     the two layouts every channel-wise kernel reads."""
