@@ -37,13 +37,12 @@ struct ReLU {
   GENFAST_VECTOR_INLINE static T second(T z, T dy) { return T(0); }
 };
 
+// The slope in the type computed in, so that the loops need no conversion.
+template <typename T>
 struct LeakyReLU {
-  double alpha;
-  template <typename T>
-  GENFAST_VECTOR_INLINE T forward(T z) const { return z < T(0) ? T(alpha) * z : z; }
-  template <typename T>
-  GENFAST_VECTOR_INLINE T backward(T z, T dy) const { return z > T(0) ? dy : T(alpha) * dy; }
-  template <typename T>
+  T alpha;
+  GENFAST_VECTOR_INLINE T forward(T z) const { return z < T(0) ? alpha * z : z; }
+  GENFAST_VECTOR_INLINE T backward(T z, T dy) const { return z > T(0) ? dy : alpha * dy; }
   GENFAST_VECTOR_INLINE T second(T z, T dy) const { return T(0); }
 };
 

@@ -68,10 +68,13 @@ void bias_act_pass(const Act& act, const Layout& layout, const scalar_t* x, cons
     const scalar_t* dyr = dy + (dy ? offset : 0);
     scalar_t* outr = out + offset;
     acc_t* thread_sums = sums ? sums + at::get_thread_num() * channels : nullptr;
+    // A copy the loops own: behind a reference, a store to out might change leaky_relu's slope,
+    // and GCC kept the loops scalar (12x slower).
+    const Act local_act = act;
     auto element = [&](int64_t i, acc_t b) {
       acc_t g = 0;
       if constexpr (kOrder > 0) g = static_cast<acc_t>(dyr[i]);
-      const acc_t value = bias_act_element<kOrder, kClamp>(act, static_cast<acc_t>(xr[i]) + b, g, gain, clamp);
+      const acc_t value = bias_act_element<kOrder, kClamp>(local_act, static_cast<acc_t>(xr[i]) + b, g, gain, clamp);
       outr[i] = static_cast<scalar_t>(value);
       return value;
     };
@@ -95,12 +98,13 @@ void bias_act_pass(const Act& act, const Layout& layout, const scalar_t* x, cons
   });
 }
 
-// Calls body(act) with the activation named `name`, as an instance (leaky_relu holds its slope).
-template <typename Body>
+// Calls body(act) with the activation named `name`, as an instance (leaky_relu holds its slope)
+// computing in acc_t.
+template <typename acc_t, typename Body>
 void dispatch_bias_activation(const std::string& name, double alpha, Body&& body) {
   if (name == "linear") return body(Identity{});
   if (name == "relu") return body(ReLU{});
-  if (name == "leaky_relu") return body(LeakyReLU{alpha});
+  if (name == "leaky_relu") return body(LeakyReLU<acc_t>{static_cast<acc_t>(alpha)});
   if (name == "gelu") return body(GELU{});
   if (name == "silu") return body(SiLU{});
   if (name == "tanh") return body(Tanh{});
@@ -114,7 +118,7 @@ template <typename scalar_t>
 void run_pass(int64_t order, const BiasActParams& params, const Layout& layout, const scalar_t* x,
               const scalar_t* bias, const scalar_t* dy, scalar_t* out, math_t<scalar_t>* sums) {
   const double clamp = params.clamp.value_or(0.0);
-  dispatch_bias_activation(params.activation, params.alpha, [&](auto act) {
+  dispatch_bias_activation<math_t<scalar_t>>(params.activation, params.alpha, [&](auto act) {
     auto with_clamp = [&]<bool kClamp>() {
       switch (order) {
         case 0: return bias_act_pass<0, kClamp>(act, layout, x, bias, dy, out, sums, params.gain, clamp);
