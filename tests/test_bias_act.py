@@ -235,3 +235,47 @@ class _Layer(torch.nn.Module):
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 def test_compiles_without_graph_break(compiler):
     assert_compiles_like_eager(_Layer(), torch.randn(2, 3, 9, 9), compiler)
+
+
+# activation: torch's module applied after torch.nn.Linear.
+TORCH_ACTIVATIONS = {
+    None: torch.nn.Identity(), "relu": torch.nn.ReLU(), "leaky_relu": torch.nn.LeakyReLU(), "gelu": torch.nn.GELU(),
+    "silu": torch.nn.SiLU(), "tanh": torch.nn.Tanh(), "sigmoid": torch.nn.Sigmoid(),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", TORCH_ACTIVATIONS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_is_torch_linear_then_activation(backend, activation, bias):
+    device = require(backend)
+    torch.manual_seed(0)
+    reference = torch.nn.Sequential(torch.nn.Linear(13, 7, bias=bias), TORCH_ACTIVATIONS[activation]).to(device)
+    layer = genfast.nn.Linear(13, 7, bias=bias, activation=activation, device=device)
+    layer.load_state_dict(reference[0].state_dict())
+    assert layer.state_dict().keys() == reference[0].state_dict().keys()
+    x = torch.randn(2, 5, 13, device=device)
+    expected, expected_grads = run_module(reference, x)
+    with genfast.use_backend(backend):
+        out, grads = run_module(layer, x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5)
+
+
+def run_module(module, x):
+    x = x.detach().requires_grad_()
+    out = module(x)
+    leaves = [x, *module.parameters()]
+    return out, torch.autograd.grad(out, leaves, torch.ones_like(out))
+
+
+def test_linear_options():
+    layer = genfast.nn.Linear(4, 3, activation="leaky_relu", alpha=0.2, gain=math.sqrt(2))
+    x = torch.randn(5, 4)
+    expected = torch.nn.functional.leaky_relu(torch.nn.functional.linear(x, layer.weight, layer.bias), 0.2) * math.sqrt(2)
+    torch.testing.assert_close(layer(x), expected)
+    assert repr(layer) == "Linear(in_features=4, out_features=3, bias=True, activation='leaky_relu', alpha=0.2, gain=1.4142135623730951)"
+    assert repr(genfast.nn.Linear(4, 3)) == repr(torch.nn.Linear(4, 3))
+    with pytest.raises(ValueError, match="activation"):
+        genfast.nn.Linear(4, 3, activation="elu")

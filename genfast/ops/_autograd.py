@@ -49,8 +49,10 @@ def eager_function(
         def call(cls, *inputs):
             """apply(), or where no input needs a gradient the kernel alone: recording a graph
             costs more than a small kernel (25 of a LayerNorm call's 50 us on a 2-core CPU)."""
-            if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
-                return cls.apply(*inputs)
+            if torch.is_grad_enabled():
+                for t in inputs:  # a loop, not any() over a generator: 1 us less per call
+                    if isinstance(t, torch.Tensor) and t.requires_grad:
+                        return cls.apply(*inputs)
             return _as_tuple(forward(*inputs))
 
     return EagerFunction

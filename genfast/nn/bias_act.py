@@ -1,0 +1,43 @@
+"""A linear layer with its activation fused into the bias add (genfast.ops.bias_act)."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops import bias_act
+from ..ops._checks import check_choice
+from ..reference.bias_act import ACTIVATIONS
+
+
+class Linear(nn.Linear):
+    """torch.nn.Linear followed by an activation, ``act(x @ weight.T + bias) * gain``: the matrix
+    product, then bias, activation and gain in one pass (and their backward in one, the bias's
+    gradient included). Parameters and state_dict are torch.nn.Linear's.
+
+    activation: None (the plain layer, torch's own) or one of genfast.ops.bias_act's names. Its
+    defaults are torch's, not StyleGAN2's: gain 1, and leaky_relu's slope ``alpha`` 0.01 as
+    torch.nn.LeakyReLU's. ``Linear(i, o, activation="relu")`` computes ``F.relu(nn.Linear(i, o)(x))``.
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+        activation: str | None = None, alpha: float = 0.01, gain: float = 1.0,
+    ) -> None:
+        if activation is not None:
+            check_choice("activation", activation, tuple(ACTIVATIONS))
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.activation, self.alpha, self.gain = activation, alpha, gain
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self.activation is None and self.gain == 1:
+            return F.linear(input, self.weight, self.bias)
+        slope = self.alpha if self.activation == "leaky_relu" else None
+        return bias_act(F.linear(input, self.weight), self.bias, dim=-1, activation=self.activation or "linear",
+                        alpha=slope, gain=self.gain)
+
+    def extra_repr(self) -> str:
+        extra = "" if self.activation is None else f", activation={self.activation!r}"
+        if self.activation == "leaky_relu":
+            extra += f", alpha={self.alpha}"
+        return super().extra_repr() + extra + ("" if self.gain == 1 else f", gain={self.gain}")
