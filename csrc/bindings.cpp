@@ -14,6 +14,7 @@
 #include "cpu/conv.h"
 #include "cpu/cross_entropy.h"
 #include "cpu/diffusion.h"
+#include "cpu/losses.h"
 #include "cpu/memory.h"
 #include "cpu/norm.h"
 #include "cpu/rnn.h"
@@ -240,6 +241,59 @@ std::vector<Tensor> bias_act_backward(const Tensor& dy, const Tensor& x, const s
               x.scalar_type(), ", got ", dy.sizes(), " ", dy.strides(), " ", dy.scalar_type());
   TORCH_CHECK(order == 1 || order == 2, "order must be 1 or 2, got ", order);
   return genfast::cpu::bias_act_backward(dy, x, bias, params, order);
+}
+
+// Tensors of one shape and float dtype on the CPU, contiguous; `names` name them in messages.
+void check_elementwise(std::initializer_list<std::pair<const Tensor*, const char*>> tensors) {
+  const Tensor& first = *tensors.begin()->first;
+  const auto dtype = first.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
+              tensors.begin()->second, " must be float32, float16, bfloat16 or float64, got ", dtype);
+  for (const auto& [t, name] : tensors) {
+    TORCH_CHECK(t->is_cpu() && t->scalar_type() == dtype && t->sizes() == first.sizes() && t->is_contiguous(), name,
+                " must be a contiguous CPU ", dtype, " tensor of shape ", first.sizes(), ", got ", t->scalar_type(),
+                " ", t->sizes(), " on ", t->device());
+  }
+}
+
+genfast::cpu::LossParams loss_params(const Tensor& x, const std::optional<Tensor>& t, const std::string& kind,
+                                     double sign, bool reduce, double scale) {
+  const auto params = genfast::cpu::LossParams{genfast::cpu::loss_kind(kind), sign, reduce, scale};
+  const bool takes_target = params.kind == genfast::cpu::LossKind::kMSE ||
+                            params.kind == genfast::cpu::LossKind::kBCEWithLogits ||
+                            params.kind == genfast::cpu::LossKind::kGaussianKL;
+  TORCH_CHECK(t.has_value() == takes_target, "loss ", kind, takes_target ? " takes" : " takes no", " target");
+  if (t) check_elementwise({{&x, "x"}, {&*t, "t"}});
+  else check_elementwise({{&x, "x"}});
+  return params;
+}
+
+Tensor loss_forward(const Tensor& x, const std::optional<Tensor>& t, const std::string& kind, double sign, bool reduce,
+                    double scale) {
+  return genfast::cpu::loss_forward(x, t, loss_params(x, t, kind, sign, reduce, scale));
+}
+
+std::vector<Tensor> loss_backward(const Tensor& grad, const Tensor& x, const std::optional<Tensor>& t,
+                                  const std::string& kind, double sign, bool reduce, double scale,
+                                  bool with_target_grad) {
+  const auto params = loss_params(x, t, kind, sign, reduce, scale);
+  if (reduce) {
+    TORCH_CHECK(grad.numel() == 1 && grad.is_cpu(), "grad must be a CPU tensor of one element, got ", grad.sizes());
+  } else {
+    check_elementwise({{&x, "x"}, {&grad, "grad"}});
+  }
+  TORCH_CHECK(!with_target_grad || t, "with_target_grad needs a target");
+  return genfast::cpu::loss_backward(grad, x, t, params, with_target_grad);
+}
+
+Tensor reparameterize_forward(const Tensor& mu, const Tensor& logvar, const Tensor& noise) {
+  check_elementwise({{&mu, "mu"}, {&logvar, "logvar"}, {&noise, "noise"}});
+  return genfast::cpu::reparameterize_forward(mu, logvar, noise);
+}
+
+Tensor reparameterize_backward(const Tensor& dz, const Tensor& logvar, const Tensor& noise) {
+  check_elementwise({{&dz, "dz"}, {&logvar, "logvar"}, {&noise, "noise"}});
+  return genfast::cpu::reparameterize_backward(dz, logvar, noise);
 }
 
 // cell "lstm" or "gru"; x_proj (T, B, G*H), weight_hh (G*H, P), h0 (B, P), c0 (B, H) (LSTM),
@@ -813,6 +867,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bias_act_backward", &bias_act_backward,
         "dy gain act' (order 1) or act'' (order 2) of x + bias where not clamped, and its sum per channel: (g, "
         "dbias or an undefined tensor)");
+  m.def("loss_forward", &loss_forward, "A VAE or GAN loss's terms, or their scaled sum: loss");
+  m.def("loss_backward", &loss_backward, "The loss's gradients: (dx, dt or an undefined tensor)");
+  m.def("reparameterize_forward", &reparameterize_forward, "mu + exp(logvar / 2) noise: z");
+  m.def("reparameterize_backward", &reparameterize_backward, "The sample's gradient for logvar");
   m.def("cross_entropy_rows", &cross_entropy_rows,
         "Each row's cross-entropy: losses (rows,); with grad_scale, the logits become their gradient");
   m.def("recurrence_forward", &recurrence_forward,
