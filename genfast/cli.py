@@ -1,4 +1,4 @@
-"""The genfast command: `genfast info` and `genfast bench`."""
+"""The genfast command: `genfast info`, `genfast check` and `genfast bench`."""
 
 from __future__ import annotations
 
@@ -63,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="genfast", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions and the backends available here")
+    check_parser = commands.add_parser(
+        "check", help="every architecture's genfast build against its torch.nn build; non-zero exit on a mismatch"
+    )
+    check_parser.add_argument("architectures", nargs="*", help="the ones to check (default: all)")
+    check_parser.add_argument("--device", action="append", choices=["cpu", "cuda"],
+                              help="default: cpu, and cuda where available")
     bench_parser = commands.add_parser("bench", help="time every op against eager torch, torch.compile and peers")
     bench_parser.add_argument("filters", nargs="*", help="run only cases whose op or name contains one of these")
     bench_parser.add_argument("--quick", action="store_true", help="the headline cases only (under 2 minutes on CPU)")
@@ -71,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     bench_parser.add_argument("--skip", nargs="+", metavar="PROVIDER",
                               help="providers to leave out, e.g. torch.compile (slow to compile)")
     args = parser.parse_args(argv)
+    if args.command == "check":
+        from . import check
+
+        return check.run(args.architectures, args.device)
     return info() if args.command == "info" else bench(args)
 
 
