@@ -1,0 +1,84 @@
+"""The MLP, the convolutional VAE, the GAN and the U-Net end to end, each a forward and a training
+step (forward, loss, backward), at genfast.models.catalog's "bench" sizes: genfast's build
+against the torch.nn build with the same weights and that build compiled. (The transformers
+have their own cases in bench_transformers.py, the recurrent nets' layers in bench_rnn.py.)
+- MLP: 784 -> 1024 -> 1024 -> 10 with ReLU, batch 128, cross-entropy;
+- VAE: 64x64 RGB images, batch 16, channels 32-64-128, the negative ELBO;
+- GAN: 32x32 RGB, batch 32, both players' non-saturating losses and the R1 penalty;
+- U-Net: 4 x 4 x 32 x 32 latents, channels 32-64-128, the noise-prediction MSE.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from genfast.models.catalog import ARCHITECTURES, Architecture, twins
+
+from .harness import Case, Provider, genfast_providers
+
+NAMES = ("mlp", "vae", "gan", "unet")
+
+
+def _step(architecture: Architecture, model: torch.nn.Module, batch: tuple, training: bool):
+    if not training:
+        with torch.no_grad():
+            return architecture.outputs(model, batch)
+    model.zero_grad(set_to_none=True)
+    loss = architecture.loss(model, batch)
+    loss.backward()
+    return loss.detach()
+
+
+@functools.cache
+def _cost(name: str, training: bool) -> tuple[int, int]:
+    """(bytes of weights, flops) of one call, counted by torch's flop counter. It cannot follow
+    the GAN's R1 penalty (autograd.grad inside a backward): there the training step counts as
+    three forwards, the usual estimate."""
+    architecture = ARCHITECTURES[name]
+    model = architecture.build(False, "bench")
+    batch = architecture.batch("bench", torch.Generator().manual_seed(0))
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    try:
+        with FlopCounterMode(display=False) as counter:
+            _step(architecture, model, batch, training)
+    except RuntimeError:
+        return weight_bytes, 3 * _cost(name, False)[1]
+    return weight_bytes, counter.get_total_flops()
+
+
+def model_case(name: str, training: bool) -> Case:
+    architecture = ARCHITECTURES[name]
+
+    def make_inputs(device: torch.device) -> dict:
+        reference, fused = (m.to(device) for m in twins(architecture, "bench"))
+        batch = tuple(t.to(device) for t in architecture.batch("bench", torch.Generator().manual_seed(0)))
+        models = {"genfast": fused, "torch": reference, "compiled": torch.compile(reference)}
+        return {"architecture": architecture, "models": models, "batch": batch, "training": training}
+
+    weight_bytes, flops = _cost(name, training)
+    what = "training step" if training else "forward"
+    batch = architecture.batch("bench", torch.Generator().manual_seed(0))[0]
+    return Case(f"{name} {what} {'x'.join(map(str, batch.shape))}", "models", "forward", batch.numel(), make_inputs,
+                weight_bytes, flops, quick=name != "unet", variant=what)
+
+
+CASES = [model_case(name, training) for name in NAMES for training in (False, True)]
+
+
+def _run(which: str):
+    def run(architecture, models, batch, training):
+        return _step(architecture, models[which], batch, training)
+
+    return run
+
+
+def providers(device_type: str) -> list[Provider]:
+    return [
+        *genfast_providers(_run("genfast"), device_type),
+        Provider("torch.nn", _run("torch")),
+        # The model compiled; its first (untimed) call compiles.
+        Provider("torch.nn+torch.compile", _run("compiled")),
+    ]
