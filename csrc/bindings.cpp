@@ -16,6 +16,7 @@
 #include "cpu/diffusion.h"
 #include "cpu/losses.h"
 #include "cpu/memory.h"
+#include "cpu/minibatch_stddev.h"
 #include "cpu/norm.h"
 #include "cpu/rnn.h"
 #include "cpu/rotary.h"
@@ -294,6 +295,31 @@ Tensor reparameterize_forward(const Tensor& mu, const Tensor& logvar, const Tens
 Tensor reparameterize_backward(const Tensor& dz, const Tensor& logvar, const Tensor& noise) {
   check_elementwise({{&dz, "dz"}, {&logvar, "logvar"}, {&noise, "noise"}});
   return genfast::cpu::reparameterize_backward(dz, logvar, noise);
+}
+
+// x: contiguous (N, C, H, W) CPU float tensor; group divides N, channels divides C.
+void check_minibatch_stddev(const Tensor& x, int64_t group, int64_t channels) {
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && x.is_cpu() && x.numel() > 0,
+              "x must be a contiguous non-empty (N, C, H, W) CPU tensor, got ", x.sizes(), " strides ", x.strides());
+  check_elementwise({{&x, "x"}});
+  TORCH_CHECK(group >= 1 && x.size(0) % group == 0, "group (", group, ") must divide the batch size ", x.size(0));
+  TORCH_CHECK(channels >= 1 && x.size(1) % channels == 0, "channels (", channels, ") must divide x's ", x.size(1),
+              " channels");
+}
+
+Tensor minibatch_stddev_forward(const Tensor& x, int64_t group, int64_t channels) {
+  check_minibatch_stddev(x, group, channels);
+  return genfast::cpu::minibatch_stddev_forward(x, group, channels);
+}
+
+Tensor minibatch_stddev_backward(const Tensor& dout, const Tensor& x, int64_t group, int64_t channels) {
+  check_minibatch_stddev(x, group, channels);
+  const std::vector<int64_t> sizes{x.size(0), x.size(1) + channels, x.size(2), x.size(3)};
+  TORCH_CHECK(dout.sizes() == at::IntArrayRef(sizes) && dout.is_contiguous() && dout.is_cpu() &&
+                  dout.scalar_type() == x.scalar_type(),
+              "dout must be a contiguous CPU tensor of shape ", at::IntArrayRef(sizes), " and x's dtype, got ",
+              dout.sizes(), " ", dout.scalar_type());
+  return genfast::cpu::minibatch_stddev_backward(dout, x, group, channels);
 }
 
 // cell "lstm" or "gru"; x_proj (T, B, G*H), weight_hh (G*H, P), h0 (B, P), c0 (B, H) (LSTM),
@@ -871,6 +897,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("loss_backward", &loss_backward, "The loss's gradients: (dx, dt or an undefined tensor)");
   m.def("reparameterize_forward", &reparameterize_forward, "mu + exp(logvar / 2) noise: z");
   m.def("reparameterize_backward", &reparameterize_backward, "The sample's gradient for logvar");
+  m.def("minibatch_stddev_forward", &minibatch_stddev_forward,
+        "StyleGAN's minibatch standard deviation: cat(x, the group statistics)");
+  m.def("minibatch_stddev_backward", &minibatch_stddev_backward, "Its gradient for x");
   m.def("cross_entropy_rows", &cross_entropy_rows,
         "Each row's cross-entropy: losses (rows,); with grad_scale, the logits become their gradient");
   m.def("recurrence_forward", &recurrence_forward,

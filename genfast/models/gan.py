@@ -6,8 +6,8 @@ resolution before each convolution (nearest-neighbour upsampling then a convolut
 avoids the checkerboard artefacts of DCGAN's transposed convolutions), the discriminator halves
 it after each by average pooling. The genfast build runs the convolutions by Winograd's algorithm
 with the upsampling fused into their reads (genfast.nn.Conv2d), bias and leaky ReLU in one pass
-(genfast.ops.bias_act, whose backward is differentiable again for R1), and the losses fused with
-their reductions.
+(genfast.ops.bias_act, whose backward is differentiable again for R1), the minibatch standard
+deviation in one pass (genfast.ops.minibatch_stddev), and the losses fused with their reductions.
 """
 
 from __future__ import annotations
@@ -63,20 +63,23 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """images (B, in_channels, S, S) -> logits (B, 1); S = 4 * 2^(len(channels) - 1)."""
+    """images (B, in_channels, S, S) -> logits (B, 1); S = 4 * 2^(len(channels) - 1). Before its
+    head, StyleGAN's minibatch standard deviation (groups of 4) shows it the batch's variety."""
 
     def __init__(self, in_channels: int = 3, channels: tuple[int, ...] = (32, 64, 128), fused: bool = False):
         super().__init__()
+        self.fused = fused
         self.blocks = nn.ModuleList(ConvLayer(a, b, fused) for a, b in zip((in_channels, *channels[:-1]), channels))
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(channels[-1] * 16, channels[-1]), nn.LeakyReLU(_SLOPE),
-                                  nn.Linear(channels[-1], 1))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear((channels[-1] + 1) * 16, channels[-1]),
+                                  nn.LeakyReLU(_SLOPE), nn.Linear(channels[-1], 1))
 
     def forward(self, x: Tensor) -> Tensor:
         for index, block in enumerate(self.blocks):
             x = block(x)
             if index < len(self.blocks) - 1:
                 x = F.avg_pool2d(x, 2)
-        return self.head(x)
+        stddev = ops.minibatch_stddev if self.fused else reference.minibatch_stddev.minibatch_stddev
+        return self.head(stddev(x))
 
 
 def discriminator_loss(real_logits: Tensor, fake_logits: Tensor, fused: bool) -> Tensor:
