@@ -161,7 +161,7 @@ def bias_act(
     permutation), else contiguous.
     """
     check_tensor("x", x)
-    check_choice("activation", activation, tuple(ACTIVATIONS))
+    check_choice("activation", activation, ACTIVATIONS)
     spec = ACTIVATIONS[activation]
     if bias is not None:
         if not -x.dim() <= dim < x.dim():
@@ -176,11 +176,17 @@ def bias_act(
     gain = _number("gain", spec.gain if gain is None else gain)
     if clamp is not None and _number("clamp", clamp) < 0:
         raise ValueError(f"clamp must be >= 0, got {clamp}")
+    return run_checked(x if fills_memory(x) else x.contiguous(), None if bias is None else bias.contiguous(),
+                       dim if bias is not None else 0, activation, alpha, gain, None if clamp is None else float(clamp))
+
+
+def run_checked(x: Tensor, bias: Tensor | None, dim: int, activation: str, alpha: float, gain: float,
+                clamp: float | None) -> Tensor:
+    """bias_act on arguments already checked and resolved: x filling its memory, bias contiguous
+    and of x's dtype and device, dim in [0, x.dim()), alpha and gain numbers (genfast.nn.Linear's
+    way in, which skips the checks its layer makes true)."""
     backend = resolve("bias_act", x.device, _IMPLEMENTED, _UNPROVEN)
     if backend == "reference" or x.numel() == 0:
         return reference.bias_act.bias_act(x, bias, dim, activation, alpha, gain, clamp)
-    args = (
-        x if fills_memory(x) else x.contiguous(), None if bias is None else bias.contiguous(),
-        dim if bias is not None else 0, activation, alpha, gain, None if clamp is None else float(clamp), backend,
-    )
+    args = (x, bias, dim, activation, alpha, gain, clamp, backend)
     return bias_act_op(*args) if torch.compiler.is_compiling() else _BiasActFunction.call(*args)[0]
