@@ -1,11 +1,13 @@
-"""The MLP, the convolutional VAE, the GAN and the U-Net end to end, each a forward and a training
-step (forward, loss, backward), at genfast.models.catalog's "bench" sizes: genfast's build
-against the torch.nn build with the same weights and that build compiled. (The transformers
-have their own cases in bench_transformers.py, the recurrent nets' layers in bench_rnn.py.)
+"""The MLP, the convolutional VAE, the GAN, the U-Net and the recurrent language models end to
+end, each a forward and a training step (forward, loss, backward), at genfast.models.catalog's
+"bench" sizes: genfast's build against the torch.nn build with the same weights and that build
+compiled. (The transformers have their own cases in bench_transformers.py.)
 - MLP: 784 -> 1024 -> 1024 -> 10 with ReLU, batch 128, cross-entropy;
 - VAE: 64x64 RGB images, batch 16, channels 32-64-128, the negative ELBO;
 - GAN: 32x32 RGB, batch 32, both players' non-saturating losses and the R1 penalty;
-- U-Net: 4 x 4 x 32 x 32 latents, channels 32-64-128, the noise-prediction MSE.
+- U-Net: 4 x 4 x 32 x 32 latents, channels 32-64-128, the noise-prediction MSE;
+- the LSTM language model and the GRU encoder-decoder: 2 layers of 512, vocabulary 10,000,
+  batch 4 x 128 tokens (the GRU's sources of random lengths), the next-token cross-entropy.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from genfast.models.catalog import ARCHITECTURES, Architecture, twins
 
 from .harness import Case, Provider, genfast_providers
 
-NAMES = ("mlp", "vae", "gan", "unet")
+NAMES = ("mlp", "vae", "gan", "unet", "lstm_lm", "gru_encoder_decoder")
 
 
 def _step(architecture: Architecture, model: torch.nn.Module, batch: tuple, training: bool):
@@ -62,7 +64,7 @@ def model_case(name: str, training: bool) -> Case:
     what = "training step" if training else "forward"
     batch = architecture.batch("bench", torch.Generator().manual_seed(0))[0]
     return Case(f"{name} {what} {'x'.join(map(str, batch.shape))}", "models", "forward", batch.numel(), make_inputs,
-                weight_bytes, flops, quick=name != "unet", variant=what)
+                weight_bytes, flops, quick=name in ("mlp", "vae", "gan"), variant=what)
 
 
 CASES = [model_case(name, training) for name in NAMES for training in (False, True)]
