@@ -19,12 +19,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from genfast.models.catalog import ARCHITECTURES, Architecture, twins
 
-from .harness import Case, Provider, genfast_providers
+from .harness import Case, Provider, model_providers
 
 NAMES = ("mlp", "vae", "gan", "unet", "lstm_lm", "gru_encoder_decoder")
 
 
-def _step(architecture: Architecture, model: torch.nn.Module, batch: tuple, training: bool):
+def _step(model: torch.nn.Module, architecture: Architecture, batch: tuple, training: bool):
     if not training:
         with torch.no_grad():
             return architecture.outputs(model, batch)
@@ -45,7 +45,7 @@ def _cost(name: str, training: bool) -> tuple[int, int]:
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     try:
         with FlopCounterMode(display=False) as counter:
-            _step(architecture, model, batch, training)
+            _step(model, architecture, batch, training)
     except RuntimeError:
         return weight_bytes, 3 * _cost(name, False)[1]
     return weight_bytes, counter.get_total_flops()
@@ -70,17 +70,5 @@ def model_case(name: str, training: bool) -> Case:
 CASES = [model_case(name, training) for name in NAMES for training in (False, True)]
 
 
-def _run(which: str):
-    def run(architecture, models, batch, training):
-        return _step(architecture, models[which], batch, training)
-
-    return run
-
-
 def providers(device_type: str) -> list[Provider]:
-    return [
-        *genfast_providers(_run("genfast"), device_type),
-        Provider("torch.nn", _run("torch")),
-        # The model compiled; its first (untimed) call compiles.
-        Provider("torch.nn+torch.compile", _run("compiled")),
-    ]
+    return model_providers(device_type, _step)

@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from genfast.models import BERT, GPT, T5, BERTConfig, GPTConfig, T5Config
 
-from .harness import Case, Provider, genfast_providers
+from .harness import Case, Provider, model_providers
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ MODELS = [
 ]
 
 
-def _step(spec: ModelSpec, model: nn.Module, tokens: Tensor, training: bool):
+def _step(model: nn.Module, spec: ModelSpec, tokens: Tensor, training: bool):
     if not training:
         with torch.no_grad():
             return spec.call(model, tokens)
@@ -97,7 +97,7 @@ def _cost(spec: ModelSpec, training: bool) -> tuple[int, int]:
     """(bytes of weights, flops) of one call, counted on the meta device: shapes only."""
     with torch.device("meta"), FlopCounterMode(display=False) as counter:
         model = spec.build(False)
-        _step(spec, model, _tokens(spec, training), training)
+        _step(model, spec, _tokens(spec, training), training)
     return sum(p.numel() * p.element_size() for p in model.parameters()), counter.get_total_flops()
 
 
@@ -120,17 +120,5 @@ def model_case(spec: ModelSpec, training: bool) -> Case:
 CASES = [model_case(spec, training) for spec in MODELS for training in (False, True)]
 
 
-def _run(which: str):
-    def run(spec, models, tokens, training):
-        return _step(spec, models[which], tokens, training)
-
-    return run
-
-
 def providers(device_type: str) -> list[Provider]:
-    return [
-        *genfast_providers(_run("genfast"), device_type),
-        Provider("torch.nn", _run("torch")),
-        # The model compiled; its first (untimed) call compiles.
-        Provider("torch.nn+torch.compile", _run("compiled")),
-    ]
+    return model_providers(device_type, _step)

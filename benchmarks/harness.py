@@ -132,6 +132,21 @@ def op_providers(
     return providers if reference_fn is None else [*providers, Provider("reference", reference_fn)]
 
 
+def model_providers(device_type: str, run: Callable[..., Any]) -> list[Provider]:
+    """An architecture's providers: its genfast build per native backend, its torch.nn build, and
+    that build compiled (its first, untimed call compiles). A case's inputs hold the three models
+    as models["genfast" | "torch" | "compiled"]; run(model, **the other inputs) runs one."""
+
+    def provider(which: str) -> Callable[..., Any]:
+        return lambda models, **inputs: run(models[which], **inputs)
+
+    return [
+        *genfast_providers(provider("genfast"), device_type),
+        Provider("torch.nn", provider("torch")),
+        Provider("torch.nn+torch.compile", provider("compiled")),
+    ]
+
+
 def cuda_peer(name: str, device_type: str, what: str, load: Callable[[], Callable[..., Any]]) -> Provider:
     """A peer library's provider that runs CUDA tensors only. ``load()`` imports the library and
     returns the provider's fn; where that raises ImportError the provider is reported unavailable."""

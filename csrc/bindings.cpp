@@ -289,12 +289,12 @@ std::vector<Tensor> loss_backward(const Tensor& grad, const Tensor& x, const std
 
 Tensor reparameterize_forward(const Tensor& mu, const Tensor& logvar, const Tensor& noise) {
   check_elementwise({{&mu, "mu"}, {&logvar, "logvar"}, {&noise, "noise"}});
-  return genfast::cpu::reparameterize_forward(mu, logvar, noise);
+  return genfast::cpu::reparameterize(mu, logvar, noise, false);
 }
 
 Tensor reparameterize_backward(const Tensor& dz, const Tensor& logvar, const Tensor& noise) {
   check_elementwise({{&dz, "dz"}, {&logvar, "logvar"}, {&noise, "noise"}});
-  return genfast::cpu::reparameterize_backward(dz, logvar, noise);
+  return genfast::cpu::reparameterize(dz, logvar, noise, true);
 }
 
 // x: contiguous (N, C, H, W) CPU float tensor; group divides N, channels divides C.

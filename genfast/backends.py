@@ -63,6 +63,14 @@ def extension():
         return error
 
 
+def kernels(backend: str, family: str):
+    """The module whose functions run ``family``'s kernels on ``backend``: genfast.kernels.<family>
+    (Triton) for triton, else the compiled extension (C++ for cpu, CUDA C++ for cuda)."""
+    if backend == "triton":
+        return importlib.import_module(f"genfast.kernels.{family}")
+    return extension()
+
+
 @functools.cache
 def _triton_problem() -> str | None:
     try:

@@ -72,12 +72,15 @@ def _compute(x):
     return tl.float64 if x.dtype == torch.float64 else tl.float32
 
 
+def _sum_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def minibatch_stddev_forward(x, group: int, channels: int):
     """cat(x, the statistics of its groups); x contiguous (N, C, H, W)."""
     n, c, h, w = x.shape
     layout = _layout(x, group, channels)
-    stats = torch.empty(layout["members"] * channels, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
-                        device=x.device)
+    stats = torch.empty(layout["members"] * channels, dtype=_sum_dtype(x), device=x.device)
     _statistics_kernel[(layout["members"] * channels,)](
         x, stats, *layout.values(), GROUP=group, COMPUTE=_compute(x), BLOCK=_BLOCK
     )
@@ -89,8 +92,7 @@ def minibatch_stddev_backward(dout, x, group: int, channels: int):
     n, c, h, w = x.shape
     layout = _layout(x, group, channels)
     # Each statistic's gradient: its copies' over the group's samples and pixels, by torch.
-    sum_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    dstat = dout[:, c:].sum(dim=(2, 3), dtype=sum_dtype).view(group, -1).sum(0).contiguous()
+    dstat = dout[:, c:].sum(dim=(2, 3), dtype=_sum_dtype(x)).view(group, -1).sum(0).contiguous()
     dx = torch.empty_like(x)
     grid = (layout["members"] * channels, triton.cdiv(layout["run"], _BLOCK))
     _backward_kernel[grid](x, dout, dstat, dx, *layout.values(), (c + channels) * h * w, GROUP=group,

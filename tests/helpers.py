@@ -22,6 +22,14 @@ def require(backend: str) -> str:
     return device
 
 
+def check_bad_input(backend: str, call, error: type[Exception], words: str) -> None:
+    """call() on backend raises error with words in its message (the public ops check their
+    arguments before any kernel runs, whichever backend is selected)."""
+    require(backend)
+    with genfast.use_backend(backend), pytest.raises(error, match=words):
+        call()
+
+
 def interpreted(backend: str) -> bool:
     """Whether backend runs in Triton's interpreter here, a few hundred times slower than
     compiled code: gradcheck then takes its fast mode (random projections of the Jacobian,

@@ -3,7 +3,9 @@ shapes, dtypes, and its gradients of first and second order."""
 
 import pytest
 import torch
-from helpers import BACKENDS, assert_close_to_reference, assert_compiles_like_eager, interpreted, require
+from helpers import (
+    BACKENDS, assert_close_to_reference, assert_compiles_like_eager, check_bad_input, interpreted, require,
+)
 
 import genfast
 from genfast.reference.minibatch_stddev import minibatch_stddev as reference
@@ -79,9 +81,7 @@ BAD_INPUTS = [  # (call, error type, words the message must contain)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("call, error, words", BAD_INPUTS)
 def test_bad_input(backend, call, error, words):
-    require(backend)
-    with genfast.use_backend(backend), pytest.raises(error, match=words):
-        call()
+    check_bad_input(backend, call, error, words)
 
 
 def test_extension_checks_its_arguments():

@@ -141,42 +141,25 @@ std::vector<Tensor> loss_backward(const Tensor& grad, const Tensor& x, const std
   return {dx, dt};
 }
 
-Tensor reparameterize_forward(const Tensor& mu, const Tensor& logvar, const Tensor& noise) {
-  Tensor z = empty_output(mu.sizes(), mu.options());
-  dispatch_float_types<true>(mu.scalar_type(), "reparameterize", [&](auto tag) {
+Tensor reparameterize(const Tensor& a, const Tensor& logvar, const Tensor& noise, bool gradient) {
+  Tensor out = empty_output(a.sizes(), a.options());
+  dispatch_float_types<true>(a.scalar_type(), "reparameterize", [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = math_t<scalar_t>;
-    const scalar_t* mus = mu.const_data_ptr<scalar_t>();
+    const scalar_t* as = a.const_data_ptr<scalar_t>();
     const scalar_t* logvars = logvar.const_data_ptr<scalar_t>();
     const scalar_t* noises = noise.const_data_ptr<scalar_t>();
-    scalar_t* zs = z.mutable_data_ptr<scalar_t>();
-    for_each_tile(1, mu.numel(), [&](int64_t, int64_t first, int64_t end) {
+    scalar_t* outs = out.mutable_data_ptr<scalar_t>();
+    for_each_tile(1, a.numel(), [&](int64_t, int64_t first, int64_t end) {
 #pragma omp simd
-      for (int64_t i = first; i < end; ++i)
-        zs[i] = static_cast<scalar_t>(static_cast<acc_t>(mus[i]) + exp_fast(acc_t(0.5) * static_cast<acc_t>(logvars[i])) *
-                                                                    static_cast<acc_t>(noises[i]));
+      for (int64_t i = first; i < end; ++i) {
+        const acc_t value = static_cast<acc_t>(as[i]);
+        const acc_t std_noise = exp_fast(acc_t(0.5) * static_cast<acc_t>(logvars[i])) * static_cast<acc_t>(noises[i]);
+        outs[i] = static_cast<scalar_t>(gradient ? acc_t(0.5) * value * std_noise : value + std_noise);
+      }
     });
   });
-  return z;
-}
-
-Tensor reparameterize_backward(const Tensor& dz, const Tensor& logvar, const Tensor& noise) {
-  Tensor dlogvar = empty_output(logvar.sizes(), logvar.options());
-  dispatch_float_types<true>(logvar.scalar_type(), "reparameterize_backward", [&](auto tag) {
-    using scalar_t = decltype(tag);
-    using acc_t = math_t<scalar_t>;
-    const scalar_t* dzs = dz.const_data_ptr<scalar_t>();
-    const scalar_t* logvars = logvar.const_data_ptr<scalar_t>();
-    const scalar_t* noises = noise.const_data_ptr<scalar_t>();
-    scalar_t* out = dlogvar.mutable_data_ptr<scalar_t>();
-    for_each_tile(1, logvar.numel(), [&](int64_t, int64_t first, int64_t end) {
-#pragma omp simd
-      for (int64_t i = first; i < end; ++i)
-        out[i] = static_cast<scalar_t>(acc_t(0.5) * static_cast<acc_t>(dzs[i]) *
-                                       exp_fast(acc_t(0.5) * static_cast<acc_t>(logvars[i])) * static_cast<acc_t>(noises[i]));
-    });
-  });
-  return dlogvar;
+  return out;
 }
 
 }  // namespace genfast::cpu

@@ -31,9 +31,8 @@ at::Tensor loss_forward(const at::Tensor& x, const std::optional<at::Tensor>& t,
 std::vector<at::Tensor> loss_backward(const at::Tensor& grad, const at::Tensor& x, const std::optional<at::Tensor>& t,
                                       const LossParams& params, bool with_target_grad);
 
-// z = mu + e^(logvar / 2) noise, and its gradient for logvar: dz e^(logvar / 2) noise / 2. All
-// contiguous, one shape and dtype.
-at::Tensor reparameterize_forward(const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& noise);
-at::Tensor reparameterize_backward(const at::Tensor& dz, const at::Tensor& logvar, const at::Tensor& noise);
+// The VAE's sample z = mu + e^(logvar / 2) noise (a = mu), or with `gradient` its gradient for
+// logvar, dz e^(logvar / 2) noise / 2 (a = dz). All contiguous, one shape and dtype.
+at::Tensor reparameterize(const at::Tensor& a, const at::Tensor& logvar, const at::Tensor& noise, bool gradient);
 
 }  // namespace genfast::cpu

@@ -10,6 +10,6 @@ from .unet import UNet, sample
 from .vae import ConvVAE
 
 __all__ = [
-    "BERT", "BERTConfig", "ConvVAE", "Discriminator", "GAN", "GPT", "GPTConfig", "GRUEncoderDecoder", "Generator", "KVCache", "LSTMLM", "MLP", "RNNConfig", "T5", "T5Config",
-    "UNet", "r1_penalty", "sample",
+    "BERT", "BERTConfig", "ConvVAE", "Discriminator", "GAN", "GPT", "GPTConfig", "GRUEncoderDecoder", "Generator",
+    "KVCache", "LSTMLM", "MLP", "RNNConfig", "T5", "T5Config", "UNet", "r1_penalty", "sample",
 ]

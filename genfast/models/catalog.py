@@ -57,13 +57,15 @@ def _vae_batch(size, generator):
 
 def _gan_batch(size, generator):
     batch, pixels = _pick(size, (3, 16), (32, 32))
-    return torch.randn(batch, 64, generator=generator), torch.rand(batch, 3, pixels, pixels, generator=generator) * 2 - 1
+    images = torch.rand(batch, 3, pixels, pixels, generator=generator) * 2 - 1
+    return torch.randn(batch, 64, generator=generator), images
 
 
 def _unet_batch(size, generator):
     batch, pixels = _pick(size, (3, 16), (4, 32))
     noise = torch.randn(batch, 4, pixels, pixels, generator=generator)
-    timesteps = torch.randint(0, 1000, (batch,), generator=generator).float()  # float: a float64 build embeds in float64
+    # Float timesteps: a float64 build embeds them in float64.
+    timesteps = torch.randint(0, 1000, (batch,), generator=generator).float()
     return (torch.randn(batch, 4, pixels, pixels, generator=generator), timesteps,
             torch.randint(0, 11, (batch,), generator=generator), noise)
 

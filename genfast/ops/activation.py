@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backends import extension, resolve
+from ..backends import kernels, resolve
 from ._autograd import eager_function
 from ._checks import check_choice, check_tensor
 
@@ -23,23 +23,15 @@ _IMPLEMENTED = frozenset({"cpu", "triton"})
 _APPROXIMATIONS = {"none": "gelu", "tanh": "gelu_tanh"}
 
 
-def _kernels(backend: str):
-    if backend == "triton":
-        from ..kernels import activation
-
-        return activation
-    return extension()
-
-
 def _forward(x: Tensor, up: Tensor | None, activation: str, backend: str) -> Tensor:
     """act(x) (* up) as a contiguous (rows, width) tensor; x and up are (rows, width) with a
     contiguous last dimension; activation is "silu", "gelu" or "gelu_tanh"."""
-    return _kernels(backend).activation_forward(x, up, activation)
+    return kernels(backend, "activation").activation_forward(x, up, activation)
 
 
 def _backward(dy: Tensor, x: Tensor, up: Tensor | None, activation: str, backend: str) -> tuple[Tensor, Tensor]:
     """(dx, dup), dup an empty tensor without up."""
-    dx, dup = _kernels(backend).activation_backward(dy, x, up, activation)
+    dx, dup = kernels(backend, "activation").activation_backward(dy, x, up, activation)
     return dx, x.new_empty(0) if dup is None else dup
 
 

@@ -23,21 +23,12 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backends import extension, resolve
+from ..backends import kernels, resolve
 from ._autograd import eager_function
 from ._checks import FLOAT_DTYPES, check_tensor
 
 _IMPLEMENTED = frozenset({"cpu", "triton"})
 _DECODE_IMPLEMENTED = frozenset({"cpu", "triton"})
-
-
-def _kernels(backend: str):
-    """The backend's kernels: genfast.kernels.attention (triton) or the extension (cpu)."""
-    if backend == "triton":
-        from ..kernels import attention
-
-        return attention
-    return extension()
 
 
 def _forward(
@@ -59,7 +50,7 @@ def _forward(
     expanded to (B, H, S_q, S_k), bool or the math type; alibi_slopes expanded to (B, H);
     softcap 0 and window bounds -1 mean none; dropout_seed a CPU int64 scalar, or None
     without dropout."""
-    out, lse = _kernels(backend).attention_forward(
+    out, lse = kernels(backend, "attention").attention_forward(
         q, k, v, mask, alibi_slopes, scale, softcap, window_left, window_right, dropout_p, _seed(dropout_seed)
     )
     return out, lse
@@ -89,7 +80,7 @@ def _backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns dq, dk, dv and the (B, H, S_q, S_k) gradient of an additive mask (empty
     without mask_grad)."""
-    dq, dk, dv, dmask = _kernels(backend).attention_backward(
+    dq, dk, dv, dmask = kernels(backend, "attention").attention_backward(
         q, k, v, mask, alibi_slopes, scale, softcap, window_left, window_right, dropout_p, _seed(dropout_seed),
         out, lse, dout, mask_grad,
     )
@@ -288,7 +279,7 @@ def _decode(
 ) -> Tensor:
     """The output (B, H, S_q, D_v) of q over each batch element's first lengths[b] cache rows;
     lengths and block_table int64, alibi_slopes expanded to (B, H) in the math type."""
-    return _kernels(backend).attention_decode(
+    return kernels(backend, "attention").attention_decode(
         q, k_cache, v_cache, lengths, block_table, alibi_slopes, scale, softcap, window_left, window_right
     )
 

@@ -16,21 +16,13 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backends import extension, resolve
+from ..backends import kernels, resolve
 from ..reference.bias_act import ACTIVATIONS
 from ._autograd import eager_function
 from ._checks import check_choice, check_tensor, fills_memory
 
 _IMPLEMENTED = frozenset({"cpu", "triton"})
 _UNPROVEN = frozenset({"triton"})  # passes its tests in the interpreter; not yet run on a GPU
-
-
-def _kernels(backend: str):
-    if backend == "triton":
-        from ..kernels import bias_act
-
-        return bias_act
-    return extension()
 
 
 def _inner(x: Tensor, bias: Tensor | None, dim: int) -> int:
@@ -43,7 +35,7 @@ def _forward(
     backend: str,
 ) -> Tensor:
     """clamp(gain act(x + bias)) laid out like x, which fills its memory in some dimension order."""
-    return _kernels(backend).bias_act_forward(x, bias, activation, alpha, gain, clamp, _inner(x, bias, dim))
+    return kernels(backend, "bias_act").bias_act_forward(x, bias, activation, alpha, gain, clamp, _inner(x, bias, dim))
 
 
 def _backward(
@@ -52,7 +44,7 @@ def _backward(
 ) -> tuple[Tensor, Tensor]:
     """(g, dbias): g = dy gain act^(order)(x + bias) where the clamp did not hold, laid out like x
     (as dy must be), and its sum per channel (an empty tensor without bias)."""
-    g, dbias = _kernels(backend).bias_act_backward(
+    g, dbias = kernels(backend, "bias_act").bias_act_backward(
         dy, x, bias, activation, alpha, gain, clamp, _inner(x, bias, dim), order
     )
     return g, x.new_empty(0) if dbias is None else dbias

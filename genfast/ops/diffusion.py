@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backends import extension, resolve
+from ..backends import extension, kernels, resolve
 from ..reference.diffusion import StepCoefficients
 from ._checks import check_int, check_tensor
 
@@ -236,20 +236,12 @@ def timestep_embedding(
     return _embedding_kernel(backend, timesteps.contiguous(), frequencies, *settings)
 
 
-def _training_kernels(backend: str):
-    if backend == "triton":
-        from ..kernels import diffusion
-
-        return diffusion
-    return extension()
-
-
 @torch.library.custom_op("genfast::add_noise", mutates_args=())
 def add_noise_op(
     original_samples: Tensor, noise: Tensor, timesteps: Tensor, alphas_cumprod: Tensor, velocity: bool, backend: str
 ) -> tuple[Tensor, Tensor]:
     """(noisy, velocity); velocity is empty unless asked for."""
-    noisy, v = _training_kernels(backend).add_noise(original_samples, noise, timesteps, alphas_cumprod, velocity)
+    noisy, v = kernels(backend, "diffusion").add_noise(original_samples, noise, timesteps, alphas_cumprod, velocity)
     return noisy, v if v is not None else noisy.new_empty(0)
 
 
@@ -298,7 +290,7 @@ def denoising_loss_op(
 
     The gradient comes from the forward's pass over the inputs: backward then
     scales it, reading one tensor instead of two."""
-    loss, per_sample, gradient = _training_kernels(backend).denoising_loss(model_output, target, weights,
+    loss, per_sample, gradient = kernels(backend, "diffusion").denoising_loss(model_output, target, weights,
                                                                            want_gradient)
     return loss, per_sample, gradient if gradient is not None else model_output.new_empty(0)
 

@@ -12,21 +12,13 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backends import extension, resolve
+from ..backends import kernels, resolve
 from ._autograd import eager_function
 from ._checks import check_choice, check_tensor
 
 _IMPLEMENTED = frozenset({"cpu", "triton"})
 _UNPROVEN = frozenset({"triton"})  # passes its tests in the interpreter; not yet run on a GPU
 _REDUCTIONS = ("none", "mean", "sum")
-
-
-def _kernels(backend: str):
-    if backend == "triton":
-        from ..kernels import losses
-
-        return losses
-    return extension()
 
 
 def _scale(x: Tensor, reduction: str) -> float:
@@ -38,14 +30,14 @@ def _scale(x: Tensor, reduction: str) -> float:
 
 def _forward(x: Tensor, t: Tensor | None, kind: str, sign: float, reduction: str, backend: str) -> Tensor:
     """Each element's term, or their reduction (0-dim); x and t contiguous, of one shape."""
-    return _kernels(backend).loss_forward(x, t, kind, sign, reduction != "none", _scale(x, reduction))
+    return kernels(backend, "losses").loss_forward(x, t, kind, sign, reduction != "none", _scale(x, reduction))
 
 
 def _backward(
     grad: Tensor, x: Tensor, t: Tensor | None, kind: str, sign: float, reduction: str, target_grad: bool, backend: str
 ) -> tuple[Tensor, Tensor]:
     """(dx, dt), dt empty unless target_grad."""
-    dx, dt = _kernels(backend).loss_backward(
+    dx, dt = kernels(backend, "losses").loss_backward(
         grad, x, t, kind, sign, reduction != "none", _scale(x, reduction), target_grad
     )
     return dx, x.new_empty(0) if dt is None else dt
@@ -153,11 +145,11 @@ def generator_loss(fake_logits: Tensor, kind: str = "non_saturating") -> Tensor:
 
 
 def _reparameterize_forward(mu: Tensor, logvar: Tensor, noise: Tensor, backend: str) -> Tensor:
-    return _kernels(backend).reparameterize_forward(mu, logvar, noise)
+    return kernels(backend, "losses").reparameterize_forward(mu, logvar, noise)
 
 
 def _reparameterize_backward(dz: Tensor, logvar: Tensor, noise: Tensor, backend: str) -> Tensor:
-    return _kernels(backend).reparameterize_backward(dz, logvar, noise)
+    return kernels(backend, "losses").reparameterize_backward(dz, logvar, noise)
 
 
 reparameterize_op = torch.library.custom_op("genfast::reparameterize", _reparameterize_forward, mutates_args=())

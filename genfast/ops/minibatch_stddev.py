@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backends import extension, resolve
+from ..backends import kernels, resolve
 from ._autograd import eager_function
 from ._checks import check_int, check_tensor
 
@@ -18,20 +18,12 @@ _IMPLEMENTED = frozenset({"cpu", "triton"})
 _UNPROVEN = frozenset({"triton"})  # passes its tests in the interpreter; not yet run on a GPU
 
 
-def _kernels(backend: str):
-    if backend == "triton":
-        from ..kernels import minibatch_stddev
-
-        return minibatch_stddev
-    return extension()
-
-
 def _forward(x: Tensor, group: int, channels: int, backend: str) -> Tensor:
-    return _kernels(backend).minibatch_stddev_forward(x, group, channels)
+    return kernels(backend, "minibatch_stddev").minibatch_stddev_forward(x, group, channels)
 
 
 def _backward_kernel(dout: Tensor, x: Tensor, group: int, channels: int, backend: str) -> Tensor:
-    return _kernels(backend).minibatch_stddev_backward(dout, x, group, channels)
+    return kernels(backend, "minibatch_stddev").minibatch_stddev_backward(dout, x, group, channels)
 
 
 minibatch_stddev_op = torch.library.custom_op("genfast::minibatch_stddev", _forward, mutates_args=())

@@ -19,22 +19,13 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backends import extension, resolve
+from ..backends import kernels, resolve
 from ._autograd import eager_function
 from ._checks import check_choice, check_int, check_tensor, dense, like_layout
 
 ACTIVATIONS = (None, "silu")
 _IMPLEMENTED = frozenset({"cpu", "cuda", "triton"})
 _LAYER_NORM_IMPLEMENTED = frozenset({"cpu", "triton"})
-
-
-def _kernels(backend: str):
-    """The backend's kernels: genfast.kernels.norm (triton) or the extension (cpu, cuda)."""
-    if backend == "triton":
-        from ..kernels import norm
-
-        return norm
-    return extension()
 
 
 def _forward(
@@ -45,7 +36,7 @@ def _forward(
     x must be dense (channels-first or channels-last); weight, bias and the
     statistics are in x's math dtype: float64 for float64 x, else float32.
     """
-    return _kernels(backend).group_norm_forward(x, weight, bias, num_groups, eps, activation == "silu")
+    return kernels(backend, "norm").group_norm_forward(x, weight, bias, num_groups, eps, activation == "silu")
 
 
 def _backward(
@@ -60,7 +51,7 @@ def _backward(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns dx (x's layout) and the weight and bias gradients (their dtype)."""
-    return _kernels(backend).group_norm_backward(like_layout(dy, x), x, weight, bias, mean, rstd, num_groups, activation == "silu")
+    return kernels(backend, "norm").group_norm_backward(like_layout(dy, x), x, weight, bias, mean, rstd, num_groups, activation == "silu")
 
 
 group_norm_op = torch.library.custom_op("genfast::group_norm", _forward, mutates_args=())
@@ -153,7 +144,7 @@ def _layer_norm_forward(
     x and residual are contiguous (rows, D); weight, bias and the statistics are
     in x's math dtype. RMSNorm's mean is 0 and its bias is not read.
     """
-    y, h, mean, rstd = _kernels(backend).layer_norm_forward(x, residual, weight, bias, eps, rms)
+    y, h, mean, rstd = kernels(backend, "norm").layer_norm_forward(x, residual, weight, bias, eps, rms)
     return y, x.new_empty(0) if h is None else h, mean, rstd
 
 
@@ -161,7 +152,7 @@ def _layer_norm_backward(
     dy: Tensor, dh: Tensor | None, h: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, rms: bool, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns dh_total = d/dh + dh (the gradient of both x and residual) and the weight and bias gradients."""
-    return _kernels(backend).layer_norm_backward(dy, dh, h, weight, mean, rstd, rms)
+    return kernels(backend, "norm").layer_norm_backward(dy, dh, h, weight, mean, rstd, rms)
 
 
 layer_norm_op = torch.library.custom_op("genfast::layer_norm", _layer_norm_forward, mutates_args=())

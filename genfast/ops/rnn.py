@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
-from ..backends import BackendUnavailableError, extension, resolve, unavailable_reason
+from ..backends import BackendUnavailableError, extension, kernels, resolve, unavailable_reason
 from ..reference.rnn import CellNorms
 from ._autograd import eager_function
 from ._checks import check_tensor
@@ -29,16 +29,6 @@ _IMPLEMENTED = frozenset({"cpu", "cuda", "triton"})
 # yet on a GPU: "auto" leaves them out until benchmarks/run_on_gpu.sh has run them there.
 _UNPROVEN = frozenset({"cuda", "triton"})
 _GATES = {"lstm": 4, "gru": 3}
-
-
-def _kernels(backend: str):
-    """The backend's recurrence kernels: genfast.kernels.rnn (triton) or the extension (cpu,
-    and cuda's persistent forward)."""
-    if backend == "triton":
-        from ..kernels import rnn
-
-        return rnn
-    return extension()
 
 
 @torch.compiler.assume_constant_result
@@ -65,7 +55,7 @@ def _forward(
     """(output, h_n, c_n, gates, h_prev, c_prev, tanh_c, hh_norm, c_norm, rstd); what a GRU or a
     cell without norms lacks is an empty tensor. From gates on, what the backward reads, covering
     one step only without save."""
-    outputs = _kernels(backend).recurrence_forward(
+    outputs = kernels(backend, "rnn").recurrence_forward(
         cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, zoneout_h, zoneout_c, norm_hh, norm_c, eps,
         reverse, save,
     )
@@ -80,7 +70,7 @@ def _backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(d_x_proj, d_weight_hh, d_bias_hh, dh0, dc0, d_weight_hr, d_norm_hh, d_norm_c); empty where
     the input is absent."""
-    grads = _kernels("triton" if backend == "cuda" else backend).recurrence_backward(
+    grads = kernels("triton" if backend == "cuda" else backend, "rnn").recurrence_backward(
         cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, zoneout_h, zoneout_c, norm_hh, norm_c, eps,
         reverse, d_output, d_h_n, d_c_n, saved,
     )
