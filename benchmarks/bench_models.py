@@ -19,19 +19,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from genfast.models.catalog import ARCHITECTURES, Architecture, twins
 
-from .harness import Case, Provider, model_providers
+from .harness import Case, Provider, model_providers, model_step
 
 NAMES = ("mlp", "vae", "gan", "unet", "lstm_lm", "gru_encoder_decoder")
 
 
 def _step(model: torch.nn.Module, architecture: Architecture, batch: tuple, training: bool):
-    if not training:
-        with torch.no_grad():
-            return architecture.outputs(model, batch)
-    model.zero_grad(set_to_none=True)
-    loss = architecture.loss(model, batch)
-    loss.backward()
-    return loss.detach()
+    return model_step(model, training, lambda: architecture.outputs(model, batch),
+                      lambda: architecture.loss(model, batch))
 
 
 @functools.cache

@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from genfast.models import BERT, GPT, T5, BERTConfig, GPTConfig, T5Config
 
-from .harness import Case, Provider, model_providers
+from .harness import Case, Provider, model_providers, model_step
 
 
 @dataclass(frozen=True)
@@ -77,13 +77,7 @@ MODELS = [
 
 
 def _step(model: nn.Module, spec: ModelSpec, tokens: Tensor, training: bool):
-    if not training:
-        with torch.no_grad():
-            return spec.call(model, tokens)
-    model.zero_grad(set_to_none=True)
-    loss = spec.loss(model, tokens)
-    loss.backward()
-    return loss.detach()
+    return model_step(model, training, lambda: spec.call(model, tokens), lambda: spec.loss(model, tokens))
 
 
 def _tokens(spec: ModelSpec, training: bool, **kwargs) -> Tensor:

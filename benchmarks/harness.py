@@ -132,6 +132,19 @@ def op_providers(
     return providers if reference_fn is None else [*providers, Provider("reference", reference_fn)]
 
 
+def model_step(model: torch.nn.Module, training: bool, outputs: Callable[[], Any],
+               loss: Callable[[], torch.Tensor]) -> Any:
+    """What a model case times: the forward, outputs() without autograd, or a training step,
+    loss() and its backward from zeroed gradients (returning the loss)."""
+    if not training:
+        with torch.no_grad():
+            return outputs()
+    model.zero_grad(set_to_none=True)
+    value = loss()
+    value.backward()
+    return value.detach()
+
+
 def model_providers(device_type: str, run: Callable[..., Any]) -> list[Provider]:
     """An architecture's providers: its genfast build per native backend, its torch.nn build, and
     that build compiled (its first, untimed call compiles). A case's inputs hold the three models
