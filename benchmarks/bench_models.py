@@ -8,10 +8,14 @@ compiled. (The transformers have their own cases in bench_transformers.py.)
 - U-Net: 4 x 4 x 32 x 32 latents, channels 32-64-128, the noise-prediction MSE;
 - the LSTM language model and the GRU encoder-decoder: 2 layers of 512, vocabulary 10,000,
   batch 4 x 128 tokens (the GRU's sources of random lengths), the next-token cross-entropy.
+
+genfast's builds of the image models run channels-last (genfast.models.layers.use_channels_last);
+"torch.nn channels-last" shows what that layout alone gives the torch.nn build.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import torch
@@ -19,9 +23,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from genfast.models.catalog import ARCHITECTURES, Architecture, twins
 
-from .harness import Case, Provider, model_providers, model_step
+from .harness import Case, Provider, Unsupported, model_providers, model_step
 
 NAMES = ("mlp", "vae", "gan", "unet", "lstm_lm", "gru_encoder_decoder")
+IMAGE_MODELS = ("vae", "gan", "unet")
 
 
 def _step(model: torch.nn.Module, architecture: Architecture, batch: tuple, training: bool):
@@ -53,6 +58,8 @@ def model_case(name: str, training: bool) -> Case:
         reference, fused = (m.to(device) for m in twins(architecture, "bench"))
         batch = tuple(t.to(device) for t in architecture.batch("bench", torch.Generator().manual_seed(0)))
         models = {"genfast": fused, "torch": reference, "compiled": torch.compile(reference)}
+        if name in IMAGE_MODELS:
+            models["channels_last"] = copy.deepcopy(reference).to(memory_format=torch.channels_last)
         return {"architecture": architecture, "models": models, "batch": batch, "training": training}
 
     weight_bytes, flops = _cost(name, training)
@@ -65,5 +72,11 @@ def model_case(name: str, training: bool) -> Case:
 CASES = [model_case(name, training) for name in NAMES for training in (False, True)]
 
 
+def _channels_last_step(models: dict, **inputs):
+    if "channels_last" not in models:
+        raise Unsupported("not an image model")
+    return _step(models["channels_last"], **inputs)
+
+
 def providers(device_type: str) -> list[Provider]:
-    return model_providers(device_type, _step)
+    return [*model_providers(device_type, _step), Provider("torch.nn channels-last", _channels_last_step)]

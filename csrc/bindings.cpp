@@ -874,6 +874,20 @@ Tensor conv2d_winograd(const Tensor& x, const Tensor& U, const std::optional<Ten
   return genfast::cpu::conv2d_winograd(x, U, bias, residual, out_channels, pad_h, pad_w, upsample);
 }
 
+std::tuple<Tensor, Tensor> conv2d_winograd_filters_backward(const Tensor& x, const Tensor& dy, int64_t pad_h,
+                                                           int64_t pad_w, int64_t upsample, bool bias) {
+  TORCH_CHECK(x.is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4 && x.size(1) > 0,
+              "x must be a float32 CPU (N, C, H, W) tensor, got ", x.scalar_type(), " ", x.sizes(), " on ", x.device());
+  TORCH_CHECK(upsample >= 1 && pad_h >= 0 && pad_w >= 0, "upsample must be >= 1 and the padding >= 0, got ", upsample,
+              ", ", pad_h, ", ", pad_w);
+  const int64_t height = upsample * x.size(2) + 2 * pad_h - 2, width = upsample * x.size(3) + 2 * pad_w - 2;
+  TORCH_CHECK(dy.is_cpu() && dy.scalar_type() == at::kFloat && dy.dim() == 4 && dy.size(0) == x.size(0) &&
+                  dy.size(1) > 0 && dy.size(2) == height && dy.size(3) == width,
+              "dy must be float32 (", x.size(0), ", K, ", height, ", ", width, "), got ", dy.scalar_type(), " ",
+              dy.sizes());
+  return genfast::cpu::conv2d_winograd_filters_backward(x, dy, pad_h, pad_w, upsample, bias);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -924,5 +938,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv2d_winograd_weight", &conv2d_winograd_weight, "3x3 filters (K, C, 3, 3) transformed: (16, C, K)");
   m.def("conv2d_winograd", &conv2d_winograd,
         "3x3 stride-1 convolution by Winograd F(2x2, 3x3) of x upsampled by nearest neighbours, + residual: y");
+  m.def("conv2d_winograd_filters_backward", &conv2d_winograd_filters_backward,
+        "The gradients of that convolution's filters and bias, by the same transforms: (dweight, dbias or undefined)");
   m.def("scale", &scale, "scale * x, for the denoising loss's backward");
 }

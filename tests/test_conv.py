@@ -40,19 +40,30 @@ def _inputs(shape, bias=True):
     return x, weight, torch.randn(k, generator=generator) if bias else None, padding
 
 
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    """The arguments of each call of the Winograd kernel: a test tells from them that it ran."""
+def _counted(monkeypatch, name: str) -> list:
+    """The arguments of each call of the extension's kernel ``name``: a test tells from them that it ran."""
     require("cpu")
     calls = []
-    kernel = extension().conv2d_winograd
+    kernel = getattr(extension(), name)
 
     def counted(*args):
         calls.append(args)
         return kernel(*args)
 
-    monkeypatch.setattr(extension(), "conv2d_winograd", counted)
+    monkeypatch.setattr(extension(), name, counted)
     return calls
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """The calls of the Winograd convolution (the forward's, and the backward's for the input's gradient)."""
+    return _counted(monkeypatch, "conv2d_winograd")
+
+
+@pytest.fixture
+def filters_gradient_calls(monkeypatch):
+    """The calls of the Winograd kernel of the filters' gradient."""
+    return _counted(monkeypatch, "conv2d_winograd_filters_backward")
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -85,21 +96,6 @@ def test_upsampled_input_matches_reference(shape, layout, upsample, kernel_calls
     big = F.interpolate(x, scale_factor=upsample, mode="nearest")
     ref = F.conv2d(big.double(), weight.double(), b.double(), padding=padding)
     assert_close_to_reference(y, ref, F.conv2d(big, weight, b, padding=padding), 1e-6, f"{shape} {layout}")
-
-
-def test_upsampled_gradients_match_reference(kernel_calls):
-    x, weight, b, padding = _inputs(SHAPES[1])
-    leaves = [t.clone().requires_grad_() for t in (x, weight, b)]
-    with genfast.use_backend("cpu"):
-        y = genfast.ops.conv2d(*leaves, padding=padding, upsample=2)
-        dy = torch.randn_like(y)
-        grads = torch.autograd.grad(y, leaves, dy)
-    assert len(kernel_calls) == 1
-    leaves64 = [t.double().requires_grad_() for t in (x, weight, b)]
-    big = F.interpolate(leaves64[0], scale_factor=2, mode="nearest")
-    want = torch.autograd.grad(F.conv2d(big, *leaves64[1:], padding=padding), leaves64, dy.double())
-    for name, got, ref in zip(("input", "weight", "bias"), grads, want, strict=True):
-        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5, msg=name)
 
 
 # residual: how it is made from the output's shape, and whether the kernel adds it (channels innermost)
@@ -161,19 +157,73 @@ def test_non_finite_inputs_reach_the_outputs_they_reach_in_torch(bad, kernel_cal
         assert torch.equal(torch.isnan(y), torch.isnan(want))
 
 
-@pytest.mark.parametrize("shape", [*SHAPES[1:4], (2, 4, 6, 5, 3, 3)])
-def test_gradients_match_reference(shape, kernel_calls):
+def _gradients_against_reference(shape, layout, upsample, wanted=(True, True, True)):
+    """genfast's gradients of the leaves ``wanted`` (input, weight, bias), each checked against
+    float64 under the tests' rule (twice float32 torch's error + 1e-6)."""
     x, weight, b, padding = _inputs(shape)
-    leaves = [t.clone().requires_grad_() for t in (x, weight, b)]
+    x = _laid_out(x, layout)
+    leaves = [t.clone().requires_grad_(w) for t, w in zip((x, weight, b), wanted)]
     with genfast.use_backend("cpu"):
-        y = genfast.ops.conv2d(*leaves, padding=padding)
-        dy = torch.randn_like(y)
-        grads = torch.autograd.grad(y, leaves, dy)
-    assert len(kernel_calls) == 1
-    leaves64 = [t.double().requires_grad_() for t in (x, weight, b)]
-    want = torch.autograd.grad(F.conv2d(*leaves64, padding=padding), leaves64, dy.double())
-    for name, got, ref in zip(("input", "weight", "bias"), grads, want, strict=True):
-        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5, msg=name)
+        y = genfast.ops.conv2d(*leaves, padding=padding, upsample=upsample)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [t for t in leaves if t.requires_grad], dy)
+
+    def torch_gradients(dtype):
+        leaves = [t.to(dtype).requires_grad_(w) for t, w in zip((x, weight, b), wanted)]
+        big = F.interpolate(leaves[0], scale_factor=upsample, mode="nearest")
+        y = F.conv2d(big, *leaves[1:], padding=padding)
+        return torch.autograd.grad(y, [t for t in leaves if t.requires_grad], dy.to(dtype))
+
+    names = [name for name, w in zip(("input", "weight", "bias"), wanted) if w]
+    for name, got, want, ref in zip(names, grads, torch_gradients(torch.float32), torch_gradients(torch.float64),
+                                    strict=True):
+        assert got.shape == ref.shape, name
+        assert_close_to_reference(got, ref, want, 1e-6, f"{shape} {layout} upsample {upsample}: {name}")
+
+
+@pytest.mark.parametrize("shape", [*SHAPES, (2, 4, 6, 5, 3, 3)])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("upsample", [1, 2])
+def test_gradients_match_reference(shape, layout, upsample, kernel_calls, filters_gradient_calls):
+    """The input's gradient by the Winograd kernel (a padding of 3 by ATen's: its full correlation
+    would need a negative one), the filters' and the bias's by the Winograd transforms."""
+    _gradients_against_reference(shape, layout, upsample)
+    padding = shape[-1] if isinstance(shape[-1], int) else max(shape[-1])
+    assert len(kernel_calls) == (2 if padding <= 2 else 1)
+    assert len(filters_gradient_calls) == 1
+
+
+@pytest.mark.parametrize("wanted", [(True, False, False), (False, True, False), (False, False, True),
+                                    (False, True, True), (True, False, True)])
+def test_gradients_of_some_leaves(wanted, kernel_calls, filters_gradient_calls):
+    _gradients_against_reference(SHAPES[1], "channels_last", 2, wanted)
+    assert len(kernel_calls) == 1 + wanted[0]
+    assert len(filters_gradient_calls) == wanted[1]
+
+
+def test_second_order_gradients_match_reference():
+    """An R1-style penalty: the input's gradient taken with create_graph, then differentiated for
+    the weights, runs ATen's backward, whose own gradient torch knows."""
+    require("cpu")
+    x, weight, b, padding = _inputs(SHAPES[3])
+
+    def penalty_gradients(conv, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (x, weight, b)]
+        (dx,) = torch.autograd.grad(conv(*leaves, padding=padding).square().sum(), leaves[0], create_graph=True)
+        return torch.autograd.grad(dx.square().sum(), leaves[1:])
+
+    with genfast.use_backend("cpu"):
+        got = penalty_gradients(genfast.ops.conv2d, torch.float32)
+    for name, g, want, ref in zip(("weight", "bias"), got, penalty_gradients(F.conv2d, torch.float32),
+                                  penalty_gradients(F.conv2d, torch.float64), strict=True):
+        assert_close_to_reference(g, ref, want, 1e-6, name)
+
+
+def test_large_filters_gradient_runs_aten(monkeypatch, filters_gradient_calls):
+    """Past the channels the filters' kernel was measured at, ATen's backward."""
+    monkeypatch.setattr(genfast.ops.conv, "_WINOGRAD_FILTERS_GRADIENT_CHANNELS", 3 * 5 - 1)
+    _gradients_against_reference(SHAPES[1], "contiguous", 1)
+    assert not filters_gradient_calls
 
 
 def test_unbatched_and_padding_names(kernel_calls):
@@ -304,6 +354,10 @@ def test_kernel_checks_its_arguments():
         extension().conv2d_winograd(x, filters, None, None, 8, 1, 1, 0)
     with pytest.raises(RuntimeError, match="residual must be"):
         extension().conv2d_winograd(x, filters, None, torch.randn(1, 8, 5, 5), 8, 1, 1, 1)
+    with pytest.raises(RuntimeError, match="dy must be"):
+        extension().conv2d_winograd_filters_backward(x, torch.randn(1, 8, 4, 5), 1, 1, 1, True)
+    with pytest.raises(RuntimeError, match="x must be"):
+        extension().conv2d_winograd_filters_backward(x.double(), torch.randn(1, 8, 5, 5), 1, 1, 1, True)
 
 
 class _Decoder(torch.nn.Module):

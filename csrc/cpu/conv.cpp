@@ -301,6 +301,98 @@ void convolve(const float* x, const Tensor& U, const Addends& add, float* y, con
   }
 }
 
+// z[p * plane + k] = (A dY A^T)[p] of tile t's 2x2 outputs dY, for K channels: the gradient of
+// the 16 products M[p], the output transform's adjoint. Reads dy (N, out_h, out_w, K); outputs
+// past the image's edge read `zeros`. Adds the tile's outputs, one sum per channel, to bias_sum
+// unless it is null: (A dY A^T)[5] is that sum.
+void transform_gradient_tile(const float* dy, const float* zeros, const TileGrid& g, int64_t t, float* z,
+                             int64_t plane, float* bias_sum) {
+  const int64_t n = t / (g.rows() * g.cols()), ty = t / g.cols() % g.rows(), tx = t % g.cols();
+  const float* d[2][2];
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j) {
+      const int64_t oy = 2 * ty + i, ox = 2 * tx + j;
+      d[i][j] = oy < g.out_h() && ox < g.out_w() ? dy + ((n * g.out_h() + oy) * g.out_w() + ox) * g.K : zeros;
+    }
+#pragma omp simd
+  for (int64_t k = 0; k < g.K; ++k) {
+    // A dY, with A = [1 0; 1 1; 1 -1; 0 -1]: four rows of two
+    const float r[4][2] = {{d[0][0][k], d[0][1][k]},
+                           {d[0][0][k] + d[1][0][k], d[0][1][k] + d[1][1][k]},
+                           {d[0][0][k] - d[1][0][k], d[0][1][k] - d[1][1][k]},
+                           {-d[1][0][k], -d[1][1][k]}};
+    for (int i = 0; i < 4; ++i) {  // (A dY) A^T: the same combinations of its columns
+      z[(4 * i + 0) * plane + k] = r[i][0];
+      z[(4 * i + 1) * plane + k] = r[i][0] + r[i][1];
+      z[(4 * i + 2) * plane + k] = r[i][0] - r[i][1];
+      z[(4 * i + 3) * plane + k] = -r[i][1];
+    }
+    if (bias_sum) bias_sum[k] += r[1][0] + r[1][1];
+  }
+}
+
+// The filters' gradient dW (K, C, 3, 3) = G^T (sum over tiles of V[p]^T Z[p]) G, V the input's
+// tiles transformed as the forward does and Z the output gradient's: the 16 products' gradients
+// are (tiles x C)^T (tiles x K) products, each thread summing its blocks of tiles into its own
+// (16, C, Kp); the threads' sums are added once at the end. Tiles go in blocks whose transforms
+// stay in L2, as in convolve_blocks. Also the bias's gradient, the sum of dy per channel, into
+// db unless it is null.
+void filters_gradient(const float* x, const float* dy, const TileGrid& g, float* dw, float* db) {
+  const int64_t T = g.tiles(), C = g.C, K = g.K, Kp = g.padded_k();
+  const int64_t threads = at::get_num_threads();
+  // Deep enough products that each accumulator tile loads and stores once per 32 tiles or more.
+  const int64_t fit = kBlockBytes / (16 * int64_t(sizeof(float)) * (C + Kp));
+  const int64_t block = std::clamp<int64_t>(std::min(fit, (T + 4 * threads - 1) / (4 * threads)), 32, 256);
+  const int64_t blocks = (T + block - 1) / block;
+  std::vector<float> sums(threads * 16 * C * Kp), bias_sums(db ? threads * K : 0);
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {  // each thread zeroes its own sums
+    std::fill(sums.begin() + begin * 16 * C * Kp, sums.begin() + end * 16 * C * Kp, 0.0f);
+    if (db) std::fill(bias_sums.begin() + begin * K, bias_sums.begin() + end * K, 0.0f);
+  });
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t thread = at::get_thread_num();
+    float* M = sums.data() + thread * 16 * C * Kp;
+    float* bias_sum = db ? bias_sums.data() + thread * K : nullptr;
+    const std::vector<float> zeros(std::max(C, K), 0.0f);
+    std::vector<float> V(16 * block * C), Z(16 * block * Kp, 0.0f);  // Z's columns past K stay zero
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t first = task * block, count = std::min(block, T - first);
+      for (int64_t t = 0; t < count; ++t) {
+        transform_input_tile(x, zeros.data(), g, first + t, V.data() + t * C, block * C);
+        transform_gradient_tile(dy, zeros.data(), g, first + t, Z.data() + t * Kp, block * Kp, bias_sum);
+      }
+      for (int p = 0; p < 16; ++p)  // M[p] (C x Kp) += V[p]^T Z[p]: V read down its columns
+        tile_matmul<true>(C, Kp, count, V.data() + p * block * C, 1, C, Z.data() + p * block * Kp, Kp,
+                          M + p * C * Kp, Kp);
+    }
+  });
+  if (db)
+    for (int64_t k = 0; k < K; ++k) {
+      db[k] = 0.0f;
+      for (int64_t thread = 0; thread < threads; ++thread) db[k] += bias_sums[thread * K + k];
+    }
+  at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c)
+      for (int64_t k = 0; k < K; ++k) {
+        float m[4][4] = {};  // the threads' sums added
+        for (int64_t thread = 0; thread < threads; ++thread)
+          for (int p = 0; p < 16; ++p) m[p / 4][p % 4] += sums[((thread * 16 + p) * C + c) * Kp + k];
+        float r[3][4];  // G^T m, with G^T = [1 1/2 1/2 0; 0 1/2 -1/2 0; 0 1/2 1/2 1]
+        for (int j = 0; j < 4; ++j) {
+          r[0][j] = m[0][j] + 0.5f * (m[1][j] + m[2][j]);
+          r[1][j] = 0.5f * (m[1][j] - m[2][j]);
+          r[2][j] = 0.5f * (m[1][j] + m[2][j]) + m[3][j];
+        }
+        float* w = dw + (k * C + c) * 9;
+        for (int i = 0; i < 3; ++i) {  // (G^T m) G
+          w[3 * i + 0] = r[i][0] + 0.5f * (r[i][1] + r[i][2]);
+          w[3 * i + 1] = 0.5f * (r[i][1] - r[i][2]);
+          w[3 * i + 2] = 0.5f * (r[i][1] + r[i][2]) + r[i][3];
+        }
+      }
+  });
+}
+
 }  // namespace
 
 Tensor conv2d_winograd_weight(const Tensor& weight) {
@@ -366,6 +458,26 @@ Tensor conv2d_winograd(const Tensor& x, const Tensor& U, const std::optional<Ten
   Tensor out = at::empty({g.N, g.K, g.out_h(), g.out_w()}, options);
   transpose_batched(y.data_ptr<float>(), out.data_ptr<float>(), g.N, g.out_h() * g.out_w(), g.K);
   return out;
+}
+
+
+std::tuple<Tensor, Tensor> conv2d_winograd_filters_backward(const Tensor& x, const Tensor& dy, int64_t pad_h,
+                                                           int64_t pad_w, int64_t upsample, bool bias) {
+  const TileGrid g{x.size(0), upsample * x.size(2), upsample * x.size(3), x.size(1), dy.size(1), pad_h, pad_w,
+                   upsample};
+  const auto options = x.options();
+  Tensor dw = at::empty({g.K, g.C, 3, 3}, options), db = bias ? at::empty({g.K}, options) : Tensor();
+  float* db_data = bias ? db.data_ptr<float>() : nullptr;
+  // Both read channels-last: each transform runs over channels in vector lanes.
+  auto pixels = [&](const Tensor& t) {
+    if (t.is_contiguous(at::MemoryFormat::ChannelsLast)) return t;
+    const Tensor input = t.contiguous();
+    Tensor out = at::empty({t.size(0), t.size(2), t.size(3), t.size(1)}, options);
+    transpose_batched(input.data_ptr<float>(), out.data_ptr<float>(), t.size(0), t.size(1), t.size(2) * t.size(3));
+    return out;
+  };
+  filters_gradient(pixels(x).data_ptr<float>(), pixels(dy).data_ptr<float>(), g, dw.data_ptr<float>(), db_data);
+  return {dw, db};
 }
 
 }  // namespace genfast::cpu

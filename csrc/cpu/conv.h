@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <tuple>
 
 namespace genfast::cpu {
 
@@ -20,5 +21,12 @@ at::Tensor conv2d_winograd_weight(const at::Tensor& weight);
 at::Tensor conv2d_winograd(const at::Tensor& x, const at::Tensor& U, const std::optional<at::Tensor>& bias,
                            const std::optional<at::Tensor>& residual, int64_t out_channels, int64_t pad_h,
                            int64_t pad_w, int64_t upsample);
+
+// The gradients of that convolution's filters, (K, C, 3, 3), and, where bias, of its bias (K; else
+// undefined), from the convolution's input x (N, C, H, W) and its output's gradient dy (N, K, out_h,
+// out_w), each channels-last or contiguous, by the same F(2x2, 3x3) transforms.
+std::tuple<at::Tensor, at::Tensor> conv2d_winograd_filters_backward(const at::Tensor& x, const at::Tensor& dy,
+                                                                    int64_t pad_h, int64_t pad_w, int64_t upsample,
+                                                                    bool bias);
 
 }  // namespace genfast::cpu

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .. import nn as genfast_nn
 from .. import ops, reference
+from .layers import use_channels_last
 
 _SLOPE = 0.2
 
@@ -54,6 +55,8 @@ class Generator(nn.Module):
             for index, (a, b) in enumerate(zip((channels[0], *channels[:-1]), channels))
         )
         self.to_image = (genfast_nn.Conv2d if fused else nn.Conv2d)(channels[-1], out_channels, 3, padding=1)
+        if fused:
+            use_channels_last(self)
 
     def forward(self, z: Tensor) -> Tensor:
         h = F.leaky_relu(self.project(z), _SLOPE).view(z.shape[0], self.channels[0], 4, 4)
@@ -72,6 +75,8 @@ class Discriminator(nn.Module):
         self.blocks = nn.ModuleList(ConvLayer(a, b, fused) for a, b in zip((in_channels, *channels[:-1]), channels))
         self.head = nn.Sequential(nn.Flatten(), nn.Linear((channels[-1] + 1) * 16, channels[-1]),
                                   nn.LeakyReLU(_SLOPE), nn.Linear(channels[-1], 1))
+        if fused:
+            use_channels_last(self)
 
     def forward(self, x: Tensor) -> Tensor:
         for index, block in enumerate(self.blocks):

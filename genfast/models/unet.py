@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .. import nn as genfast_nn
 from .. import ops, reference
+from .layers import use_channels_last
 
 
 class GroupNormSiLU(nn.GroupNorm):
@@ -133,6 +134,8 @@ class UNet(nn.Module):
                 previous = channels[index - 1]
         self.norm_out = _norm(channels[0], groups, fused, silu=True)
         self.conv_out = _conv(channels[0], in_channels, 3, fused, padding=1)
+        if fused:
+            use_channels_last(self)
 
     def _embed(self, timesteps: Tensor, class_labels: Tensor) -> Tensor:
         args = (timesteps, self.frequency_dim, True, 0)  # diffusers' Stable Diffusion settings

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .. import nn as genfast_nn
 from .. import ops, reference
+from .layers import use_channels_last
 from .unet import GroupNormSiLU
 
 
@@ -57,6 +58,8 @@ class ConvVAE(nn.Module):
             if index > 0:
                 self.upsample.append(_conv(previous, previous, fused))
         self.decoder_out = nn.Sequential(_norm_silu(previous, groups, fused), _conv(previous, in_channels, fused))
+        if fused:
+            use_channels_last(self)
 
     def encode(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """(mu, logvar) of the latent."""
