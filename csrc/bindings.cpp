@@ -835,12 +835,12 @@ Tensor attention_decode(const Tensor& q, const Tensor& k_cache, const Tensor& v_
       {q, k_cache, v_cache, lengths, block_table, alibi_slopes, scale, softcap, window_left, window_right});
 }
 
-Tensor conv2d_winograd_weight(const Tensor& weight) {
+Tensor conv2d_winograd_weight(const Tensor& weight, bool flipped) {
   TORCH_CHECK(weight.is_cpu() && weight.scalar_type() == at::kFloat && weight.dim() == 4 && weight.size(2) == 3 &&
                   weight.size(3) == 3,
               "weight must be a float32 CPU (K, C, 3, 3) tensor, got ", weight.scalar_type(), " ", weight.sizes(),
               " on ", weight.device());
-  return genfast::cpu::conv2d_winograd_weight(weight);
+  return genfast::cpu::conv2d_winograd_weight(weight, flipped);
 }
 
 Tensor conv2d_winograd(const Tensor& x, const Tensor& U, const std::optional<Tensor>& bias,
@@ -935,7 +935,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_backward", &attention_backward,
         "Scaled dot-product attention's backward: (dq, dk, dv, dmask or an undefined tensor)");
   m.def("attention_decode", &attention_decode, "Decoding attention over a contiguous or paged KV cache: out");
-  m.def("conv2d_winograd_weight", &conv2d_winograd_weight, "3x3 filters (K, C, 3, 3) transformed: (16, C, K)");
+  m.def("conv2d_winograd_weight", &conv2d_winograd_weight,
+        "3x3 filters (K, C, 3, 3) transformed: (16, C, K); flipped: those of the input's gradient, (16, K, C)");
   m.def("conv2d_winograd", &conv2d_winograd,
         "3x3 stride-1 convolution by Winograd F(2x2, 3x3) of x upsampled by nearest neighbours, + residual: y");
   m.def("conv2d_winograd_filters_backward", &conv2d_winograd_filters_backward,

@@ -62,7 +62,9 @@ def kernel_calls(monkeypatch):
 
 @pytest.fixture
 def filters_gradient_calls(monkeypatch):
-    """The calls of the Winograd kernel of the filters' gradient."""
+    """The calls of the Winograd kernel of the filters' gradient, whose backward then takes every
+    size (it runs only where it measured faster: not at few tiles of many channels)."""
+    monkeypatch.setattr(genfast.ops.conv, "BACKWARD_MIN_TILES_PER_THREAD", 0)
     return _counted(monkeypatch, "conv2d_winograd_filters_backward")
 
 
@@ -159,9 +161,12 @@ def test_non_finite_inputs_reach_the_outputs_they_reach_in_torch(bad, kernel_cal
 
 def _gradients_against_reference(shape, layout, upsample, wanted=(True, True, True)):
     """genfast's gradients of the leaves ``wanted`` (input, weight, bias), each checked against
-    float64 under the tests' rule (twice float32 torch's error + 1e-6)."""
+    float64 under the tests' rule (twice float32 torch's error + 1e-6). A channels-last layout
+    lays out the weight so too, as a channels-last model's are."""
     x, weight, b, padding = _inputs(shape)
     x = _laid_out(x, layout)
+    if layout == "channels_last":
+        weight = weight.contiguous(memory_format=torch.channels_last)
     leaves = [t.clone().requires_grad_(w) for t, w in zip((x, weight, b), wanted)]
     with genfast.use_backend("cpu"):
         y = genfast.ops.conv2d(*leaves, padding=padding, upsample=upsample)
@@ -219,11 +224,22 @@ def test_second_order_gradients_match_reference():
         assert_close_to_reference(g, ref, want, 1e-6, name)
 
 
-def test_large_filters_gradient_runs_aten(monkeypatch, filters_gradient_calls):
-    """Past the channels the filters' kernel was measured at, ATen's backward."""
-    monkeypatch.setattr(genfast.ops.conv, "_WINOGRAD_FILTERS_GRADIENT_CHANNELS", 3 * 5 - 1)
-    _gradients_against_reference(SHAPES[1], "contiguous", 1)
-    assert not filters_gradient_calls
+@pytest.mark.parametrize("shape, winograd", [
+    ((1, 64, 32, 32, 128, 1), True),  # 256 tiles
+    ((1, 64, 30, 32, 128, 1), False),  # 240 tiles
+    ((1, 63, 30, 32, 128, 1), True),  # fewer channels
+    ((1, 300, 32, 32, 256, 1), False),
+])
+def test_backward_runs_where_it_measured_faster(monkeypatch, shape, winograd, kernel_calls):
+    """genfast's backward up to 64 x 128 channels, and past that up to 256 x 256 at 256 tiles a
+    thread or more; else ATen's."""
+    calls = _counted(monkeypatch, "conv2d_winograd_filters_backward")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    x, weight, b, padding = _inputs(shape)
+    x.requires_grad_(), weight.requires_grad_()
+    with genfast.use_backend("cpu"):
+        genfast.ops.conv2d(x, weight, b, padding=padding).sum().backward()
+    assert (len(calls), len(kernel_calls)) == ((1, 2) if winograd else (0, 1))
 
 
 def test_unbatched_and_padding_names(kernel_calls):

@@ -61,6 +61,7 @@ constexpr int64_t kFilterBytes = 512 << 10;
 // The largest transformed filters that take the fused blocks; larger ones go through ATen's bmm.
 constexpr int64_t kFusedFilterBytes = 1 << 20;
 constexpr int64_t kTileRows = 6;  // tile_matmul's rows per register tile
+constexpr int64_t kLineFloats = 16;  // a cache line
 
 struct TileGrid {
   int64_t N, H, W, C, K, pad_h, pad_w;
@@ -157,17 +158,19 @@ void transform_input_tile(const float* x, const float* zeros, const TileGrid& g,
   const int64_t n = t / (g.rows() * g.cols()), ty = t / g.cols() % g.rows(), tx = t % g.cols();
   // The image's row and column of each of the tile's 4 rows and columns, or -1 in the padding.
   // Divisions only when upsampled: 32 of them a tile cost more than the transform of 32 channels.
+  // A row's pointer plus a column's offset: 8 multiplies a tile rather than 16 (at 32 channels
+  // the pointers took as long as the transform).
   const int64_t u = g.upsample;
-  int64_t row[4], col[4];
+  const float* row[4];
+  int64_t col[4];
   for (int i = 0; i < 4; ++i) {
     const int64_t y = 2 * ty - g.pad_h + i, xx = 2 * tx - g.pad_w + i;
-    row[i] = y < 0 || y >= g.H ? -1 : u == 1 ? y : y / u;
-    col[i] = xx < 0 || xx >= g.W ? -1 : u == 1 ? xx : xx / u;
+    row[i] = y < 0 || y >= g.H ? nullptr : x + (n * (g.H / u) + (u == 1 ? y : y / u)) * (g.W / u) * g.C;
+    col[i] = xx < 0 || xx >= g.W ? -1 : (u == 1 ? xx : xx / u) * g.C;
   }
   const float* d[4][4];
   for (int i = 0; i < 4; ++i)
-    for (int j = 0; j < 4; ++j)
-      d[i][j] = row[i] < 0 || col[j] < 0 ? zeros : x + ((n * (g.H / u) + row[i]) * (g.W / u) + col[j]) * g.C;
+    for (int j = 0; j < 4; ++j) d[i][j] = row[i] == nullptr || col[j] < 0 ? zeros : row[i] + col[j];
 #pragma omp simd
   for (int64_t c = 0; c < g.C; ++c) {
     float r[4][4];  // B^T d: combinations of the tile's rows
@@ -354,16 +357,17 @@ void filters_gradient(const float* x, const float* dy, const TileGrid& g, float*
     float* M = sums.data() + thread * 16 * C * Kp;
     float* bias_sum = db ? bias_sums.data() + thread * K : nullptr;
     const std::vector<float> zeros(std::max(C, K), 0.0f);
-    std::vector<float> V(16 * block * C), Z(16 * block * Kp, 0.0f);  // Z's columns past K stay zero
+    // A line past each position's plane: at a power-of-two plane the 16 rows a tile writes would share one set of L1.
+    const int64_t v_plane = block * C + kLineFloats, z_plane = block * Kp + kLineFloats;
+    std::vector<float> V(16 * v_plane), Z(16 * z_plane, 0.0f);  // Z's columns past K stay zero
     for (int64_t task = begin; task < end; ++task) {
       const int64_t first = task * block, count = std::min(block, T - first);
       for (int64_t t = 0; t < count; ++t) {
-        transform_input_tile(x, zeros.data(), g, first + t, V.data() + t * C, block * C);
-        transform_gradient_tile(dy, zeros.data(), g, first + t, Z.data() + t * Kp, block * Kp, bias_sum);
+        transform_input_tile(x, zeros.data(), g, first + t, V.data() + t * C, v_plane);
+        transform_gradient_tile(dy, zeros.data(), g, first + t, Z.data() + t * Kp, z_plane, bias_sum);
       }
       for (int p = 0; p < 16; ++p)  // M[p] (C x Kp) += V[p]^T Z[p]: V read down its columns
-        tile_matmul<true>(C, Kp, count, V.data() + p * block * C, 1, C, Z.data() + p * block * Kp, Kp,
-                          M + p * C * Kp, Kp);
+        tile_matmul<true>(C, Kp, count, V.data() + p * v_plane, 1, C, Z.data() + p * z_plane, Kp, M + p * C * Kp, Kp);
     }
   });
   if (db)
@@ -395,38 +399,59 @@ void filters_gradient(const float* x, const float* dy, const TileGrid& g, float*
 
 }  // namespace
 
-Tensor conv2d_winograd_weight(const Tensor& weight) {
-  const Tensor w = weight.contiguous();
-  const int64_t K = w.size(0), C = w.size(1), Kp = padded_columns<float>(K);
+Tensor conv2d_winograd_weight(const Tensor& weight, bool flipped) {
+  // Read through its strides: a channels-last model's weights are, and a copy of 128 x 128 filters took 90 us.
+  const Tensor& w = weight;
+  const int64_t K = w.size(flipped ? 1 : 0), C = w.size(flipped ? 0 : 1), Kp = padded_columns<float>(K);
+  const int64_t filter_stride = w.stride(flipped ? 1 : 0), channel_stride = w.stride(flipped ? 0 : 1);
+  const int64_t row_stride = w.stride(2), column_stride = w.stride(3);
   Tensor U = at::empty({16, C, Kp}, w.options());
   const float* g = w.data_ptr<float>();
   float* u = U.data_ptr<float>();
-  // A task per input channel and panel. The 16 positions' rows of a panel lie C x Kp floats apart,
-  // a power of two at usual sizes, so their lines share one set of L1: written a value at a time
-  // they evicted each other (1 ms at 256 to 128 channels). The rows are made in registers first.
+  // A task per input channel and panel, the channels of a panel one after another: their taps
+  // share lines of the weight in either layout. The 16 positions' rows of a panel lie C x Kp
+  // floats apart, a power of two at usual sizes, so their lines share one set of L1: written a
+  // value at a time they evicted each other (1 ms at 256 to 128 channels). The rows are made in
+  // registers first.
   constexpr int64_t kPanel = kTileColumns<float>;
   const int64_t panels = (Kp + kPanel - 1) / kPanel;
   at::parallel_for(0, C * panels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t c = task / panels, k0 = task % panels * kPanel, width = std::min(kPanel, Kp - k0);
-      float rows[16][kPanel] = {};
+      const int64_t c = task % C, k0 = task / C * kPanel, width = std::min(kPanel, Kp - k0);
+      // The panel's filters' taps gathered, then transformed with the filters in vector lanes
+      // (a filter at a time, the transform's scalar arithmetic took 220 us at 128 x 128 channels).
+      float f[9][kPanel];  // tap t of filter k0 + l, flipped: the last tap first; zero past K
+      if (K - k0 < kPanel) std::fill_n(&f[0][0], 9 * kPanel, 0.0f);
       for (int64_t k = k0; k < std::min(K, k0 + kPanel); ++k) {
-        const float* f = g + (k * C + c) * 9;
-        float r[4][3];  // G g, with G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1]
-        for (int j = 0; j < 3; ++j) {
-          r[0][j] = f[j];
-          r[1][j] = 0.5f * (f[j] + f[3 + j] + f[6 + j]);
-          r[2][j] = 0.5f * (f[j] - f[3 + j] + f[6 + j]);
-          r[3][j] = f[6 + j];
-        }
-        for (int i = 0; i < 4; ++i) {  // (G g) G^T
-          rows[4 * i][k - k0] = r[i][0];
-          rows[4 * i + 1][k - k0] = 0.5f * (r[i][0] + r[i][1] + r[i][2]);
-          rows[4 * i + 2][k - k0] = 0.5f * (r[i][0] - r[i][1] + r[i][2]);
-          rows[4 * i + 3][k - k0] = r[i][2];
+        const float* taps = g + k * filter_stride + c * channel_stride;
+        for (int tap = 0; tap < 9; ++tap) {
+          const int at = flipped ? 8 - tap : tap;
+          f[tap][k - k0] = taps[at / 3 * row_stride + at % 3 * column_stride];
         }
       }
-      for (int p = 0; p < 16; ++p) std::copy_n(rows[p], width, u + p * C * Kp + filter_offset(c, k0, C, Kp));
+      float rows[16][kPanel];
+#pragma omp simd
+      for (int64_t l = 0; l < kPanel; ++l) {
+        float r[4][3];  // G g, with G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1]
+        for (int j = 0; j < 3; ++j) {
+          r[0][j] = f[j][l];
+          r[1][j] = 0.5f * (f[j][l] + f[3 + j][l] + f[6 + j][l]);
+          r[2][j] = 0.5f * (f[j][l] - f[3 + j][l] + f[6 + j][l]);
+          r[3][j] = f[6 + j][l];
+        }
+        for (int i = 0; i < 4; ++i) {  // (G g) G^T
+          rows[4 * i][l] = r[i][0];
+          rows[4 * i + 1][l] = 0.5f * (r[i][0] + r[i][1] + r[i][2]);
+          rows[4 * i + 2][l] = 0.5f * (r[i][0] - r[i][1] + r[i][2]);
+          rows[4 * i + 3][l] = r[i][2];
+        }
+      }
+      float* panel = u + filter_offset(c, k0, C, Kp);
+      if (width == kPanel) {  // a copy of constant length: inlined, where a call per row took a tenth of the time
+        for (int p = 0; p < 16; ++p) std::copy_n(rows[p], kPanel, panel + p * C * Kp);
+      } else {
+        for (int p = 0; p < 16; ++p) std::copy_n(rows[p], width, panel + p * C * Kp);
+      }
     }
   });
   return U;

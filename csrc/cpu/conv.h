@@ -10,8 +10,9 @@ namespace genfast::cpu {
 
 // The 3x3 filters weight (K, C, 3, 3), float32, transformed for conv2d_winograd: U (16, C, K'),
 // K' = K rounded up to a vector's lanes, the columns past K zero; each of the 16 (C, K') matrices
-// packed in panels of columns for the kernel's matrix products (conv.cpp).
-at::Tensor conv2d_winograd_weight(const at::Tensor& weight);
+// packed in panels of columns for the kernel's matrix products (conv.cpp). flipped: the filters
+// of the input's gradient instead, weight.flip(2, 3).transpose(0, 1) (C filters of K channels).
+at::Tensor conv2d_winograd_weight(const at::Tensor& weight, bool flipped);
 
 // The 3x3, stride-1 convolution of x (N, C, H, W), float32, upsampled by nearest neighbours to
 // (upsample H, upsample W) first, with K = out_channels filters transformed into U, plus bias

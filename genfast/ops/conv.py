@@ -85,14 +85,13 @@ def _setup_context(ctx, inputs, output):
 def _input_gradient(dy: Tensor, weight: Tensor, padding: list[int]) -> Tensor | None:
     """The gradient of a 3x3 stride-1 convolution's (upsampled) input: the full correlation of dy
     with the filters flipped and transposed, itself a 3x3 stride-1 convolution with padding 2 - p,
-    run by the Winograd kernel. It ran 1.1 to 1.8 times faster than oneDNN's input gradient at the
-    VAE's and U-Net's sizes on a 2-core Xeon, and oneDNN's backward costs the sum of its input's
-    and its filters' gradients apart. None where a padding over 2 would make that one negative."""
+    run by the Winograd kernel. None where a padding over 2 would make that one negative."""
     if max(padding) > 2:
         return None
-    flipped = weight.detach().flip((2, 3)).transpose(0, 1)
     dy = dy if dy.is_contiguous() or channels_last(dy) else dy.contiguous()
-    args = (dy, winograd_filters(flipped), flipped, None, None, [2 - padding[0], 2 - padding[1]], 1)
+    # The kernel takes the filters transformed; of its weight argument, only the shape.
+    args = (dy, winograd_filters(weight, flipped=True), weight.detach().transpose(0, 1), None, None,
+            [2 - padding[0], 2 - padding[1]], 1)
     return conv2d_op(*args) if torch.compiler.is_compiling() else _forward(*args)
 
 
@@ -111,21 +110,32 @@ def _(x, dy, padding, upsample, bias):
     return x.new_empty((dy.shape[1], x.shape[1], 3, 3)), x.new_empty(dy.shape[1] if bias else 0)
 
 
-def _filters_gradient(dy: Tensor, x: Tensor, weight: Tensor, padding: list[int], upsample: int,
-                      bias: bool) -> tuple[Tensor, Tensor | None] | None:
-    """The gradients of the filters and, where bias, the bias, by the Winograd transforms
-    (conv2d_winograd_filters_backward): 1.0 to 1.4 times faster than oneDNN's at the VAE's and
-    U-Net's sizes on a 2-core Xeon. None past 256 x 256 channels, where each thread's sums of the
-    16 products (16 C K floats) no longer stay in L2 and that has not been measured."""
-    if weight.shape[0] * weight.shape[1] > _WINOGRAD_FILTERS_GRADIENT_CHANNELS:
-        return None
+def _filters_gradient(dy: Tensor, x: Tensor, padding: list[int], upsample: int,
+                      bias: bool) -> tuple[Tensor, Tensor | None]:
+    """The gradients of the filters and, where bias, the bias, by the Winograd transforms."""
     dy = dy if dy.is_contiguous() or channels_last(dy) else dy.contiguous()
     run = filters_backward_op if torch.compiler.is_compiling() else _filters_backward
     dweight, dbias = run(x.detach(), dy, list(padding), upsample, bias)
     return dweight, dbias if bias else None
 
 
-_WINOGRAD_FILTERS_GRADIENT_CHANNELS = 256 * 256
+def _winograd_backward(weight: Tensor, dy: Tensor) -> bool:
+    """Whether genfast's kernels take the backward, or ATen's, which computes the input's and the
+    filters' gradients together. A convolution's forward and backward ran 1.1 to 1.7 times
+    faster with genfast's than with torch's (channels-last, on a 2-core Xeon) at 32 to 128
+    channels and 256 tiles of 2x2 outputs a thread or more, and at small images of up to 64 x 64
+    channels; slower (0.8 times) at 64 tiles of 128 channels, where each thread's sums of the 16
+    products, 16 C K floats zeroed and added once, cost as much as the products, and with them
+    the 1 MB of transformed filters. Past 256 x 256 channels the sums no longer stay in L2, and
+    that has not been measured."""
+    out_channels, channels = weight.shape[:2]
+    tiles = dy.shape[0] * -(-dy.shape[2] // 2) * -(-dy.shape[3] // 2)
+    if channels * out_channels > 256 * 256:
+        return False
+    return channels * out_channels < 64 * 128 or tiles >= BACKWARD_MIN_TILES_PER_THREAD * torch.get_num_threads()
+
+
+BACKWARD_MIN_TILES_PER_THREAD = 256  # past 64 x 128 channels
 
 
 def _backward(ctx, dy):
@@ -135,11 +145,11 @@ def _backward(ctx, dy):
     wants_bias = ctx.has_bias and ctx.needs_input_grad[3]
     # Where autograd records the backward (create_graph: a GAN's R1 penalty), ATen's, whose own
     # gradient torch knows; genfast's kernels are not differentiated again.
-    winograd = not torch.is_grad_enabled()
+    winograd = not torch.is_grad_enabled() and _winograd_backward(weight, dy)
     dx = _input_gradient(dy, weight, ctx.padding) if winograd and ctx.needs_input_grad[0] else None
     dweight = dbias = None
     if winograd and ctx.needs_input_grad[2]:
-        dweight, dbias = _filters_gradient(dy, x, weight, ctx.padding, ctx.upsample, wants_bias) or (None, None)
+        dweight, dbias = _filters_gradient(dy, x, ctx.padding, ctx.upsample, wants_bias)
     elif winograd and wants_bias:
         dbias = dy.sum((0, 2, 3))
     wanted = [ctx.needs_input_grad[0] and dx is None, ctx.needs_input_grad[2] and dweight is None,
@@ -161,24 +171,26 @@ conv2d_op.register_autograd(_backward, setup_context=_setup_context)
 _Conv2dFunction = eager_function(_forward, _setup_context, _backward)
 
 
-def _transform(weight: Tensor) -> Tensor:
-    return extension().conv2d_winograd_weight(weight)
+def _transform(weight: Tensor, flipped: bool) -> Tensor:
+    return extension().conv2d_winograd_weight(weight, flipped)
 
 
 filters_op = torch.library.custom_op("genfast::conv2d_winograd_filters", _transform, mutates_args=())
 
 
 @filters_op.register_fake
-def _(weight):
-    return weight.new_empty((16, weight.shape[1], -(-weight.shape[0] // 16) * 16))
+def _(weight, flipped):
+    channels, filters = weight.shape[:2] if flipped else weight.shape[1::-1]
+    return weight.new_empty((16, channels, -(-filters // 16) * 16))
 
 
-def winograd_filters(weight: Tensor) -> Tensor:
+def winograd_filters(weight: Tensor, flipped: bool = False) -> Tensor:
     """weight (K, C, 3, 3), float32 on the CPU, transformed for the Winograd kernel: (16, C, K
-    rounded up to 16, the vector width the kernel pads to). A constant of the weight: no
-    gradient flows through it."""
+    rounded up to 16, the vector width the kernel pads to). flipped: those of the input's
+    gradient, weight.flip(2, 3).transpose(0, 1) transformed, (16, K, C rounded up). A constant of
+    the weight: no gradient flows through it."""
     weight = weight.detach()
-    return filters_op(weight) if torch.compiler.is_compiling() else _transform(weight)
+    return filters_op(weight, flipped) if torch.compiler.is_compiling() else _transform(weight, flipped)
 
 
 def _check(input: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> None:
