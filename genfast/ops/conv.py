@@ -32,6 +32,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
@@ -161,9 +162,10 @@ def _backward(ctx, dy):
             dy, upsampled, weight, bias_sizes, [1, 1], list(ctx.padding), [1, 1], False, [0, 0], 1, wanted
         )
         dx, dweight, dbias = (mine if mine is not None else theirs for mine, theirs in zip((dx, dweight, dbias), aten))
-    if dx is not None and ctx.upsample > 1:  # each input pixel fed upsample x upsample of the upsampled image
-        u = ctx.upsample
-        dx = dx.unflatten(3, (-1, u)).sum(4).unflatten(2, (-1, u)).sum(3)
+    if dx is not None and ctx.upsample > 1:
+        # Each input pixel fed upsample x upsample of the upsampled image. As a pooling: summed
+        # over views, a channels-last image's took 28 ms at 32 x 64 x 64 x 64 (1.6 pooled).
+        dx = F.avg_pool2d(dx, ctx.upsample, divisor_override=1)
     return dx, None, dweight, dbias, dy if ctx.needs_input_grad[4] else None, None, None
 
 
