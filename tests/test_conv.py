@@ -186,7 +186,11 @@ def _gradients_against_reference(shape, layout, upsample, wanted=(True, True, Tr
         assert_close_to_reference(got, ref, want, 1e-6, f"{shape} {layout} upsample {upsample}: {name}")
 
 
-@pytest.mark.parametrize("shape", [*SHAPES, (2, 4, 6, 5, 3, 3)])
+# Padding 3, and enough tiles (5712) for the filters' gradient to sum them thread by thread
+BACKWARD_SHAPES = [*SHAPES, (2, 4, 6, 5, 3, 3), (2, 8, 111, 101, 9, 1)]
+
+
+@pytest.mark.parametrize("shape", BACKWARD_SHAPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("upsample", [1, 2])
 def test_gradients_match_reference(shape, layout, upsample, kernel_calls, filters_gradient_calls):

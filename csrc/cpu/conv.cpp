@@ -334,29 +334,31 @@ void transform_gradient_tile(const float* dy, const float* zeros, const TileGrid
   }
 }
 
-// The filters' gradient dW (K, C, 3, 3) = G^T (sum over tiles of V[p]^T Z[p]) G, V the input's
-// tiles transformed as the forward does and Z the output gradient's: the 16 products' gradients
-// are (tiles x C)^T (tiles x K) products, each thread summing its blocks of tiles into its own
-// (16, C, Kp); the threads' sums are added once at the end. Tiles go in blocks whose transforms
-// stay in L2, as in convolve_blocks. Also the bias's gradient, the sum of dy per channel, into
-// db unless it is null.
-void filters_gradient(const float* x, const float* dy, const TileGrid& g, float* dw, float* db) {
-  const int64_t T = g.tiles(), C = g.C, K = g.K, Kp = g.padded_k();
+// The filters' gradient is dW (K, C, 3, 3) = G^T M G, M[p] = the sum over tiles of V[p]^T Z[p]:
+// V the input's tiles transformed as the forward does and Z the output gradient's, so the 16
+// products' gradients are (tiles x C)^T (tiles x K) products. Two ways to sum them, each into
+// `partials` (16, C, Kp) sums that dW adds up, and each also summing dy per channel (the bias's
+// gradient) into bias_partials (threads, K).
+
+// Many tiles: each thread sums its blocks of tiles, whose transforms stay in L2 as in
+// convolve_blocks, into a (16, C, Kp) of its own. Returns the number of partial sums, one per thread.
+int64_t products_by_thread(const float* x, const float* dy, const TileGrid& g, std::vector<float>& partials,
+                           float* bias_partials) {
+  const int64_t T = g.tiles(), C = g.C, Kp = g.padded_k();
   const int64_t threads = at::get_num_threads();
   // Deep enough products that each accumulator tile loads and stores once per 32 tiles or more.
   const int64_t fit = kBlockBytes / (16 * int64_t(sizeof(float)) * (C + Kp));
   const int64_t block = std::clamp<int64_t>(std::min(fit, (T + 4 * threads - 1) / (4 * threads)), 32, 256);
   const int64_t blocks = (T + block - 1) / block;
-  std::vector<float> sums(threads * 16 * C * Kp), bias_sums(db ? threads * K : 0);
+  partials.resize(threads * 16 * C * Kp);
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {  // each thread zeroes its own sums
-    std::fill(sums.begin() + begin * 16 * C * Kp, sums.begin() + end * 16 * C * Kp, 0.0f);
-    if (db) std::fill(bias_sums.begin() + begin * K, bias_sums.begin() + end * K, 0.0f);
+    std::fill(partials.begin() + begin * 16 * C * Kp, partials.begin() + end * 16 * C * Kp, 0.0f);
   });
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     const int64_t thread = at::get_thread_num();
-    float* M = sums.data() + thread * 16 * C * Kp;
-    float* bias_sum = db ? bias_sums.data() + thread * K : nullptr;
-    const std::vector<float> zeros(std::max(C, K), 0.0f);
+    float* M = partials.data() + thread * 16 * C * Kp;
+    float* bias_sum = bias_partials ? bias_partials + thread * g.K : nullptr;
+    const std::vector<float> zeros(std::max(C, g.K), 0.0f);
     // A line past each position's plane: at a power-of-two plane the 16 rows a tile writes would share one set of L1.
     const int64_t v_plane = block * C + kLineFloats, z_plane = block * Kp + kLineFloats;
     std::vector<float> V(16 * v_plane), Z(16 * z_plane, 0.0f);  // Z's columns past K stay zero
@@ -370,6 +372,50 @@ void filters_gradient(const float* x, const float* dy, const TileGrid& g, float*
         tile_matmul<true>(C, Kp, count, V.data() + p * v_plane, 1, C, Z.data() + p * z_plane, Kp, M + p * C * Kp, Kp);
     }
   });
+  return threads;
+}
+
+// Few tiles: every tile transformed first, then a task per position and block of input channels
+// takes its rows of M[p] over all the tiles at once, so there are no threads' sums to zero and
+// add (at 128 x 128 channels, 1 MB a thread, as long as the products of 64 tiles). Returns 1.
+int64_t products_at_once(const float* x, const float* dy, const TileGrid& g, std::vector<float>& partials,
+                         float* bias_partials) {
+  const int64_t T = g.tiles(), C = g.C, Kp = g.padded_k();
+  const int64_t v_plane = T * C + kLineFloats, z_plane = T * Kp + kLineFloats;
+  std::vector<float> V(16 * v_plane), Z(16 * z_plane, 0.0f);
+  at::parallel_for(0, T, kTileRows, [&](int64_t begin, int64_t end) {
+    float* bias_sum = bias_partials ? bias_partials + at::get_thread_num() * g.K : nullptr;
+    const std::vector<float> zeros(std::max(C, g.K), 0.0f);
+    for (int64_t t = begin; t < end; ++t) {
+      transform_input_tile(x, zeros.data(), g, t, V.data() + t * C, v_plane);
+      transform_gradient_tile(dy, zeros.data(), g, t, Z.data() + t * Kp, z_plane, bias_sum);
+    }
+  });
+  partials.resize(16 * C * Kp);
+  const int64_t row_blocks = (C + 4 * kTileRows - 1) / (4 * kTileRows);
+  at::parallel_for(0, 16 * row_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t p = task / row_blocks, c0 = task % row_blocks * 4 * kTileRows;
+      tile_matmul<false>(std::min(4 * kTileRows, C - c0), Kp, T, V.data() + p * v_plane + c0, 1, C,
+                         Z.data() + p * z_plane, Kp, partials.data() + (p * C + c0) * Kp, Kp);
+    }
+  });
+  return 1;
+}
+
+// The most bytes the tiles' transforms may take for products_at_once: at 4 MB (256 tiles of 128
+// channels) its products, streaming them from L3, ran slower than each thread's own sums.
+constexpr int64_t kAtOnceBytes = 2 << 20;
+
+// dW and db (unless it is null) from the input x (N, H, W, C) and the output's gradient dy (N,
+// out_h, out_w, K).
+void filters_gradient(const float* x, const float* dy, const TileGrid& g, float* dw, float* db) {
+  const int64_t C = g.C, K = g.K, Kp = g.padded_k(), threads = at::get_num_threads();
+  std::vector<float> sums, bias_sums(db ? threads * K : 0, 0.0f);
+  float* bias_partials = db ? bias_sums.data() : nullptr;
+  const bool at_once = 16 * g.tiles() * (C + Kp) * int64_t(sizeof(float)) <= kAtOnceBytes;
+  const int64_t partials = at_once ? products_at_once(x, dy, g, sums, bias_partials)
+                                   : products_by_thread(x, dy, g, sums, bias_partials);
   if (db)
     for (int64_t k = 0; k < K; ++k) {
       db[k] = 0.0f;
@@ -378,9 +424,9 @@ void filters_gradient(const float* x, const float* dy, const TileGrid& g, float*
   at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c)
       for (int64_t k = 0; k < K; ++k) {
-        float m[4][4] = {};  // the threads' sums added
-        for (int64_t thread = 0; thread < threads; ++thread)
-          for (int p = 0; p < 16; ++p) m[p / 4][p % 4] += sums[((thread * 16 + p) * C + c) * Kp + k];
+        float m[4][4] = {};  // the partial sums added
+        for (int64_t part = 0; part < partials; ++part)
+          for (int p = 0; p < 16; ++p) m[p / 4][p % 4] += sums[((part * 16 + p) * C + c) * Kp + k];
         float r[3][4];  // G^T m, with G^T = [1 1/2 1/2 0; 0 1/2 -1/2 0; 0 1/2 1/2 1]
         for (int j = 0; j < 4; ++j) {
           r[0][j] = m[0][j] + 0.5f * (m[1][j] + m[2][j]);

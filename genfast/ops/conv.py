@@ -124,11 +124,11 @@ def _winograd_backward(weight: Tensor, dy: Tensor) -> bool:
     """Whether genfast's kernels take the backward, or ATen's, which computes the input's and the
     filters' gradients together. A convolution's forward and backward ran 1.1 to 1.7 times
     faster with genfast's than with torch's (channels-last, on a 2-core Xeon) at 32 to 128
-    channels and 256 tiles of 2x2 outputs a thread or more, and at small images of up to 64 x 64
-    channels; slower (0.8 times) at 64 tiles of 128 channels, where each thread's sums of the 16
-    products, 16 C K floats zeroed and added once, cost as much as the products, and with them
-    the 1 MB of transformed filters. Past 256 x 256 channels the sums no longer stay in L2, and
-    that has not been measured."""
+    channels and 256 tiles of 2x2 outputs a thread or more, and 1.1 to 2 times at small images
+    of up to 64 x 64 channels; at 64 to 256 tiles of 128 channels, where the filters' transforms
+    (1 MB at 128 x 128) cost about what the products do, 0.75 to 1.05 times ATen's backward.
+    Past 256 x 256 channels each thread's sums of the 16 products (16 C K floats) no longer stay
+    in L2, and that has not been measured."""
     out_channels, channels = weight.shape[:2]
     tiles = dy.shape[0] * -(-dy.shape[2] // 2) * -(-dy.shape[3] // 2)
     if channels * out_channels > 256 * 256:
