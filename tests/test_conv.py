@@ -229,14 +229,14 @@ def test_second_order_gradients_match_reference():
 
 
 @pytest.mark.parametrize("shape, winograd", [
-    ((1, 64, 32, 32, 128, 1), True),  # 256 tiles
-    ((1, 64, 30, 32, 128, 1), False),  # 240 tiles
-    ((1, 63, 30, 32, 128, 1), True),  # fewer channels
+    ((1, 128, 32, 32, 256, 1), True),  # 256 tiles
+    ((1, 128, 30, 32, 256, 1), False),  # 240 tiles
+    ((1, 127, 30, 32, 256, 1), True),  # fewer channels
     ((1, 300, 32, 32, 256, 1), False),
 ])
 def test_backward_runs_where_it_measured_faster(monkeypatch, shape, winograd, kernel_calls):
-    """genfast's backward up to 64 x 128 channels, and past that up to 256 x 256 at 256 tiles a
-    thread or more; else ATen's."""
+    """genfast's backward below 128 x 256 channels, and from there up to 256 x 256 at 256 tiles
+    a thread or more; else ATen's."""
     calls = _counted(monkeypatch, "conv2d_winograd_filters_backward")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     x, weight, b, padding = _inputs(shape)

@@ -124,19 +124,19 @@ def _winograd_backward(weight: Tensor, dy: Tensor) -> bool:
     """Whether genfast's kernels take the backward, or ATen's, which computes the input's and the
     filters' gradients together. A convolution's forward and backward ran 1.1 to 1.7 times
     faster with genfast's than with torch's (channels-last, on a 2-core Xeon) at 32 to 128
-    channels and 256 tiles of 2x2 outputs a thread or more, and 1.1 to 2 times at small images
-    of up to 64 x 64 channels; at 64 to 256 tiles of 128 channels, where the filters' transforms
-    (1 MB at 128 x 128) cost about what the products do, 0.75 to 1.05 times ATen's backward.
-    Past 256 x 256 channels each thread's sums of the 16 products (16 C K floats) no longer stay
-    in L2, and that has not been measured."""
+    channels and 256 tiles of 2x2 outputs a thread or more; with fewer tiles it ran 1.0 to 1.2
+    times as fast as with ATen's backward up to 128 x 128 channels, and 0.95 to 1.0 at 128 x 256,
+    where the filters' transforms (2 MB) cost about what the products do. Past 256 x 256
+    channels each thread's sums of the 16 products (16 C K floats) no longer stay in L2, and that
+    has not been measured."""
     out_channels, channels = weight.shape[:2]
     tiles = dy.shape[0] * -(-dy.shape[2] // 2) * -(-dy.shape[3] // 2)
     if channels * out_channels > 256 * 256:
         return False
-    return channels * out_channels < 64 * 128 or tiles >= BACKWARD_MIN_TILES_PER_THREAD * torch.get_num_threads()
+    return channels * out_channels < 128 * 256 or tiles >= BACKWARD_MIN_TILES_PER_THREAD * torch.get_num_threads()
 
 
-BACKWARD_MIN_TILES_PER_THREAD = 256  # past 64 x 128 channels
+BACKWARD_MIN_TILES_PER_THREAD = 256  # from 128 x 256 channels
 
 
 def _backward(ctx, dy):
