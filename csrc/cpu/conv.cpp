@@ -28,6 +28,12 @@
 // The input is read channels-last, (N, H, W, C), so each transform runs over channels in vector
 // lanes; a channels-first input is transposed to that layout first, and the output back.
 //
+// The backward by the same algorithm: the input's gradient is the full correlation of the
+// output's gradient with the filters flipped and transposed, a 3x3 stride-1 convolution of its
+// own (conv2d_winograd_weight(weight, flipped) makes its filters); the filters' gradient sums,
+// over tiles, products of the input's transformed tiles with the output gradient's tiles
+// transformed by the output transform's adjoint (filters_gradient).
+//
 // The input may be upsampled first, by nearest neighbours, as diffusers' Upsample2D and every
 // U-Net decoder do before a 3x3 convolution: a tile's pixels then point into the small image, and
 // the upsampled one is never made. (torch's CPU upsampling of a channels-first image converts it

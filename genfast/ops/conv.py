@@ -10,8 +10,11 @@ input to 128 channels: 63 against 117 us channels-last, 71 against 187 us
 channels-first). Every other convolution, and every convolution on a GPU or
 under a backend other than cpu (genfast has no Triton or CUDA convolution:
 cuDNN's is the one to beat there), runs ATen's: genfast/reference/conv.py.
-The backward is ATen's convolution backward: the gradients of a convolution
-do not depend on how it was computed.
+The Winograd convolution's backward is genfast's too where that measured
+faster (``_winograd_backward``): the input's gradient by the same kernel over
+the output's gradient with the filters flipped, the filters' and the bias's by
+the same transforms (csrc/cpu/conv.cpp); elsewhere, and wherever autograd
+records the backward to differentiate it again, ATen's.
 
 Non-finite values: a NaN input reaches the same outputs as in direct
 convolution, and an infinite one makes the same outputs non-finite, some of
