@@ -899,6 +899,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("has_cuda") = false;
 #endif
+  m.attr("vector_lanes") = genfast::cpu::kVectorLanes<float>;  // the float32 lanes the kernels pad rows to
   m.def("group_norm_forward", &group_norm_forward, "GroupNorm + activation forward: (y, mean, rstd)");
   m.def("group_norm_backward", &group_norm_backward, "GroupNorm + activation backward: (dx, dweight, dbias)");
   m.def("activation_forward", &activation_forward, "act(x) or act(x) * up: y");

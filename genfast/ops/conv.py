@@ -186,12 +186,13 @@ filters_op = torch.library.custom_op("genfast::conv2d_winograd_filters", _transf
 @filters_op.register_fake
 def _(weight, flipped):
     channels, filters = weight.shape[:2] if flipped else weight.shape[1::-1]
-    return weight.new_empty((16, channels, -(-filters // 16) * 16))
+    lanes = extension().vector_lanes
+    return weight.new_empty((16, channels, -(-filters // lanes) * lanes))
 
 
 def winograd_filters(weight: Tensor, flipped: bool = False) -> Tensor:
     """weight (K, C, 3, 3), float32 on the CPU, transformed for the Winograd kernel: (16, C, K
-    rounded up to 16, the vector width the kernel pads to). flipped: those of the input's
+    rounded up to the kernel's vector lanes, 16 with AVX-512, 8 with AVX2). flipped: those of the input's
     gradient, weight.flip(2, 3).transpose(0, 1) transformed, (16, K, C rounded up). A constant of
     the weight: no gradient flows through it."""
     weight = weight.detach()
