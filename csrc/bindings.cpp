@@ -891,56 +891,59 @@ std::tuple<Tensor, Tensor> conv2d_winograd_filters_backward(const Tensor& x, con
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // Every kernel runs without the GIL, as torch's ops do, so that Python threads calling genfast
+  // at once run their kernels side by side rather than in turn. None of them touches a Python object.
+  const auto without_gil = py::call_guard<py::gil_scoped_release>();
   m.doc() = "genfast's C++ (CPU) and CUDA kernels";
 #ifdef GENFAST_WITH_CUDA
   m.attr("has_cuda") = true;
-  m.def("persistent_recurrence_fits", &persistent_recurrence_fits,
+  m.def("persistent_recurrence_fits", &persistent_recurrence_fits, without_gil,
         "Whether the persistent CUDA recurrence runs (cell, batch, hidden) on a device");
 #else
   m.attr("has_cuda") = false;
 #endif
   m.attr("vector_lanes") = genfast::cpu::kVectorLanes<float>;  // the float32 lanes the kernels pad rows to
-  m.def("group_norm_forward", &group_norm_forward, "GroupNorm + activation forward: (y, mean, rstd)");
-  m.def("group_norm_backward", &group_norm_backward, "GroupNorm + activation backward: (dx, dweight, dbias)");
-  m.def("activation_forward", &activation_forward, "act(x) or act(x) * up: y");
-  m.def("activation_backward", &activation_backward, "The activation's backward: (dx, dup or an undefined tensor)");
-  m.def("bias_act_forward", &bias_act_forward, "clamp(gain act(x + bias)), laid out like x: y");
-  m.def("bias_act_backward", &bias_act_backward,
+  m.def("group_norm_forward", &group_norm_forward, without_gil, "GroupNorm + activation forward: (y, mean, rstd)");
+  m.def("group_norm_backward", &group_norm_backward, without_gil, "GroupNorm + activation backward: (dx, dweight, dbias)");
+  m.def("activation_forward", &activation_forward, without_gil, "act(x) or act(x) * up: y");
+  m.def("activation_backward", &activation_backward, without_gil, "The activation's backward: (dx, dup or an undefined tensor)");
+  m.def("bias_act_forward", &bias_act_forward, without_gil, "clamp(gain act(x + bias)), laid out like x: y");
+  m.def("bias_act_backward", &bias_act_backward, without_gil,
         "dy gain act' (order 1) or act'' (order 2) of x + bias where not clamped, and its sum per channel: (g, "
         "dbias or an undefined tensor)");
-  m.def("loss_forward", &loss_forward, "A VAE or GAN loss's terms, or their scaled sum: loss");
-  m.def("loss_backward", &loss_backward, "The loss's gradients: (dx, dt or an undefined tensor)");
-  m.def("reparameterize_forward", &reparameterize_forward, "mu + exp(logvar / 2) noise: z");
-  m.def("reparameterize_backward", &reparameterize_backward, "The sample's gradient for logvar");
-  m.def("minibatch_stddev_forward", &minibatch_stddev_forward,
+  m.def("loss_forward", &loss_forward, without_gil, "A VAE or GAN loss's terms, or their scaled sum: loss");
+  m.def("loss_backward", &loss_backward, without_gil, "The loss's gradients: (dx, dt or an undefined tensor)");
+  m.def("reparameterize_forward", &reparameterize_forward, without_gil, "mu + exp(logvar / 2) noise: z");
+  m.def("reparameterize_backward", &reparameterize_backward, without_gil, "The sample's gradient for logvar");
+  m.def("minibatch_stddev_forward", &minibatch_stddev_forward, without_gil,
         "StyleGAN's minibatch standard deviation: cat(x, the group statistics)");
-  m.def("minibatch_stddev_backward", &minibatch_stddev_backward, "Its gradient for x");
-  m.def("cross_entropy_rows", &cross_entropy_rows,
+  m.def("minibatch_stddev_backward", &minibatch_stddev_backward, without_gil, "Its gradient for x");
+  m.def("cross_entropy_rows", &cross_entropy_rows, without_gil,
         "Each row's cross-entropy: losses (rows,); with grad_scale, the logits become their gradient");
-  m.def("recurrence_forward", &recurrence_forward,
+  m.def("recurrence_forward", &recurrence_forward, without_gil,
         "An LSTM's or GRU's time loop: (output, h_n, c_n, gates, h_prev, c_prev, tanh_c, hh_norm, c_norm, rstd)");
-  m.def("cell_forward", &cell_forward,
+  m.def("cell_forward", &cell_forward, without_gil,
         "One LSTM or GRU step for inference, its input projection fused: (h', c' or an undefined tensor)");
-  m.def("recurrence_backward", &recurrence_backward,
+  m.def("recurrence_backward", &recurrence_backward, without_gil,
         "The time loop's backward: (d_x_proj, d_weight_hh, d_bias_hh, dh0, dc0, d_weight_hr, d_norm_hh, d_norm_c)");
-  m.def("sample", &sample, "Draws one token per row of logits after temperature, top-k and top-p: tokens (rows,)");
-  m.def("rotary_embedding", &rotary_embedding, "Rotates x by the (cos, sin) tables into out (which may be x; a new tensor if None); returns out");
-  m.def("layer_norm_forward", &layer_norm_forward, "LayerNorm or RMSNorm (+ residual) forward: (y, h, mean, rstd)");
-  m.def("layer_norm_backward", &layer_norm_backward, "LayerNorm or RMSNorm backward: (dx, dweight, dbias)");
-  m.def("denoise_step", &denoise_step, "One fused sampler step: (prev, denoised or an undefined tensor)");
-  m.def("timestep_embedding", &timestep_embedding, "diffusers' sinusoidal timestep embedding, float32");
-  m.def("add_noise", &add_noise, "Training noise: (noisy, velocity or an undefined tensor)");
-  m.def("denoising_loss", &denoising_loss,
+  m.def("sample", &sample, without_gil, "Draws one token per row of logits after temperature, top-k and top-p: tokens (rows,)");
+  m.def("rotary_embedding", &rotary_embedding, without_gil, "Rotates x by the (cos, sin) tables into out (which may be x; a new tensor if None); returns out");
+  m.def("layer_norm_forward", &layer_norm_forward, without_gil, "LayerNorm or RMSNorm (+ residual) forward: (y, h, mean, rstd)");
+  m.def("layer_norm_backward", &layer_norm_backward, without_gil, "LayerNorm or RMSNorm backward: (dx, dweight, dbias)");
+  m.def("denoise_step", &denoise_step, without_gil, "One fused sampler step: (prev, denoised or an undefined tensor)");
+  m.def("timestep_embedding", &timestep_embedding, without_gil, "diffusers' sinusoidal timestep embedding, float32");
+  m.def("add_noise", &add_noise, without_gil, "Training noise: (noisy, velocity or an undefined tensor)");
+  m.def("denoising_loss", &denoising_loss, without_gil,
         "The denoising loss: (loss, per-sample mean squared errors, gradient or an undefined tensor)");
-  m.def("attention_forward", &attention_forward, "Scaled dot-product attention: (out, lse)");
-  m.def("attention_backward", &attention_backward,
+  m.def("attention_forward", &attention_forward, without_gil, "Scaled dot-product attention: (out, lse)");
+  m.def("attention_backward", &attention_backward, without_gil,
         "Scaled dot-product attention's backward: (dq, dk, dv, dmask or an undefined tensor)");
-  m.def("attention_decode", &attention_decode, "Decoding attention over a contiguous or paged KV cache: out");
-  m.def("conv2d_winograd_weight", &conv2d_winograd_weight,
+  m.def("attention_decode", &attention_decode, without_gil, "Decoding attention over a contiguous or paged KV cache: out");
+  m.def("conv2d_winograd_weight", &conv2d_winograd_weight, without_gil,
         "3x3 filters (K, C, 3, 3) transformed: (16, C, K); flipped: those of the input's gradient, (16, K, C)");
-  m.def("conv2d_winograd", &conv2d_winograd,
+  m.def("conv2d_winograd", &conv2d_winograd, without_gil,
         "3x3 stride-1 convolution by Winograd F(2x2, 3x3) of x upsampled by nearest neighbours, + residual: y");
-  m.def("conv2d_winograd_filters_backward", &conv2d_winograd_filters_backward,
+  m.def("conv2d_winograd_filters_backward", &conv2d_winograd_filters_backward, without_gil,
         "The gradients of that convolution's filters and bias, by the same transforms: (dweight, dbias or undefined)");
-  m.def("scale", &scale, "scale * x, for the denoising loss's backward");
+  m.def("scale", &scale, without_gil, "scale * x, for the denoising loss's backward");
 }
