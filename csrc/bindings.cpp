@@ -904,9 +904,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   m.attr("vector_lanes") = genfast::cpu::kVectorLanes<float>;  // the float32 lanes the kernels pad rows to
   m.def("group_norm_forward", &group_norm_forward, without_gil, "GroupNorm + activation forward: (y, mean, rstd)");
-  m.def("group_norm_backward", &group_norm_backward, without_gil, "GroupNorm + activation backward: (dx, dweight, dbias)");
+  m.def("group_norm_backward", &group_norm_backward, without_gil,
+        "GroupNorm + activation backward: (dx, dweight, dbias)");
   m.def("activation_forward", &activation_forward, without_gil, "act(x) or act(x) * up: y");
-  m.def("activation_backward", &activation_backward, without_gil, "The activation's backward: (dx, dup or an undefined tensor)");
+  m.def("activation_backward", &activation_backward, without_gil,
+        "The activation's backward: (dx, dup or an undefined tensor)");
   m.def("bias_act_forward", &bias_act_forward, without_gil, "clamp(gain act(x + bias)), laid out like x: y");
   m.def("bias_act_backward", &bias_act_backward, without_gil,
         "dy gain act' (order 1) or act'' (order 2) of x + bias where not clamped, and its sum per channel: (g, "
@@ -926,10 +928,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "One LSTM or GRU step for inference, its input projection fused: (h', c' or an undefined tensor)");
   m.def("recurrence_backward", &recurrence_backward, without_gil,
         "The time loop's backward: (d_x_proj, d_weight_hh, d_bias_hh, dh0, dc0, d_weight_hr, d_norm_hh, d_norm_c)");
-  m.def("sample", &sample, without_gil, "Draws one token per row of logits after temperature, top-k and top-p: tokens (rows,)");
-  m.def("rotary_embedding", &rotary_embedding, without_gil, "Rotates x by the (cos, sin) tables into out (which may be x; a new tensor if None); returns out");
-  m.def("layer_norm_forward", &layer_norm_forward, without_gil, "LayerNorm or RMSNorm (+ residual) forward: (y, h, mean, rstd)");
-  m.def("layer_norm_backward", &layer_norm_backward, without_gil, "LayerNorm or RMSNorm backward: (dx, dweight, dbias)");
+  m.def("sample", &sample, without_gil,
+        "Draws one token per row of logits after temperature, top-k and top-p: tokens (rows,)");
+  m.def("rotary_embedding", &rotary_embedding, without_gil,
+        "Rotates x by the (cos, sin) tables into out (which may be x; a new tensor if None); returns out");
+  m.def("layer_norm_forward", &layer_norm_forward, without_gil,
+        "LayerNorm or RMSNorm (+ residual) forward: (y, h, mean, rstd)");
+  m.def("layer_norm_backward", &layer_norm_backward, without_gil,
+        "LayerNorm or RMSNorm backward: (dx, dweight, dbias)");
   m.def("denoise_step", &denoise_step, without_gil, "One fused sampler step: (prev, denoised or an undefined tensor)");
   m.def("timestep_embedding", &timestep_embedding, without_gil, "diffusers' sinusoidal timestep embedding, float32");
   m.def("add_noise", &add_noise, without_gil, "Training noise: (noisy, velocity or an undefined tensor)");
@@ -938,7 +944,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_forward", &attention_forward, without_gil, "Scaled dot-product attention: (out, lse)");
   m.def("attention_backward", &attention_backward, without_gil,
         "Scaled dot-product attention's backward: (dq, dk, dv, dmask or an undefined tensor)");
-  m.def("attention_decode", &attention_decode, without_gil, "Decoding attention over a contiguous or paged KV cache: out");
+  m.def("attention_decode", &attention_decode, without_gil,
+        "Decoding attention over a contiguous or paged KV cache: out");
   m.def("conv2d_winograd_weight", &conv2d_winograd_weight, without_gil,
         "3x3 filters (K, C, 3, 3) transformed: (16, C, K); flipped: those of the input's gradient, (16, K, C)");
   m.def("conv2d_winograd", &conv2d_winograd, without_gil,
