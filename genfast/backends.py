@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import torch
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
-BUILD_HINT = "build it with `pip install --no-build-isolation -e .` from the genfast checkout"
+BUILD_COMMAND = "`pip install --no-build-isolation -e .` from the genfast checkout"
 
 
 class BackendUnavailableError(RuntimeError):
@@ -71,6 +71,17 @@ def kernels(backend: str, family: str):
     return extension()
 
 
+def extension_problem() -> str | None:
+    """Why the compiled extension cannot run here, or None if it loaded."""
+    ext = extension()
+    if isinstance(ext, ModuleNotFoundError):
+        return f"the C++ extension is not built ({ext}); build it with {BUILD_COMMAND}"
+    if isinstance(ext, ImportError):
+        # A build for another torch or Python, or a broken file: the loader's message names which.
+        return f"the C++ extension failed to load ({ext}); rebuild it against this torch with {BUILD_COMMAND}"
+    return None
+
+
 @functools.cache
 def _triton_problem() -> str | None:
     try:
@@ -86,7 +97,6 @@ def triton_interpreted() -> bool:
 
 def unavailable_reason(name: str, device_type: str) -> str | None:
     """Why backend ``name`` cannot run on ``device_type`` here, or None if it can."""
-    ext = extension()
     if name == "reference":
         return None
     if device_type == "cuda" and not torch.cuda.is_available():
@@ -94,15 +104,13 @@ def unavailable_reason(name: str, device_type: str) -> str | None:
     if name == "cpu":
         if device_type != "cpu":
             return f"the cpu backend runs CPU tensors, not {device_type} tensors"
-        if isinstance(ext, ImportError):
-            return f"the C++ extension is not built ({ext}); {BUILD_HINT}"
-        return None
+        return extension_problem()
     if name == "cuda":
         if device_type != "cuda":
             return f"the cuda backend runs CUDA tensors, not {device_type} tensors"
-        if isinstance(ext, ImportError):
-            return f"the C++ extension is not built ({ext}); {BUILD_HINT}"
-        if not ext.has_cuda:
+        if problem := extension_problem():
+            return problem
+        if not extension().has_cuda:
             return "the C++ extension was built without CUDA (torch had no CUDA at build time)"
         return None
     if name == "triton":

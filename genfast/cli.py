@@ -36,11 +36,10 @@ def info() -> int:
         print(f"gpu: {torch.cuda.get_device_name()}")
     else:
         print("gpu: none visible to torch")
-    ext = backends.extension()
-    if isinstance(ext, ImportError):
-        print(f"extension genfast._C: not built ({ext})")
+    if problem := backends.extension_problem():
+        print(f"extension genfast._C: {problem}")
     else:
-        print(f"extension genfast._C: built, CUDA kernels {'included' if ext.has_cuda else 'not included'}")
+        print(f"extension genfast._C: built, CUDA kernels {'included' if backends.extension().has_cuda else 'not included'}")
     source = "GENFAST_BACKEND" if "GENFAST_BACKEND" in os.environ else "default"
     print(f"selected backend: {backends.get_backend()} ({source})")
     for device_type in ("cpu", "cuda"):

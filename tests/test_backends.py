@@ -1,7 +1,10 @@
 """Backend choice: explicit names, the context manager, the environment, and
 what happens when a backend cannot run."""
 
+import importlib.machinery
 import os
+import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -64,30 +67,73 @@ def test_environment_variable_selects_backend():
     assert result.stdout.strip() == "reference"
 
 
-def test_missing_extension_keeps_reference_and_explains_cpu():
-    """With genfast._C unimportable: import works, auto warns once and runs the
-    reference, and the cpu backend's error says how to build the extension."""
-    code = """
-import sys, warnings
-sys.modules["genfast._C"] = None  # makes `import genfast._C` raise ImportError
-import torch, genfast
+# What a process without a working extension runs: import, two auto calls (one warning), the
+# reference's result, then the cpu backend's error.
+_WITHOUT_EXTENSION = """
+import warnings
+import torch, genfast, genfast.reference.norm
 x = torch.randn(2, 4, 3)
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    genfast.ops.group_norm(x, 2)
+    y = genfast.ops.group_norm(x, 2)
     genfast.ops.group_norm(x, 2)
 print(sum("running the PyTorch reference" in str(w.message) for w in caught))
+print(torch.equal(y, genfast.reference.norm.group_norm(x, 2)))
 try:
     with genfast.use_backend("cpu"):
         genfast.ops.group_norm(x, 2)
 except genfast.backends.BackendUnavailableError as error:
     print(error)
 """
-    result = _run_python(code)
+
+
+def _check_runs_without_extension(result: subprocess.CompletedProcess, words: str) -> None:
     assert result.returncode == 0, result.stderr
-    warnings_count, message = result.stdout.strip().splitlines()
-    assert warnings_count == "1"
-    assert "not built" in message and "pip install" in message
+    warnings_count, reference_ran, message = result.stdout.strip().splitlines()
+    assert (warnings_count, reference_ran) == ("1", "True")
+    assert words in message and "pip install --no-build-isolation" in message, message
+
+
+def test_missing_extension_keeps_reference_and_explains_cpu():
+    # None in sys.modules makes `import genfast._C` raise ModuleNotFoundError, as when never built.
+    result = _run_python('import sys; sys.modules["genfast._C"] = None\n' + _WITHOUT_EXTENSION)
+    _check_runs_without_extension(result, "not built")
+
+
+def test_broken_extension_keeps_reference_and_explains_cpu(tmp_path):
+    """A failed or mismatched build leaves a file the loader rejects: genfast's Python files next
+    to a _C that is not a shared library."""
+    package = pathlib.Path(genfast.__file__).parent
+    shutil.copytree(package, tmp_path / "genfast", ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__"))
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    (tmp_path / "genfast" / f"_C{suffix}").write_bytes(b"the remains of a failed build")
+    code = f"import sys; sys.path.insert(0, {str(tmp_path)!r})\n" + _WITHOUT_EXTENSION
+    result = _run_python(code)
+    _check_runs_without_extension(result, "failed to load")
+
+
+def test_missing_triton_keeps_other_backends_and_explains():
+    """Without triton (a GPU machine without it included): import works, the CPU kernels and the
+    reference run, and asking for triton, on CPU or CUDA tensors, says it is not installed."""
+    code = """
+import sys
+sys.modules["triton"] = None
+import torch, genfast, genfast.reference.norm
+x = torch.randn(2, 4, 3)
+print(torch.allclose(genfast.ops.group_norm(x, 2), genfast.reference.norm.group_norm(x, 2), atol=1e-6))
+try:
+    with genfast.use_backend("triton"):
+        genfast.ops.group_norm(x, 2)
+except genfast.backends.BackendUnavailableError as error:
+    print(error)
+torch.cuda.is_available = lambda: True  # the reason given on a GPU machine
+print(genfast.backends.unavailable_reason("triton", "cuda"))
+"""
+    result = _run_python(code, TRITON_INTERPRET="1")
+    assert result.returncode == 0, result.stderr
+    matches, cpu_message, cuda_message = result.stdout.strip().splitlines()
+    assert matches == "True"
+    assert "triton is not installed" in cpu_message and "triton is not installed" in cuda_message
 
 
 def test_info_lists_backends_and_reasons(capsys):

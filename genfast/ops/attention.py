@@ -192,7 +192,8 @@ def scaled_dot_product_attention(
         raise TypeError(
             f"query, key and value must have one dtype, got {query.dtype}, {key.dtype} and {value.dtype}"
         )
-    if not query.dim() == key.dim() == value.dim() or len({query.shape[:-3], key.shape[:-3], value.shape[:-3]}) > 1:
+    # Compared, not hashed: under torch.export's dynamic shapes the sizes are SymInts.
+    if not (query.dim() == key.dim() == value.dim() and query.shape[:-3] == key.shape[:-3] == value.shape[:-3]):
         raise ValueError(
             "query, key and value must have the same leading (batch) dimensions, got "
             f"{tuple(query.shape)}, {tuple(key.shape)} and {tuple(value.shape)}"
