@@ -3,7 +3,9 @@ when torch was built with CUDA and nvcc is present.
 
 Set GENFAST_ARCH to the -march of the machines you deploy on (default: this
 host's), GENFAST_CUDA=0 to skip the CUDA kernels, GENFAST_EXTENSION=0 to build
-nothing (the Triton kernels and the reference still run).
+nothing (the Triton kernels and the reference still run), GENFAST_SANITIZE=1 to
+build the C++ kernels with AddressSanitizer and UndefinedBehaviorSanitizer (run
+Python with libasan preloaded: .ci/sanitize shows how).
 """
 
 import glob
@@ -34,15 +36,21 @@ def _extension():
         # GCC defaults to 256-bit vectors even on AVX-512 hosts; the fused
         # activations run about 2x faster on 512-bit ones.
         cxx.append("-mprefer-vector-width=512")
+    link = ["-fopenmp"]
+    if os.environ.get("GENFAST_SANITIZE") == "1":
+        # -O1 keeps the reports' stacks readable; any UB report aborts, so none goes unnoticed.
+        sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+        cxx += [*sanitize, "-O1"]
+        link += sanitize
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("GENFAST_CUDA") != "0"
     if not with_cuda:
-        return CppExtension("genfast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+        return CppExtension("genfast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
     return CUDAExtension(
         "genfast._C",
         sources + sorted(glob.glob("csrc/cuda/*.cu")),
         define_macros=[("GENFAST_WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "--use_fast_math"]},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link,
     )
 
 

@@ -43,6 +43,15 @@ at::ScalarType math_type(const Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// Whether a and b have one shape and lay it out alike: strides equal where a dimension has more
+// than one element (a size-1 dimension's stride is arbitrary, and views keep odd ones).
+bool same_layout(const Tensor& a, const Tensor& b) {
+  if (a.sizes() != b.sizes()) return false;
+  for (int64_t d = 0; d < a.dim(); ++d)
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  return true;
+}
+
 void check_channel_tensor(const Tensor& x, const Tensor& t, const char* name) {
   const int64_t channels = x.size(1);
   TORCH_CHECK(t.dim() == 1 && t.size(0) == channels, name, " must have shape (", channels, "), got ", t.sizes());
@@ -111,7 +120,7 @@ std::vector<Tensor> group_norm_forward(const Tensor& x, const Tensor& weight, co
 std::vector<Tensor> group_norm_backward(const Tensor& dy, const Tensor& x, const Tensor& weight, const Tensor& bias,
                                         const Tensor& mean, const Tensor& rstd, int64_t groups, bool silu) {
   check_group_norm(x, weight, bias, groups);
-  TORCH_CHECK(dy.sizes() == x.sizes() && dy.strides() == x.strides() && dy.scalar_type() == x.scalar_type() &&
+  TORCH_CHECK(same_layout(dy, x) && dy.scalar_type() == x.scalar_type() &&
                   dy.device() == x.device(),
               "dy must match x in shape, strides, dtype and device; got ", dy.sizes(), " ", dy.strides(), " ",
               dy.scalar_type(), " for x ", x.sizes(), " ", x.strides(), " ", x.scalar_type());
@@ -186,7 +195,7 @@ void check_activation_input(const Tensor& x, const std::optional<Tensor>& up) {
     TORCH_CHECK(t->dim() == 2 && t->sizes() == x.sizes() && t->scalar_type() == dtype && t->is_cpu(), name,
                 " must be a (rows, width) CPU tensor of x's shape ", x.sizes(), " and dtype ", dtype, ", got ",
                 t->sizes(), " ", t->scalar_type());
-    TORCH_CHECK(t->stride(1) == 1 && (t->size(0) <= 1 || t->stride(0) >= t->size(1)), name,
+    TORCH_CHECK((t->stride(1) == 1 || t->size(1) <= 1) && (t->size(0) <= 1 || t->stride(0) >= t->size(1)), name,
                 " must have a contiguous last dimension and non-overlapping rows, got strides ", t->strides());
   }
 }
@@ -236,7 +245,7 @@ std::vector<Tensor> bias_act_backward(const Tensor& dy, const Tensor& x, const s
                                       const std::string& activation, double alpha, double gain,
                                       std::optional<double> clamp, int64_t inner, int64_t order) {
   const auto params = bias_act_params(x, bias, activation, alpha, gain, clamp, inner);
-  TORCH_CHECK(dy.sizes() == x.sizes() && dy.strides() == x.strides() && dy.scalar_type() == x.scalar_type() &&
+  TORCH_CHECK(same_layout(dy, x) && dy.scalar_type() == x.scalar_type() &&
                   dy.is_cpu(),
               "dy must be a CPU tensor of x's shape ", x.sizes(), ", strides ", x.strides(), " and dtype ",
               x.scalar_type(), ", got ", dy.sizes(), " ", dy.strides(), " ", dy.scalar_type());
@@ -536,7 +545,8 @@ std::vector<Tensor> recurrence_backward(const std::string& cell, const Tensor& x
 // logits are overwritten with their gradient.
 Tensor cross_entropy_rows(const Tensor& logits, const Tensor& target, int64_t ignore_index, double smoothing,
                           const std::optional<Tensor>& grad_scale) {
-  TORCH_CHECK(logits.dim() == 2 && logits.size(1) > 0 && logits.is_cpu() && logits.stride(1) == 1,
+  TORCH_CHECK(logits.dim() == 2 && logits.size(1) > 0 && logits.is_cpu() &&
+                  (logits.stride(1) == 1 || logits.size(1) == 1),
               "logits must be a (rows, V > 0) CPU tensor with a contiguous last dimension, got ", logits.sizes(),
               " with strides ", logits.strides());
   const int64_t rows = logits.size(0), V = logits.size(1);
@@ -562,7 +572,8 @@ Tensor cross_entropy_rows(const Tensor& logits, const Tensor& target, int64_t ig
 // logits (rows, V) of a float type on the CPU with a contiguous last dimension, uniform
 // (rows,) contiguous float32; temperature positive, top_p in (0, 1].
 Tensor sample(const Tensor& logits, const Tensor& uniform, double temperature, int64_t top_k, double top_p) {
-  TORCH_CHECK(logits.dim() == 2 && logits.size(1) > 0 && logits.is_cpu() && logits.stride(1) == 1,
+  TORCH_CHECK(logits.dim() == 2 && logits.size(1) > 0 && logits.is_cpu() &&
+                  (logits.stride(1) == 1 || logits.size(1) == 1),
               "logits must be a (rows, V > 0) CPU tensor with a contiguous last dimension, got ", logits.sizes(),
               " with strides ", logits.strides());
   TORCH_CHECK(uniform.dim() == 1 && uniform.size(0) == logits.size(0) && uniform.scalar_type() == at::kFloat &&

@@ -5,6 +5,7 @@ import torch
 
 import genfast
 from genfast.backends import unavailable_reason
+from genfast.reference import sampling
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 
@@ -87,3 +88,19 @@ def assert_compiles_like_eager(module: torch.nn.Module, x: torch.Tensor, compile
         expected.square().sum().backward()
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad, x.grad, rtol=1e-4, atol=1e-4)
+
+
+def safe_uniform(logits, temperature, top_k, top_p, seed):
+    """Uniform numbers at least 1e-5 from every cumulative probability of their row, where
+    rounding could tip the draw to a neighbouring token between backends."""
+    x = logits.double()
+    keep = sampling.kept_tokens(logits, temperature, top_k, top_p)
+    weights = torch.where(keep, torch.exp((x - x.amax(-1, keepdim=True)) / temperature), 0.0)
+    cumulative = weights.cumsum(-1) / weights.sum(-1, keepdim=True)
+    u = torch.rand(logits.shape[:-1], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    for _ in range(100):
+        near = ((cumulative - u.to(logits.device).unsqueeze(-1)).abs() < 1e-5).any(-1).cpu()
+        if not near.any():
+            return u.float().to(logits.device)
+        u = torch.where(near, (u + 3e-5) % 1, u)
+    raise AssertionError("no safe uniform numbers found")

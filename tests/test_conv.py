@@ -326,7 +326,9 @@ def test_module_filters_follow_the_weight(kernel_calls):
         with genfast.use_backend("cpu"):
             got = module(x)
         want = reference(x)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        # The two models' weights drift apart by rounding over the steps; stale filters would be
+        # off by about lr * gradient, 1e-2 here.
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         for out, optimizer in zip((want, got), optimizers, strict=True):
             out.square().sum().backward()
             optimizer.step()

@@ -3,7 +3,7 @@ token for the same uniform number, on every backend and dtype."""
 
 import pytest
 import torch
-from helpers import interpreted, require
+from helpers import interpreted, require, safe_uniform
 
 import genfast
 from genfast.backends import extension
@@ -22,22 +22,6 @@ CASES = [  # (rows, V, temperature, top_k, top_p)
     (4, 300, 1.0, 500, 0.3),  # top_k beyond V
     (2, 5003, 0.8, 100, 0.95),  # more than one block of the Triton kernel
 ]
-
-
-def safe_uniform(logits, temperature, top_k, top_p, seed):
-    """Uniform numbers at least 1e-5 from every cumulative probability of their row, where
-    rounding could tip the draw to a neighbouring token between backends."""
-    x = logits.double()
-    keep = reference.kept_tokens(logits, temperature, top_k, top_p)
-    weights = torch.where(keep, torch.exp((x - x.amax(-1, keepdim=True)) / temperature), 0.0)
-    cumulative = weights.cumsum(-1) / weights.sum(-1, keepdim=True)
-    u = torch.rand(logits.shape[:-1], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    for _ in range(100):
-        near = ((cumulative - u.to(logits.device).unsqueeze(-1)).abs() < 1e-5).any(-1).cpu()
-        if not near.any():
-            return u.float().to(logits.device)
-        u = torch.where(near, (u + 3e-5) % 1, u)
-    raise AssertionError("no safe uniform numbers found")
 
 
 @pytest.mark.parametrize("backend", KERNELS)

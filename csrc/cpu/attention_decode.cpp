@@ -160,7 +160,9 @@ at::Tensor attention_decode(const DecodeProblem& problem) {
         }
         const int64_t b = bk / kv_heads, h = bk % kv_heads * group + r / queries, i = r % queries;
         S* row = dst + ((b * H + h) * queries + i) * value_dim;
-        for (int64_t d = 0; d < value_dim; ++d) row[d] = static_cast<S>(sum > 0 ? merged[d] / sum : T(0));
+        // A row that sees no key gets 0 (sum == 0); a NaN score makes the sum NaN, and the row NaN.
+        const bool empty = sum <= T(0);
+        for (int64_t d = 0; d < value_dim; ++d) row[d] = static_cast<S>(empty ? T(0) : merged[d] / sum);
       }
     });
   });

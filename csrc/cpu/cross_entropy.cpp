@@ -1,6 +1,10 @@
 // Cross-entropy on the CPU, one row per task. A row of logits (200 KB for GPT-2's vocabulary)
 // is read from memory once and stays in cache for the other passes: its maximum, then its
 // sum of exponentials and of logits, then, for the gradient, the write over the logits.
+//
+// The loss is kept as gaps from the row's maximum m, loss = (m - z_t) + log(sum exp(z - m)) (and
+// smoothing's mean over the row likewise): the logsumexp itself would round at m's magnitude,
+// and a row of logits near 1e30 would lose the whole loss to it.
 
 #include "cross_entropy.h"
 
@@ -17,15 +21,16 @@ namespace {
 
 template <typename acc_t>
 struct RowStatistics {
-  acc_t logsumexp;
-  acc_t sum;
+  acc_t max;
+  acc_t log_sum;  // log(sum exp(z - max))
+  acc_t gaps;     // sum (max - z)
 };
 
 template <typename acc_t>
 RowStatistics<acc_t> row_statistics(const acc_t* z, int64_t V) {
   const acc_t row_max = lane_max(V, z);
   const acc_t exp_sum = lane_sum<acc_t>(V, [&](int64_t j) { return exp_fast(z[j] - row_max); });
-  return {row_max + std::log(exp_sum), lane_sum<acc_t>(V, [&](int64_t j) { return z[j]; })};
+  return {row_max, std::log(exp_sum), lane_sum<acc_t>(V, [&](int64_t j) { return row_max - z[j]; })};
 }
 
 }  // namespace
@@ -58,14 +63,17 @@ void cross_entropy_rows(const at::Tensor& logits, const at::Tensor& target, int6
           for (int64_t j = 0; j < V; ++j) widened[j] = static_cast<acc_t>(row[j]);
           z = widened.data();
         }
-        const auto [logsumexp, sum] = row_statistics(z, V);
+        const auto [row_max, log_sum, gaps] = row_statistics(z, V);
         const acc_t target_logit = z[t];
-        out[r] = logsumexp - keep * target_logit - spread * sum;
+        // Without smoothing the gaps are not read: a -inf logit (a masked token) makes them inf.
+        out[r] = keep * ((row_max - target_logit) + log_sum) +
+                 (smoothing > 0 ? spread * (gaps + static_cast<acc_t>(V) * log_sum) : acc_t(0));
         if (!scales) continue;
         const acc_t g = scales[r], floor = g * spread;
 #pragma omp simd
-        for (int64_t j = 0; j < V; ++j) row[j] = static_cast<scalar_t>(g * exp_fast(z[j] - logsumexp) - floor);
-        row[t] = static_cast<scalar_t>(g * (std::exp(target_logit - logsumexp) - keep) - floor);
+        for (int64_t j = 0; j < V; ++j)
+          row[j] = static_cast<scalar_t>(g * exp_fast((z[j] - row_max) - log_sum) - floor);
+        row[t] = static_cast<scalar_t>(g * (std::exp((target_logit - row_max) - log_sum) - keep) - floor);
       }
     });
   });

@@ -9,7 +9,10 @@
 //
 // Statistics use shifted data: sums of (x - K) and (x - K)^2 with K the first
 // value of the group, so a large mean does not cancel the variance away. Sums
-// run in float lanes over chunks and in double across chunks.
+// run in float lanes over chunks and in double across chunks. The output is
+// (x - mean) * (rstd * w) + b rather than x * scale + shift: in a near-constant
+// group rstd is up to 1/sqrt(eps), and the folded shift's rounding would be
+// amplified by it.
 
 #include "norm.h"
 
@@ -80,14 +83,14 @@ void forward_channels_first(const scalar_t* x, const acc_t* weight, const acc_t*
       shifted_sums(xg, len, pivot, sum, sumsq);
       finish_moments(sum, sumsq, double(len), double(pivot), eps, mean[ng], rstd[ng]);
       const int64_t c0 = (ng % shape.G) * cpg;
+      const acc_t centre = mean[ng];
       for (int64_t c = 0; c < cpg; ++c) {
-        const acc_t scale = rstd[ng] * weight[c0 + c];
-        const acc_t shift = bias[c0 + c] - mean[ng] * scale;
+        const acc_t scale = rstd[ng] * weight[c0 + c], shift = bias[c0 + c];
         const scalar_t* xr = xg + c * S;
         scalar_t* yr = yg + c * S;
 #pragma omp simd
         for (int64_t s = 0; s < S; ++s) {
-          yr[s] = static_cast<scalar_t>(Act::forward(static_cast<acc_t>(xr[s]) * scale + shift));
+          yr[s] = static_cast<scalar_t>(Act::forward((static_cast<acc_t>(xr[s]) - centre) * scale + shift));
         }
       }
     }
@@ -121,7 +124,7 @@ void forward_channels_last(const scalar_t* x, const acc_t* weight, const acc_t* 
       std::copy(q.begin(), q.end(), part_sumsq.begin() + nb * C);
     }
   });
-  std::vector<acc_t> scale(N * C), shift(N * C);
+  std::vector<acc_t> centre(N * C), scale(N * C);
   at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
     for (int64_t ng = begin; ng < end; ++ng) {
       const int64_t n = ng / G, c0 = (ng % G) * cpg;
@@ -134,21 +137,22 @@ void forward_channels_last(const scalar_t* x, const acc_t* weight, const acc_t* 
       }
       finish_moments(sum, sumsq, double(shape.group_size()), double(x[n * S * C + c0]), eps, mean[ng], rstd[ng]);
       for (int64_t c = c0; c < c0 + cpg; ++c) {
+        centre[n * C + c] = mean[ng];
         scale[n * C + c] = rstd[ng] * weight[c];
-        shift[n * C + c] = bias[c] - mean[ng] * scale[n * C + c];
       }
     }
   });
   at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t nb = begin; nb < end; ++nb) {
       const int64_t n = nb / blocks, row0 = (nb % blocks) * kRows, rows = std::min(kRows, S - row0);
+      const acc_t* mu = centre.data() + n * C;
       const acc_t* sc = scale.data() + n * C;
-      const acc_t* sh = shift.data() + n * C;
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t offset = (n * S + row0 + r) * C;
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
-          y[offset + c] = static_cast<scalar_t>(Act::forward(static_cast<acc_t>(x[offset + c]) * sc[c] + sh[c]));
+          y[offset + c] =
+              static_cast<scalar_t>(Act::forward((static_cast<acc_t>(x[offset + c]) - mu[c]) * sc[c] + bias[c]));
         }
       }
     }

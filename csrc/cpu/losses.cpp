@@ -52,7 +52,8 @@ GENFAST_VECTOR_INLINE void loss_gradient(T x, T t, T sign, T& dx, T& dt) {
   } else if constexpr (kKind == LossKind::kSoftplus) {
     dx = sign * sigmoid(sign * x), dt = T(0);
   } else {
-    dx = T(1) + sign * x > T(0) ? sign : T(0), dt = T(0);  // 0 at the kink, as torch's relu
+    // 0 at the kink and the sign where x is NaN, as torch's relu (threshold_backward).
+    dx = T(1) + sign * x <= T(0) ? T(0) : sign, dt = T(0);
   }
 }
 

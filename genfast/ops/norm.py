@@ -129,8 +129,8 @@ def group_norm(
     # Kernels read the affine parameters in the math dtype; autograd casts
     # their gradients back to the parameters' dtype.
     math_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    weight = _as_math(weight, math_dtype) if weight is not None else x.new_ones(channels, dtype=math_dtype)
-    bias = _as_math(bias, math_dtype) if bias is not None else x.new_zeros(channels, dtype=math_dtype)
+    weight = _as_math(weight, math_dtype).contiguous() if weight is not None else x.new_ones(channels, dtype=math_dtype)
+    bias = _as_math(bias, math_dtype).contiguous() if bias is not None else x.new_zeros(channels, dtype=math_dtype)
     args = (dense(x), weight, bias, num_groups, float(eps), activation, backend)
     # torch.compile and torch.export must see the custom op in their graph.
     return group_norm_op(*args)[0] if torch.compiler.is_compiling() else _GroupNormFunction.call(*args)[0]
@@ -254,7 +254,7 @@ def _normalize(
         return _as_math(param if param.dim() == 1 else param.reshape(size), math_dtype).contiguous()
 
     def rows(t: Tensor) -> Tensor:  # (rows, size), contiguous; views cost microseconds each
-        return t.contiguous() if t.dim() == 2 else t.reshape(-1, size).contiguous()
+        return t.contiguous() if t.dim() == 2 and t.shape[1] == size else t.reshape(-1, size).contiguous()
 
     args = (
         rows(x),
@@ -266,7 +266,7 @@ def _normalize(
         backend,
     )
     y, h, *_ = layer_norm_op(*args) if torch.compiler.is_compiling() else _LayerNormFunction.call(*args)
-    if x.dim() != 2:
+    if y.shape != x.shape:
         y, h = y.view(x.shape), h if residual is None else h.view(x.shape)
     return y if residual is None else (y, h)
 

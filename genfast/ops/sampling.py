@@ -71,6 +71,11 @@ def sample_tokens(
     else:
         check_tensor("uniform", uniform, dtypes=FLOAT_DTYPES, shape=rows_shape, like=logits)
 
+    # torch.multinomial's rule: a row with a NaN or +inf logit, or none above -inf (-inf marks a
+    # masked token), has no distribution to draw from. One reduction finds all three; on a GPU
+    # it would wait for the device, so there the row's token is unspecified.
+    if logits.is_cpu and logits.numel() and not logits.amax(-1).isfinite().all():
+        raise ValueError("logits must be free of NaN and +inf, with a finite logit in every row")
     backend = resolve("sample_tokens", logits.device, _IMPLEMENTED)
     if backend == "triton" and logits.dtype == torch.float64:
         backend = "reference"

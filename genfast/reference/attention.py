@@ -74,7 +74,8 @@ def scores(
         if attn_mask.dtype == torch.bool:
             s = s.masked_fill(~attn_mask, -math.inf)
         else:
-            s = s + attn_mask.to(s.dtype)
+            # -inf masks a pair out whatever its score, even a NaN from a bad key it never sees.
+            s = (s + attn_mask.to(s.dtype)).masked_fill(attn_mask.isneginf(), -math.inf)
     if is_causal or window_size is not None:
         s = s.masked_fill(~allowed_keys(queries, keys, is_causal, window_size, s.device), -math.inf)
     return s
