@@ -450,14 +450,17 @@ struct BackwardHead {
           const T row_delta = delta[g * p.queries + i0 + r];
           const T* prob = P + r * width;
           T* ds = dS + r * width;
+          // A pair of weight 0 (masked out) gets dS 0 even where the row's dP or delta is NaN (a bad
+          // value it never saw): the product would be 0 * NaN.
           if (p.dropout()) {
             // The gradient of a dropped weight is the kept one's, scaled, and 0 where dropped.
             const T* factor = keep.data() + r * width;
 #pragma omp simd
-            for (int64_t c = 0; c < n; ++c) ds[c] = prob[c] * (ds[c] * factor[c] - row_delta);
+            for (int64_t c = 0; c < n; ++c)
+              ds[c] = prob[c] == T(0) ? T(0) : prob[c] * (ds[c] * factor[c] - row_delta);
           } else {
 #pragma omp simd
-            for (int64_t c = 0; c < n; ++c) ds[c] = prob[c] * (ds[c] - row_delta);
+            for (int64_t c = 0; c < n; ++c) ds[c] = prob[c] == T(0) ? T(0) : prob[c] * (ds[c] - row_delta);
           }
           if (dmask.data) std::copy(ds, ds + n, dmask.at(b, h, i0 + r) + j0);
           if (!capped.empty()) {

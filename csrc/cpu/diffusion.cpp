@@ -102,12 +102,13 @@ void step(const T* x, const T* m, const T* noise, const T* history, const float*
 #pragma omp simd
         for (int64_t i = 0; i < len; ++i) p[i] = c.prev_sample * xs[i] + c.prev_model * ms[i];
       }
-      if (history) {
+      // Terms of coefficient 0 are left out, as the reference does: a NaN there must not reach prev.
+      if (history && c.prev_history != 0.f) {
         const float* hs = as_float(history + at, buf, len);
 #pragma omp simd
         for (int64_t i = 0; i < len; ++i) p[i] += c.prev_history * hs[i];
       }
-      if (ns) {
+      if (ns && c.prev_noise != 0.f) {
         if (c.learned_variance) {
           const float* vs = model_output_tile(m_row + n, cond_offset, c, m_buf, scratch, len);  // variance channels
 #pragma omp simd

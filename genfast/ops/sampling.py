@@ -51,7 +51,8 @@ def sample_tokens(
     top_k 0 and top_p 1 keep every token; tokens tied with the last one kept stay too.
     Each row's draw uses one uniform number in [0, 1), from ``generator`` (on logits'
     device) or given as ``uniform`` (logits.shape[:-1]), which makes the draw reproducible
-    across backends. float64 logits on a GPU are sampled by the reference.
+    across backends. float64 logits on a GPU are sampled by the reference. A row with a NaN or
+    +inf logit, or with no logit above -inf, is a ValueError on the CPU, as torch.multinomial's.
     """
     check_tensor("logits", logits, min_dim=1)
     if logits.shape[-1] == 0:
@@ -72,9 +73,10 @@ def sample_tokens(
         check_tensor("uniform", uniform, dtypes=FLOAT_DTYPES, shape=rows_shape, like=logits)
 
     # torch.multinomial's rule: a row with a NaN or +inf logit, or none above -inf (-inf marks a
-    # masked token), has no distribution to draw from. One reduction finds all three; on a GPU
-    # it would wait for the device, so there the row's token is unspecified.
-    if logits.is_cpu and logits.numel() and not logits.amax(-1).isfinite().all():
+    # masked token), has no distribution to draw from. One reduction finds all three. On a GPU it
+    # would wait for the device, and torch.compile cannot branch on it: there such a row's token
+    # is unspecified.
+    if logits.is_cpu and logits.numel() and not torch.compiler.is_compiling() and not logits.amax(-1).isfinite().all():
         raise ValueError("logits must be free of NaN and +inf, with a finite logit in every row")
     backend = resolve("sample_tokens", logits.device, _IMPLEMENTED)
     if backend == "triton" and logits.dtype == torch.float64:

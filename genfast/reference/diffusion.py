@@ -97,7 +97,9 @@ def denoise_step(
     if noise_seed is not None:
         noise = philox_normal(noise_seed, tuple(sample.shape), sample.device, math)
     x = sample.to(math)
-    if noise is not None:
+    # A term whose coefficient is 0 is left out, not multiplied by 0, as diffusers leaves out the
+    # churn at gamma 0 and the noise at the last step: a NaN there must not reach the sample.
+    if noise is not None and c.sample_noise != 0:
         x = x + c.sample_noise * noise.to(math)
     m, v = split_model_output(
         model_output.to(math), sample.shape[0], sample.shape[1], guidance_scale, c.learned_variance is not None
@@ -109,9 +111,9 @@ def denoise_step(
         s = threshold.to(math).reshape(-1, *[1] * (x0.dim() - 1))
         x0 = torch.minimum(torch.maximum(x0, -s), s) / s
     prev = c.prev_x0 * x0 + c.prev_sample * x + c.prev_model * m
-    if history is not None:
+    if history is not None and c.prev_history != 0:
         prev = prev + c.prev_history * history.to(math)
-    if noise is not None:
+    if noise is not None and c.prev_noise != 0:
         std = c.prev_noise
         if v is not None:
             min_log, max_log = c.learned_variance
