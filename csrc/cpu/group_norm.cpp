@@ -9,10 +9,7 @@
 //
 // Statistics use shifted data: sums of (x - K) and (x - K)^2 with K the first
 // value of the group, so a large mean does not cancel the variance away. Sums
-// run in float lanes over chunks and in double across chunks. The output is
-// (x - mean) * (rstd * w) + b rather than x * scale + shift: in a near-constant
-// group rstd is up to 1/sqrt(eps), and the folded shift's rounding would be
-// amplified by it.
+// run in float lanes over chunks and in double across chunks.
 
 #include "norm.h"
 
@@ -70,6 +67,31 @@ void shifted_sums(const scalar_t* x, int64_t len, acc_t pivot, double& sum, doub
   }
 }
 
+// The output is x * scale + shift, shift = b - mean * scale folded per channel: one operation per
+// element fewer than (x - mean) * scale + b, a few percent of GroupNorm+SiLU. But the folded shift
+// rounds at |mean| * scale, which in a near-constant group (rstd up to 1/sqrt(eps)) dwarfs the
+// output. Past |mean| * rstd = kFoldedLimit the mean is subtracted first; so it is where the
+// scale is not finite (an infinite weight), as x * inf - inf would be NaN.
+constexpr double kFoldedLimit = 4;
+
+template <typename acc_t>
+bool needs_centring(acc_t mean, acc_t rstd, acc_t scale) {
+  return !(std::abs(mean) * rstd <= acc_t(kFoldedLimit) && std::isfinite(scale));
+}
+
+// y[i] = act(((x[i] - centre[i]) or x[i]) * scale[i] + shift[i]) over n values; kStep 0 reads
+// element 0 of centre, scale and shift for every i (one channel's run), 1 reads element i.
+template <bool kCentred, int kStep, typename Act, typename scalar_t, typename acc_t>
+void normalise(const scalar_t* x, scalar_t* y, int64_t n, const acc_t* centre, const acc_t* scale,
+               const acc_t* shift) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t v = static_cast<acc_t>(x[i]);
+    const acc_t u = kCentred ? v - centre[i * kStep] : v;
+    y[i] = static_cast<scalar_t>(Act::forward(u * scale[i * kStep] + shift[i * kStep]));
+  }
+}
+
 template <typename Act, typename scalar_t, typename acc_t>
 void forward_channels_first(const scalar_t* x, const acc_t* weight, const acc_t* bias, scalar_t* y, acc_t* mean,
                             acc_t* rstd, GroupShape shape, double eps) {
@@ -83,14 +105,16 @@ void forward_channels_first(const scalar_t* x, const acc_t* weight, const acc_t*
       shifted_sums(xg, len, pivot, sum, sumsq);
       finish_moments(sum, sumsq, double(len), double(pivot), eps, mean[ng], rstd[ng]);
       const int64_t c0 = (ng % shape.G) * cpg;
-      const acc_t centre = mean[ng];
       for (int64_t c = 0; c < cpg; ++c) {
-        const acc_t scale = rstd[ng] * weight[c0 + c], shift = bias[c0 + c];
+        const acc_t scale = rstd[ng] * weight[c0 + c];
+        const bool centred = needs_centring(mean[ng], rstd[ng], scale);
+        const acc_t shift = centred ? bias[c0 + c] : bias[c0 + c] - mean[ng] * scale;
         const scalar_t* xr = xg + c * S;
         scalar_t* yr = yg + c * S;
-#pragma omp simd
-        for (int64_t s = 0; s < S; ++s) {
-          yr[s] = static_cast<scalar_t>(Act::forward((static_cast<acc_t>(xr[s]) - centre) * scale + shift));
+        if (centred) {
+          normalise<true, 0, Act>(xr, yr, S, &mean[ng], &scale, &shift);
+        } else {
+          normalise<false, 0, Act>(xr, yr, S, &mean[ng], &scale, &shift);
         }
       }
     }
@@ -124,7 +148,7 @@ void forward_channels_last(const scalar_t* x, const acc_t* weight, const acc_t* 
       std::copy(q.begin(), q.end(), part_sumsq.begin() + nb * C);
     }
   });
-  std::vector<acc_t> centre(N * C), scale(N * C);
+  std::vector<acc_t> centre(N * C), scale(N * C), shift(N * C);
   at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
     for (int64_t ng = begin; ng < end; ++ng) {
       const int64_t n = ng / G, c0 = (ng % G) * cpg;
@@ -142,17 +166,24 @@ void forward_channels_last(const scalar_t* x, const acc_t* weight, const acc_t* 
       }
     }
   });
+  // A pixel's channels span every group, so a sample is centred if any of its groups needs it.
+  std::vector<char> centred(N, 0);
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t c = 0; c < C; ++c)
+      centred[n] |= needs_centring(centre[n * C + c], rstd[n * G + c / cpg], scale[n * C + c]);
+    for (int64_t c = 0; c < C; ++c)
+      shift[n * C + c] = centred[n] ? bias[c] : bias[c] - centre[n * C + c] * scale[n * C + c];
+  }
   at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t nb = begin; nb < end; ++nb) {
       const int64_t n = nb / blocks, row0 = (nb % blocks) * kRows, rows = std::min(kRows, S - row0);
-      const acc_t* mu = centre.data() + n * C;
-      const acc_t* sc = scale.data() + n * C;
+      const acc_t *mu = centre.data() + n * C, *sc = scale.data() + n * C, *sh = shift.data() + n * C;
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t offset = (n * S + row0 + r) * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          y[offset + c] =
-              static_cast<scalar_t>(Act::forward((static_cast<acc_t>(x[offset + c]) - mu[c]) * sc[c] + bias[c]));
+        if (centred[n]) {
+          normalise<true, 1, Act>(x + offset, y + offset, C, mu, sc, sh);
+        } else {
+          normalise<false, 1, Act>(x + offset, y + offset, C, mu, sc, sh);
         }
       }
     }
