@@ -9,7 +9,9 @@
 # GENFAST_SKIP lists bench providers to leave out (default: the torch.compile ones, which
 # take longest to warm up); TESTS, the pytest paths (default: tests); TILES=1 also runs
 # benchmarks/experiments/attention_tiles.py; PROFILE, bench filters whose host and kernel time
-# per call benchmarks/profile.py then lists.
+# per call benchmarks/profile.py then lists; SANITIZE=1 runs, after the build, compute-sanitizer's
+# memcheck and racecheck over the CUDA and Triton tests (SANITIZE_TESTS, SANITIZE_S seconds per
+# tool) and stops there, for a call of its own.
 #
 # Everything lands in $OUT (default bench-out/gpu): a short summary.txt, and the full logs,
 # results and plots in gpu.tar.gz, remade after each stage so that a timeout still leaves the
@@ -38,7 +40,24 @@ fi
 python3 -m genfast.cli info | tee -a "$work/info.txt"
 pack
 
+if [ "${SANITIZE:-0}" = 1 ]; then
+  # One process (no xdist): compute-sanitizer follows the kernels of the process it starts. Each
+  # tool's log ends in "ERROR SUMMARY: N errors"; a test that fails under it shows in the log too.
+  read -r -a sanitized <<<"${SANITIZE_TESTS:-tests/test_norm.py tests/test_rnn.py tests/test_attention.py tests/test_cross_entropy.py tests/test_diffusion.py tests/test_bias_act.py tests/test_losses.py}"
+  for tool in memcheck racecheck; do
+    timeout "${SANITIZE_S:-200}" compute-sanitizer --tool "$tool" --target-processes all --print-limit 20 \
+      python3 -m pytest -q -x -p no:cacheprovider -k "cuda or triton" "${sanitized[@]}" >"$work/sanitize-$tool.log" 2>&1
+    echo "$tool (exit $?): $(grep -E 'ERROR SUMMARY|passed|failed' "$work/sanitize-$tool.log" | tail -3 | tr '\n' ' ')" \
+      | tee -a "$out/summary.txt"
+    pack
+  done
+  exit 0
+fi
+
 workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 12")
+# The fuzz tests' examples per op and backend: each new shape and dtype may compile Triton kernels
+# anew, so a GPU run draws fewer than CI's 500 on the CPU.
+export GENFAST_FUZZ_EXAMPLES="${GENFAST_FUZZ_EXAMPLES:-100}"
 read -r -a tests <<<"${TESTS:-tests}"
 timeout "${TEST_S:-240}" python3 -m pytest -q -rfE -p no:cacheprovider $workers "${tests[@]}" >"$work/tests.log" 2>&1
 grep -E "^(FAILED|ERROR)|passed|failed" "$work/tests.log" | tail -40 | tee "$out/summary.txt"

@@ -267,7 +267,9 @@ def _attention_backward_kv_kernel(
                 weights_t = p_t * factor_t
                 dp_t = dp_t * factor_t
             dv += tl.dot(weights_t.to(d_o.dtype), d_o, input_precision=PRECISION)
-            ds_t = p_t * (dp_t - delta[None, :])
+            # A pair of weight 0 (masked out) gets dS 0 even where its row's dP or delta is NaN (a
+            # bad value it never saw): the product would be 0 * NaN.
+            ds_t = tl.where(p_t == 0, 0.0, p_t * (dp_t - delta[None, :]))
             if MASK_GRAD:
                 tl.store(dmask_ptr + row_stats[None, :].to(tl.int64) * S_K + cols[:, None], ds_t,
                          mask=in_rows[None, :] & (cols[:, None] < S_K))
@@ -333,7 +335,7 @@ def _attention_backward_q_kernel(
         if DROPOUT:
             keep = _dropout_keep(dropout_seed, drop_threshold, bh, rows, j0, BLOCK_M, BLOCK_N)
             dp = dp * tl.where(keep, _keep_scale(drop_threshold, compute), 0.0)
-        ds = p * (dp - delta[:, None])
+        ds = tl.where(p == 0, 0.0, p * (dp - delta[:, None]))  # 0 where masked, as dk's kernel
         if HAS_SOFTCAP:
             t = capped / softcap
             ds = ds * (1.0 - t * t)

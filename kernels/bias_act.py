@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .activation import normal_cdf
+
 _BLOCK = 1024
 
 
@@ -33,9 +35,9 @@ def _derivative(z, ORDER: tl.constexpr, ACTIVATION: tl.constexpr, alpha):
             d = tl.zeros_like(z)
     elif ACTIVATION == "gelu":
         if ORDER == 0:
-            d = 0.5 * z * (1 + tl.math.erf(z * 0.7071067811865476))
+            d = z * normal_cdf(z)
         elif ORDER == 1:  # Phi(z) + z phi(z)
-            d = 0.5 * (1 + tl.math.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
+            d = normal_cdf(z) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
         else:  # phi(z) (2 - z^2)
             d = 0.3989422804014327 * tl.exp(-0.5 * z * z) * (2 - z * z)
     elif ACTIVATION == "silu":

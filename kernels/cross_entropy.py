@@ -18,6 +18,11 @@ def _cross_entropy_rows_kernel(
     t is ignore_index. With HAS_GRAD, z is overwritten by its gradient
     scale[row] * (softmax(z) - keep * onehot(t) - spread), zero on an ignored row.
 
+    The loss is kept as gaps from the row's maximum m, as the C++ kernel keeps it:
+    keep * ((m - z[t]) + log_sum) + spread * (gaps + V * log_sum), with log_sum = log(sum exp(z - m))
+    and gaps = sum (m - z). The logsumexp itself would round at m's magnitude, and a row of logits
+    near 1e30 would lose the whole loss to it.
+
     Reads the row twice with HAS_GRAD (the second time from cache), once without; computes in
     MATH (float32, or float64 for float64 logits); writes loss (MATH) and the gradient in
     logits' dtype."""
@@ -31,20 +36,27 @@ def _cross_entropy_rows_kernel(
     # vocabulary is read as 0 and its row's loss and gradient are NaN.
     in_range = (target >= 0) & (target < V)
 
-    # logsumexp by the online rescaling of flash attention: one read of the row.
+    # One read of the row, rescaling the sums as the maximum grows (flash attention's way).
     row_max = tl.full((), float("-inf"), MATH)
     exp_sum = tl.zeros((), MATH)
-    total = tl.zeros((), MATH)
+    gaps = tl.zeros((), MATH)
     for v0 in range(0, V, BLOCK):
         columns = v0 + tl.arange(0, BLOCK)
         z = tl.load(row_ptr + columns, mask=columns < V, other=float("-inf")).to(MATH)
         new_max = tl.maximum(row_max, tl.max(z, 0))
-        exp_sum = exp_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(z - new_max), 0)
-        total += tl.sum(tl.where(columns < V, z, 0.0), 0)
+        # Until the row sees a logit above -inf its maximum is -inf: subtracting 0 keeps every exp at 0.
+        pivot = tl.where(new_max == float("-inf"), 0.0, new_max)
+        exp_sum = exp_sum * tl.exp(row_max - pivot) + tl.sum(tl.exp(z - pivot), 0)
+        # The v0 logits before this block lie new_max - row_max further below the maximum; a masked
+        # logit (-inf) lies infinitely far below it, even while the maximum is -inf too.
+        growth = tl.where(new_max == row_max, 0.0, new_max - row_max)
+        below = tl.where(z == float("-inf"), float("inf"), new_max - z)
+        gaps += tl.where(v0 > 0, v0 * growth, 0.0) + tl.sum(tl.where(columns < V, below, 0.0), 0)
         row_max = new_max
-    logsumexp = row_max + tl.log(exp_sum)
+    log_sum = tl.log(exp_sum)
     target_logit = tl.load(row_ptr + tl.where(valid & in_range, target, 0)).to(MATH)
-    loss = logsumexp - keep * target_logit - spread * total
+    # Without smoothing the gaps are not read: a masked logit makes them inf.
+    loss = keep * ((row_max - target_logit) + log_sum) + tl.where(spread > 0, spread * (gaps + V * log_sum), 0.0)
     loss = tl.where(valid, tl.where(in_range, loss, float("nan")), 0.0)
     tl.store(loss_ptr + row, loss)
 
@@ -53,7 +65,8 @@ def _cross_entropy_rows_kernel(
         for v0 in range(0, V, BLOCK):
             columns = v0 + tl.arange(0, BLOCK)
             z = tl.load(row_ptr + columns, mask=columns < V, other=0.0).to(MATH)
-            grad = scale * (tl.exp(z - logsumexp) - spread - tl.where(columns == target, keep, 0.0))
+            softmax = tl.exp((z - row_max) - log_sum)
+            grad = scale * (softmax - spread - tl.where(columns == target, keep, 0.0))
             tl.store(row_ptr + columns, grad.to(logits_ptr.dtype.element_ty), mask=columns < V)
 
 

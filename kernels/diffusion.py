@@ -37,8 +37,9 @@ def _denoise_step_kernel(
     N, m_stride, cond_offset, guidance,
     sample_noise, x0_sample, x0_model, clip, prev_x0, prev_sample, prev_model, prev_history, prev_noise,
     out_x0, out_sample, min_log, max_log, noise_seed,
-    GUIDED: tl.constexpr, CLIP: tl.constexpr, THRESHOLD: tl.constexpr, HISTORY: tl.constexpr, NOISE: tl.constexpr,
-    FUSED_NOISE: tl.constexpr, LEARNED_VARIANCE: tl.constexpr, DENOISED: tl.constexpr, BLOCK: tl.constexpr,
+    GUIDED: tl.constexpr, CLIP: tl.constexpr, THRESHOLD: tl.constexpr, HISTORY: tl.constexpr, CHURN: tl.constexpr,
+    NOISE: tl.constexpr, FUSED_NOISE: tl.constexpr, LEARNED_VARIANCE: tl.constexpr, DENOISED: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """One sampler step over BLOCK elements of sample b = program_id(1).
 
@@ -48,7 +49,9 @@ def _denoise_step_kernel(
     model_output (both halves when guided, and the variance channels with a
     learned variance), noise (unless fused), history and the sample's
     dynamic threshold when given; writes prev and, if DENOISED, denoised. Math
-    in float32.
+    in float32. A term of coefficient 0 (CHURN, HISTORY, NOISE false) is left
+    out, not multiplied by 0, as diffusers leaves it out: a NaN there must
+    not reach prev.
     """
     b = tl.program_id(1).to(tl.int64)
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -56,20 +59,21 @@ def _denoise_step_kernel(
     x = tl.load(x_ptr + b * N + i, mask=mask).to(tl.float32)
     if FUSED_NOISE:
         noise = _philox_normal(noise_seed, b * N + i)
-    elif NOISE:
+    elif CHURN or NOISE:
         noise = tl.load(noise_ptr + b * N + i, mask=mask).to(tl.float32)
-    if NOISE:
-        x += sample_noise * noise  # Euler's churn; sample_noise is 0 otherwise
+    if CHURN:
+        x += sample_noise * noise
     m_row = m_ptr + b * m_stride
     m = tl.load(m_row + i, mask=mask).to(tl.float32)
     if GUIDED:
         m = m + guidance * (tl.load(m_row + cond_offset + i, mask=mask).to(tl.float32) - m)
     x0 = x0_sample * x + x0_model * m
+    # torch.clamp's NaN passes through; tl.minimum and tl.maximum would drop it on a GPU.
     if CLIP:
-        x0 = tl.minimum(tl.maximum(x0, -clip), clip)
+        x0 = tl.clamp(x0, -clip, clip, propagate_nan=tl.PropagateNan.ALL)
     if THRESHOLD:
         s = tl.load(threshold_ptr + b)
-        x0 = tl.minimum(tl.maximum(x0, -s), s) / s
+        x0 = tl.clamp(x0, -s, s, propagate_nan=tl.PropagateNan.ALL) / s
     prev = prev_x0 * x0 + prev_sample * x + prev_model * m
     if HISTORY:
         prev += prev_history * tl.load(history_ptr + b * N + i, mask=mask).to(tl.float32)
@@ -98,6 +102,7 @@ def denoise_step(sample, model_output, c, noise, history, guidance_scale, want_d
     prev = torch.empty_like(sample)
     denoised = torch.empty_like(sample) if want_denoised else None
     min_log, max_log = c.learned_variance or (0.0, 0.0)
+    has_noise = noise is not None or noise_seed is not None
     _denoise_step_kernel[(triton.cdiv(n, _BLOCK), batch)](
         sample, model_output, noise if noise is not None else sample, history if history is not None else sample,
         threshold if threshold is not None else sample, prev, denoised if want_denoised else prev,
@@ -105,8 +110,8 @@ def denoise_step(sample, model_output, c, noise, history, guidance_scale, want_d
         c.sample_noise, c.x0_sample, c.x0_model, float(c.clip or 0.0), c.prev_x0, c.prev_sample, c.prev_model,
         c.prev_history, c.prev_noise, c.out_x0, c.out_sample, min_log, max_log, noise_seed or 0,
         GUIDED=guidance_scale is not None, CLIP=c.clip is not None, THRESHOLD=threshold is not None,
-        HISTORY=history is not None,
-        NOISE=noise is not None or noise_seed is not None, FUSED_NOISE=noise_seed is not None,
+        HISTORY=history is not None and c.prev_history != 0, CHURN=has_noise and c.sample_noise != 0,
+        NOISE=has_noise and c.prev_noise != 0, FUSED_NOISE=noise_seed is not None,
         LEARNED_VARIANCE=c.learned_variance is not None, DENOISED=want_denoised,
         BLOCK=_BLOCK,
     )

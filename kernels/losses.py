@@ -51,8 +51,8 @@ def _gradients(x, t, sign, KIND: tl.constexpr):
     elif KIND == "softplus":
         dx = sign * tl.sigmoid(sign * x)
         dt = tl.zeros_like(x)
-    else:  # hinge: 0 at the kink, as torch's relu
-        dx = tl.where(1 + sign * x > 0, sign, 0.0)
+    else:  # hinge: 0 at the kink and the sign where x is NaN, as torch's relu (threshold_backward)
+        dx = tl.where(1 + sign * x <= 0, 0.0, sign)
         dt = tl.zeros_like(x)
     return dx, dt
 

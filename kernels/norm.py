@@ -54,11 +54,15 @@ def _group_norm_forward_kernel(
             d = tl.where(mask, tl.load(x_ptr + offsets, mask=mask).to(acc_dtype) - pivot, 0)
             total += d
             total_sq += d * d
+    # The moments in float64, as the C++ kernel finishes them: a float32 square of a mean near
+    # 1e20 would overflow to inf - inf = NaN where the variance is merely huge (rstd 0). A NaN
+    # from an infinite x must survive the clamp, as std::max and torch let it.
     count = cpg * S
-    shift_mean = tl.sum(tl.sum(total, axis=1), axis=0) / count
-    var = tl.maximum(tl.sum(tl.sum(total_sq, axis=1), axis=0) / count - shift_mean * shift_mean, 0)
-    mean = pivot + shift_mean
-    rstd = 1 / tl.sqrt(var + eps)
+    shift_mean = tl.sum(tl.sum(total, axis=1), axis=0).to(tl.float64) / count
+    var = tl.maximum(tl.sum(tl.sum(total_sq, axis=1), axis=0).to(tl.float64) / count - shift_mean * shift_mean, 0,
+                     propagate_nan=tl.PropagateNan.ALL)
+    mean = (pivot + shift_mean).to(acc_dtype)
+    rstd = (1 / tl.sqrt(var + eps)).to(acc_dtype)
     tl.store(mean_ptr + pid, mean)
     tl.store(rstd_ptr + pid, rstd)
 
@@ -66,10 +70,13 @@ def _group_norm_forward_kernel(
         cs = c0 + tl.arange(0, BLOCK_C)
         weight = tl.load(weight_ptr + g * cpg + cs, mask=cs < cpg)
         scale = (weight * rstd)[:, None]
-        shift = (tl.load(bias_ptr + g * cpg + cs, mask=cs < cpg) - mean * weight * rstd)[:, None]
+        bias = tl.load(bias_ptr + g * cpg + cs, mask=cs < cpg)[:, None]
         for s0 in range(0, S, BLOCK_S):
             offsets, mask = _tile(base, c0, s0, cpg, S, stride_c, stride_s, BLOCK_C, BLOCK_S)
-            z = tl.load(x_ptr + offsets, mask=mask).to(acc_dtype) * scale + shift
+            # Centred before scaling: the folded x * scale + (bias - mean * scale) rounds at
+            # |mean| * scale, which rstd (up to 1/sqrt(eps)) can make dwarf a near-constant
+            # group's output. The extra subtraction is free in a pass bound by memory.
+            z = (tl.load(x_ptr + offsets, mask=mask).to(acc_dtype) - mean) * scale + bias
             if SILU:
                 z = silu(z)
             tl.store(y_ptr + offsets, z.to(y_ptr.dtype.element_ty), mask=mask)

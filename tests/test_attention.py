@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close_to_reference, assert_compiles_like_eager, interpreted, require
+from helpers import assert_close_to_reference, assert_compiles_like_eager, interpreted, relative_error, require
 
 import genfast
 from genfast.backends import extension
@@ -242,12 +242,26 @@ def test_reads_no_key_past_the_end(backend):
     assert not any(g.isnan().any() for g in grads)
 
 
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_empty(backend):
+def test_nan_in_a_value_stays_out_of_fully_masked_rows(backend):
+    """Queries that a boolean mask hides from every key get gradient 0, as the reference's, even
+    with a NaN in some value: their pairs get dS 0, not 0 * NaN."""
     device = require(backend)
-    q, k, v = (torch.randn(2, 3, 0, 16, device=device) for _ in range(3))
-    with genfast.use_backend(backend):
-        assert genfast.ops.scaled_dot_product_attention(q, k, v).shape == (2, 3, 0, 16)
+    q, k, v = make_inputs(SHAPES[2], torch.float32, device)
+    mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=device)
+    mask[:40] = False
+    v[:, :, 5, 0] = math.nan
+    outputs = []
+    for which in (backend, "reference"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        with genfast.use_backend(which):
+            out = genfast.ops.scaled_dot_product_attention(*leaves, attn_mask=mask, enable_gqa=True)
+        outputs.append([out, *torch.autograd.grad(out[:, :, :40].sum(), leaves)])
+    assert outputs[1][1][:, :, :40].eq(0).all()
+    for got, want in zip(*outputs):
+        assert torch.equal(got.isnan(), want.isnan())
+        assert relative_error(got[want.isfinite()], want[want.isfinite()]) <= 1e-4
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

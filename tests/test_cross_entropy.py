@@ -2,6 +2,8 @@
 computed in float64: the loss and the gradients of input, weight and bias, on every backend
 and dtype, in one chunk of rows and in many."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -117,6 +119,35 @@ def test_every_row_ignored_gives_nan_as_torch(backend):
     with genfast.use_backend(backend):
         loss = genfast.ops.linear_cross_entropy(input, weight, target, ignore_index=-1)
     assert loss.isnan() and F.cross_entropy(input @ weight.t(), target, ignore_index=-1).isnan()
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_huge_and_masked_logits(backend, smoothing):
+    """Logits near 1e30 keep their loss (it is computed as gaps from the row's maximum), and a
+    masked token's -inf logit leaves the loss finite without smoothing, inf with it, as torch's;
+    also where the whole first block of the Triton kernel's row (4096 logits) is masked."""
+    device = require(backend)
+    V = 5000
+    generator = torch.Generator().manual_seed(0)
+    input = torch.tensor([[1e30], [1.0], [1.0]])
+    weight = 1 + torch.rand(V, 1, generator=generator) * 1e-6
+    bias = torch.randn(V, generator=generator)
+    bias[[7, 4000]] = -math.inf
+    bias = torch.stack([torch.zeros(V), bias, torch.where(torch.arange(V) < 4096, -math.inf, bias)])
+    target = torch.tensor([3, 5, 4500])
+    # Rows of different biases: the logits are x w + bias[row], so each row runs on its own.
+    for row in range(3):
+        x, t = input[row:row + 1].to(device), target[row:row + 1].to(device)
+        w, b = weight.to(device), bias[row].to(device)
+        with genfast.use_backend(backend):
+            loss = genfast.ops.linear_cross_entropy(x, w, t, b, reduction="none", label_smoothing=smoothing)
+        # From the float32 logits (one product each, rounded alike), computed in float64.
+        expected = F.cross_entropy(F.linear(x, w, b).double(), t, reduction="none", label_smoothing=smoothing)
+        if expected.isinf().any():
+            assert torch.equal(loss.double(), expected), (row, loss, expected)
+        else:
+            assert relative_error(loss, expected) <= 1e-5, (row, loss, expected)
 
 
 def test_compiles_without_graph_break():

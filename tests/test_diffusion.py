@@ -2,6 +2,7 @@
 training noise and loss) against the float64 reference, on every backend here."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -125,6 +126,25 @@ def test_empty_batch(backend):
         prev, denoised = genfast.ops.denoise_step(sample, sample, StepCoefficients(prev_sample=1.0))
     assert prev.shape == sample.shape and denoised.shape == sample.shape
 
+
+
+@pytest.mark.parametrize("backend", STEP_BACKENDS)
+def test_terms_of_coefficient_zero_are_left_out_and_nan_passes_the_clip(backend):
+    """A NaN noise or history under a coefficient of 0 (diffusers' last step, Euler without churn)
+    does not reach prev, as diffusers leaves those terms out; a NaN model output passes clipping
+    and thresholding, as torch.clamp lets it."""
+    device = require(backend)
+    (sample, model_output, c), kwargs = make_step((2, 3, 5, 7), torch.float32, device, clip=True, history=True,
+                                                  noise=True, threshold=True)
+    c = dataclasses.replace(c, sample_noise=0.0, prev_history=0.0, prev_noise=0.0)
+    kwargs["noise"][0, 1, 2, 3] = kwargs["history"][1, 0, 4, 6] = math.nan
+    model_output[1, 2, 0, 0] = math.nan
+    with genfast.use_backend(backend):
+        prev, denoised = genfast.ops.denoise_step(sample, model_output, c, **kwargs)
+    ref_prev, ref_denoised = reference64((sample, model_output, c), kwargs)
+    for got, want in ((prev, ref_prev), (denoised, ref_denoised)):
+        assert want.isnan().sum() == 1 and torch.equal(got.isnan(), want.isnan())
+        assert relative_error(got[want.isfinite()], want[want.isfinite()]) <= 1e-5
 
 def test_outputs_reuse_memory():
     """Latents of 2 MB or more come from the CPU output cache: the next step reuses a freed

@@ -1,6 +1,7 @@
 """Property tests of every public op: hypothesis draws shapes (1, primes, others), layouts
 (contiguous, transposed, sliced), dtypes, argument values and bad values (NaN, infinities, huge
-magnitudes), and the C++ kernels (the cpu backend) must agree with the reference.
+magnitudes), and each backend's kernels must agree with the reference: the C++ ones (cpu), the
+Triton ones (in its interpreter here, compiled on a GPU) and the CUDA ones, on the device each runs.
 
 Agreement is the op tests' rule: against the reference in float64 (or float32, for ops computed
 in float32), genfast's error is at most twice the reference's own in the same dtype, plus the
@@ -12,7 +13,7 @@ be anything: autograd's chain rule multiplies a zero cotangent by an infinite pa
 and makes NaN of what a fused derivative gives as inf.
 Integer outputs (sampled tokens) must be equal.
 
-The examples are derandomised, so each CI run tries the same FUZZ_EXAMPLES per op.
+The examples are derandomised, so each CI run tries the same examples per op and backend.
 """
 
 from __future__ import annotations
@@ -26,14 +27,18 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import relative_error, require, safe_uniform
+from helpers import interpreted, relative_error, require, safe_uniform
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import genfast
+from genfast.backends import BackendUnavailableError
 from genfast.ops import StepCoefficients
 
 FUZZ_EXAMPLES = int(os.environ.get("GENFAST_FUZZ_EXAMPLES", 500))  # CI runs the default
+# Triton's interpreter runs a few hundred times slower than the C++ kernels: on CPU tensors it gets
+# a sample, and its full share runs where Triton compiles (benchmarks/run_on_gpu.sh).
+INTERPRETED_EXAMPLES = int(os.environ.get("GENFAST_FUZZ_INTERPRETED_EXAMPLES", 25))
 SIZES = st.sampled_from([1, 2, 3, 5, 7, 8, 13, 16, 17, 31])
 SMALL = st.sampled_from([1, 2, 3, 5])
 HALF = (torch.bfloat16, torch.float16)
@@ -95,33 +100,41 @@ def _flatten(outputs) -> list[torch.Tensor]:
     return []
 
 
-def _run(case: Case, dtype: torch.dtype, layouts: list[str], with_grad: bool, call: Callable | None = None
-         ) -> list[torch.Tensor]:
-    inputs = [_laid_out(x, dtype, layout) if isinstance(x, torch.Tensor) and x.is_floating_point()
-              else x.clone() if isinstance(x, torch.Tensor) else x for x, layout in zip(case.inputs, layouts)]
+def _run(case: Case, dtype: torch.dtype, layouts: list[str], with_grad: bool, device: str,
+         call: Callable | None = None) -> list[torch.Tensor]:
+    inputs = [_laid_out(x, dtype, layout).to(device) if isinstance(x, torch.Tensor) and x.is_floating_point()
+              else x.to(device) if isinstance(x, torch.Tensor) else x for x, layout in zip(case.inputs, layouts)]
     leaves = [inputs[i].requires_grad_() for i in case.grad] if with_grad else []
     outputs = [t for t in _flatten((call or case.call)(*inputs)) if t is not None]
     if not leaves:
-        return [t.detach() for t in outputs]
+        return [t.detach().cpu() for t in outputs]
     differentiable = [t for t in outputs if t.requires_grad]
     generator = torch.Generator().manual_seed(0)
-    cotangents = [torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t.dtype) for t in differentiable]
+    cotangents = [torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t.dtype).to(device)
+                  for t in differentiable]
     grads = torch.autograd.grad(differentiable, leaves, cotangents, allow_unused=True)
-    return [t.detach() for t in outputs] + [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
+    return [t.detach().cpu() for t in outputs] + [torch.zeros_like(x).cpu() if g is None else g.cpu()
+                                                  for x, g in zip(leaves, grads)]
 
 
-def _check(case: Case, dtype: torch.dtype, layouts: list[str], with_grad: bool) -> None:
+def _check(case: Case, dtype: torch.dtype, layouts: list[str], with_grad: bool, backend: str, device: str) -> None:
     with genfast.use_backend("reference"):
         try:
-            same_dtype = _run(case, dtype, layouts, with_grad)
+            same_dtype = _run(case, dtype, layouts, with_grad, device)
         except ValueError as refusal:  # a bad value the op refuses (sample_tokens' NaN logits)
-            with genfast.use_backend("cpu"), pytest.raises(ValueError, match=re.escape(str(refusal))):
-                _run(case, dtype, layouts, with_grad)
+            with genfast.use_backend(backend), pytest.raises(ValueError, match=re.escape(str(refusal))):
+                _run(case, dtype, layouts, with_grad, device)
             return
-        exact = _run(case, case.exact_dtype, layouts, with_grad)
-    with genfast.use_backend("cpu"):
-        got = _run(case, dtype, layouts, with_grad)
-    baselines = [same_dtype] + ([_run(case, dtype, layouts, with_grad, case.torch_call)] if case.torch_call else [])
+        exact = _run(case, case.exact_dtype, layouts, with_grad, device)
+    with genfast.use_backend(backend):
+        try:
+            got = _run(case, dtype, layouts, with_grad, device)
+        except BackendUnavailableError as error:
+            if "has no" in str(error):
+                pytest.skip(str(error))
+            raise
+    baselines = [same_dtype] + ([_run(case, dtype, layouts, with_grad, device, case.torch_call)]
+                                if case.torch_call else [])
     assert len(got) == len(same_dtype)
     outputs = len(got) - (len(case.grad) if with_grad else 0)
     for i, (g, e, s, *others) in enumerate(zip(got, exact, *baselines)):
@@ -255,16 +268,18 @@ def _attention(draw):
     mask[:, 0] = True  # no fully masked row: its output is the reference's NaN or 0 by convention
     slopes = torch.rand(heads, generator=generator, dtype=torch.float64)
 
-    def call(q, k, v, slopes):
+    def call(q, k, v, slopes, mask):
         attn_mask = {"none": None, "bool": mask, "float": torch.where(mask, 0.0, -1e4).to(q.dtype)}[mask_kind]
         return genfast.ops.scaled_dot_product_attention(
             q, k, v, attn_mask, is_causal=is_causal, scale=scale, enable_gqa=kv_heads != heads, window_size=window,
             alibi_slopes=slopes.float() if alibi else None, softcap=softcap)
 
     # Where the reference gives NaN for 0 * NaN (a bad value in a masked key's value), the kernel,
-    # skipping masked tiles, may not. Known, not yet fixed (issue 7's note): a score near 1e30 is
-    # not always handled like the reference's, so queries and keys get no bad values.
-    return Case(call, (q, k, v, slopes), grad=(0, 1, 2), exact_nonfinite=False, finite_inputs=(0, 1))
+    # skipping masked tiles, may not. Known, not yet fixed (issue 7's note): the backward recomputes
+    # the weights from the row's logsumexp, as FlashAttention does, which rounds at the scores'
+    # magnitude; scores near 1e30 then give weights of 1 or inf where the reference's softmax gives
+    # them exactly. So queries, keys and ALiBi slopes get no bad values.
+    return Case(call, (q, k, v, slopes, mask), grad=(0, 1, 2), exact_nonfinite=False, finite_inputs=(0, 1, 3))
 
 
 @st.composite
@@ -283,12 +298,12 @@ def _attention_with_kv_cache(draw):
     k_cache, v_cache = _values(draw, batch, kv_heads, capacity, dim), _values(draw, batch, kv_heads, capacity, dim)
     k, v = _values(draw, batch, kv_heads, queries, dim), _values(draw, batch, kv_heads, queries, dim)
 
-    def call(q, k_cache, v_cache, k, v):
+    def call(q, k_cache, v_cache, k, v, lengths):
         new = (k, v) if append else (None, None)
         return genfast.ops.attention_with_kv_cache(q, k_cache, v_cache, *new, cache_seqlens=lengths,
                                                    is_causal=is_causal)
 
-    return Case(call, (q, k_cache, v_cache, k, v), contiguous=(1, 2))
+    return Case(call, (q, k_cache, v_cache, k, v, lengths), contiguous=(1, 2))
 
 
 @st.composite
@@ -314,9 +329,9 @@ def _linear_cross_entropy(draw):
     target = torch.randint(0, vocab, (rows,), generator=generator)
     target[torch.rand(rows, generator=generator) < 0.2] = -100
     x, w, b = _values(draw, rows, hidden), _values(draw, vocab, hidden, scale=0.5), _values(draw, vocab)
-    return Case(lambda x, w, b: genfast.ops.linear_cross_entropy(x, w, target, b if with_bias else None,
-                                                                 reduction=reduction, label_smoothing=smoothing),
-                (x, w, b), grad=(0, 1, 2))
+    return Case(lambda x, w, b, t: genfast.ops.linear_cross_entropy(x, w, t, b if with_bias else None,
+                                                                    reduction=reduction, label_smoothing=smoothing),
+                (x, w, b, target), grad=(0, 1, 2))
 
 
 @st.composite
@@ -334,7 +349,7 @@ def _recurrent(draw, kind):
     lengths = torch.randint(1, steps + 1, (batch,), generator=generator) if draw(st.booleans()) else None
     ops = genfast.ops
 
-    def call(x, h, c, w_ih, w_hh, b_ih, b_hh):
+    def call(x, h, c, w_ih, w_hh, b_ih, b_hh, lengths):
         biases = (b_ih, b_hh) if with_bias else (None, None)
         if kind == "lstm_cell":
             return ops.lstm_cell(x[0], h, c, w_ih, w_hh, *biases)
@@ -344,7 +359,7 @@ def _recurrent(draw, kind):
             return ops.lstm_layer(x, h, c, w_ih, w_hh, *biases, lengths=lengths, reverse=reverse)
         return ops.gru_layer(x, h, w_ih, w_hh, *biases, lengths=lengths, reverse=reverse)
 
-    return Case(call, (x, h, c, w_ih, w_hh, b_ih, b_hh), grad=(0, 1, 2, 3, 4, 5, 6), atol_scale=10)
+    return Case(call, (x, h, c, w_ih, w_hh, b_ih, b_hh, lengths), grad=(0, 1, 2, 3, 4, 5, 6), atol_scale=10)
 
 
 @st.composite
@@ -430,8 +445,8 @@ def _diffusion_training(draw, kind):
     table = torch.linspace(0.9999, 0.01, steps, dtype=torch.float64)
     timesteps = torch.randint(0, steps, (shape[0],), generator=generator)
     velocity = draw(st.booleans())
-    return Case(lambda x, n, a: genfast.ops.add_noise(x, n, timesteps, a.float(), velocity=velocity), (x, y, table),
-                dtypes=MATH_IN_FLOAT32)
+    return Case(lambda x, n, a, t: genfast.ops.add_noise(x, n, t, a.float(), velocity=velocity),
+                (x, y, table, timesteps), dtypes=MATH_IN_FLOAT32)
 
 
 @st.composite
@@ -450,10 +465,9 @@ def _denoise_step(draw):
     noise, history = _values(draw, batch, channels, *spatial), _values(draw, batch, channels, *spatial)
     threshold = _values(draw, batch, positive=True) if draw(st.booleans()) else None
     guidance = draw(st.sampled_from([1.0, 7.5])) if guided else None
-    return Case(lambda s, m, n, h: genfast.ops.denoise_step(
-        s, m, coefficients, noise=n, history=h, guidance_scale=guidance,
-        threshold=None if threshold is None else threshold.float()), (sample, model, noise, history),
-        dtypes=MATH_IN_FLOAT32)
+    return Case(lambda s, m, n, h, t: genfast.ops.denoise_step(
+        s, m, coefficients, noise=n, history=h, guidance_scale=guidance, threshold=None if t is None else t.float()),
+        (sample, model, noise, history, threshold), dtypes=MATH_IN_FLOAT32)
 
 
 @st.composite
@@ -466,7 +480,8 @@ def _sample_tokens(draw):
 
     def call(logits):
         if not logits.amax(-1).isfinite().all():
-            return genfast.ops.sample_tokens(logits, temperature, top_k, top_p)
+            # A ValueError on the CPU; on a GPU (no check there) such a row's token is unspecified.
+            return genfast.ops.sample_tokens(logits, temperature, top_k, top_p) if logits.is_cpu else None
         u = safe_uniform(logits, temperature, top_k, top_p, seed)
         return genfast.ops.sample_tokens(logits, temperature, top_k, top_p, uniform=u)
 
@@ -494,15 +509,18 @@ OPS = {
 }
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
 @pytest.mark.parametrize("name", OPS)
-def test_op_matches_reference_on_drawn_inputs(name):
-    require("cpu")
+def test_op_matches_reference_on_drawn_inputs(name, backend):
+    device = require(backend)
+    if name == "conv2d" and backend != "cpu":
+        pytest.skip("conv2d runs ATen's convolution on backends other than cpu: no kernel of its own")
 
-    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @settings(max_examples=INTERPRETED_EXAMPLES if interpreted(backend) else FUZZ_EXAMPLES, deadline=None,
+              derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(_examples(OPS[name]))
     def check(example):
-        _check(*example)
+        _check(*example, backend, device)
 
     check()
 

@@ -172,6 +172,13 @@ def test_special_values(backend):
                                        msg=name)
         got = genfast.ops.discriminator_loss(x, x.flip(0))
     assert got.isnan()
+    for kind in ("non_saturating", "hinge"):  # the gradient at NaN is the reference's (torch's relu passes it)
+        grads = []
+        for which in (backend, "reference"):
+            real, fake = x.clone().requires_grad_(), x.flip(0).requires_grad_()
+            with genfast.use_backend(which):
+                grads.append(torch.autograd.grad(genfast.ops.discriminator_loss(real, fake, kind), (real, fake)))
+        torch.testing.assert_close(*grads, equal_nan=True, msg=kind)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -143,6 +143,24 @@ def test_large_mean_keeps_variance(backend):
     assert relative_error(out, ref) < 1e-2
 
 
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_near_constant_and_huge_groups(backend):
+    """A near-constant group (|mean| * rstd near 1e5) keeps the accuracy of torch's GroupNorm:
+    x * scale + (bias - mean * scale) would round at |mean| * scale. A group holding 1e30 has a
+    variance past float32's range: rstd 0 and outputs equal to the bias, not NaN."""
+    device = require(backend)
+    generator = torch.Generator().manual_seed(0)
+    x = 1e3 + 1e-4 * torch.randn(2, 8, 5, 7, generator=generator)
+    x[1, :2, 0, 0] = 1e30
+    w, b = torch.randn(8, generator=generator), torch.randn(8, generator=generator)
+    x, w, b = x.to(device), w.to(device), b.to(device)
+    with genfast.use_backend(backend):
+        out = genfast.ops.group_norm(x, 4, w, b, eps=1e-5, activation="silu")
+    ref = reference_group_norm(x.double(), 4, w.double(), b.double(), 1e-5, activation="silu")
+    assert out.isfinite().all()
+    assert_close_to_reference(out, ref, F.silu(F.group_norm(x, 4, w, b, 1e-5)), 1e-5, "group_norm")
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_stays_in_its_group(backend):
     device = require(backend)

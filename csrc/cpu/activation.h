@@ -94,12 +94,11 @@ struct SiLU {
 // z Phi(z), Phi the standard normal CDF.
 struct GELU {
   template <typename T>
-  GENFAST_VECTOR_INLINE static T forward(T z) { return T(0.5) * z * (T(1) + erf_fast(z * T(0.70710678118654752))); }
+  GENFAST_VECTOR_INLINE static T forward(T z) { return z * normal_cdf_fast(z); }
   // Phi(z) + z phi(z).
   template <typename T>
   GENFAST_VECTOR_INLINE static T backward(T z, T dy) {
-    const T cdf = T(0.5) * (T(1) + erf_fast(z * T(0.70710678118654752)));
-    return dy * (cdf + z * T(0.39894228040143268) * exp_fast(T(-0.5) * z * z));
+    return dy * (normal_cdf_fast(z) + z * T(0.39894228040143268) * exp_fast(T(-0.5) * z * z));
   }
   // phi(z) (2 - z^2).
   template <typename T>

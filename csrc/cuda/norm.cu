@@ -390,7 +390,7 @@ __global__ void __launch_bounds__(kOnChipThreads, 2)
   extern __shared__ __align__(16) unsigned char shared[];
   auto* tile = reinterpret_cast<Pack<T, V>*>(shared);  // vector i at tile[i - kInRegisters]
   float* scale = reinterpret_cast<float*>(tile + max(vectors - kInRegisters, 0));
-  float* shift = scale + cpg;
+  float* affine_bias = scale + cpg;
   __shared__ float2 stats;
 
   const int64_t grp = blockIdx.x, n = grp / groups, c0 = grp % groups * cpg;
@@ -437,9 +437,12 @@ __global__ void __launch_bounds__(kOnChipThreads, 2)
     rstd[grp] = stats.y;
   }
   __syncthreads();
+  // Centred before scaling, as the two-pass path: a folded shift, bias - mean * scale, would round
+  // at |mean| * scale, which rstd (up to 1/sqrt(eps)) can make dwarf a near-constant group's output.
+  const float centre = stats.x;
   for (int c = threadIdx.x; c < cpg; c += kOnChipThreads) {
     scale[c] = stats.y * weight[c0 + c];
-    shift[c] = fmaf(-stats.x, scale[c], bias[c0 + c]);
+    affine_bias[c] = bias[c0 + c];
   }
   __syncthreads();
 
@@ -449,7 +452,7 @@ __global__ void __launch_bounds__(kOnChipThreads, 2)
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       const int c = kCL ? first + k : first;
-      const float z = fmaf(to_float(p.v[k]), scale[c], shift[c]);
+      const float z = fmaf(to_float(p.v[k]) - centre, scale[c], affine_bias[c]);
       out.v[k] = from_float<T>(kSiLU ? z * sigmoid(z) : z);
     }
     store(yg + offset(i), out);
