@@ -24,20 +24,25 @@ def silu_backward(z, dy):
 
 @triton.jit
 def normal_cdf(z):
-    """Phi(z), the standard normal's CDF. In float32 as erfc(-z / sqrt 2) / 2 by the fit of the C++
-    kernels (csrc/cpu/vec_math.h's normal_cdf_fast: relative error under 2.3e-6), which keeps the
-    lower tail's digits where 1 + erf(z / sqrt 2) cancels them (2e-5 relative at z = -2.8); in
-    float64 that cancellation costs 1e-13 at most, and erf is exact."""
+    """Phi(z), the standard normal's CDF, keeping the lower tail's digits where 1 + erf(z / sqrt 2)
+    cancels them (2e-5 relative at z = -2.8 in float32; all of them past z = -8.3 in float64).
+    float32: erfc(-z / sqrt 2) / 2 by the fit of the C++ kernels (csrc/cpu/vec_math.h's
+    normal_cdf_fast, relative error under 2.3e-6). float64: 1 - erf(a) for a = |z| / sqrt 2 below
+    3.3 (its cancellation costs under 1.2e-11 relative there), erfc's continued fraction beyond
+    (60 terms: within 2 ulp from 3.3 on); libdevice's erfc would do, but Triton's interpreter
+    lacks it."""
+    a = tl.abs(z) * 0.7071067811865476
     if z.dtype == tl.float64:
-        cdf = 0.5 * (1 + tl.math.erf(z * 0.7071067811865476))
+        fraction = a
+        for k in tl.static_range(60, 0, -1):
+            fraction = a + (k * 0.5) / fraction
+        tail = tl.where(a < 3.3, 0.5 * (1 - tl.math.erf(a)), 0.5 * tl.exp(-a * a) / (1.7724538509055159 * fraction))
     else:
-        a = tl.abs(z) * 0.7071067811865476
         t = 1 / (1 + 0.4 * a)
         p = -1.48850645 + t * (0.99525611 + t * (0.46754241 + t * (-0.04920331 + t * (
             0.56860390 + t * (-0.72626443 + t * 0.23257405)))))
-        tail = 0.5 * t * tl.exp(p - a * a)  # Phi(-|z|)
-        cdf = tl.where(z < 0, tail, 1 - tail)
-    return cdf
+        tail = 0.5 * t * tl.exp(p - a * a)
+    return tl.where(z < 0, tail, 1 - tail)  # tail = Phi(-|z|)
 
 
 @triton.jit

@@ -10,6 +10,8 @@ channels in place. Coefficients arrive as scalars and the optional terms as
 constexpr flags, so each configuration compiles to the loads it needs.
 """
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -92,6 +94,14 @@ def _denoise_step_kernel(
         tl.store(denoised_ptr + b * N + i, denoised.to(denoised_ptr.dtype.element_ty), mask=mask)
 
 
+def _flush_subnormal(c):
+    """c with its coefficients below float32's smallest normal made 0, as a GPU's float32 arithmetic
+    flushes them: Triton's interpreter would take such a scalar argument as float64, and compute the
+    step in float64 (its float64 to bfloat16 store then writes garbage)."""
+    return dataclasses.replace(c, **{f.name: 0.0 for f in dataclasses.fields(c)
+                                     if f.type == "float" and abs(getattr(c, f.name)) < 2.0**-126})
+
+
 def denoise_step(sample, model_output, c, noise, history, guidance_scale, want_denoised: bool, noise_seed=None,
                  threshold=None):
     """(prev, denoised or None) for contiguous, non-empty inputs that
@@ -101,6 +111,7 @@ def denoise_step(sample, model_output, c, noise, history, guidance_scale, want_d
     m_stride = model_output[0].numel()
     prev = torch.empty_like(sample)
     denoised = torch.empty_like(sample) if want_denoised else None
+    c = _flush_subnormal(c)
     min_log, max_log = c.learned_variance or (0.0, 0.0)
     has_noise = noise is not None or noise_seed is not None
     _denoise_step_kernel[(triton.cdiv(n, _BLOCK), batch)](

@@ -265,6 +265,14 @@ def test_nan_in_a_value_stays_out_of_fully_masked_rows(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_empty(backend):
+    device = require(backend)
+    q, k, v = (torch.randn(2, 3, 0, 16, device=device) for _ in range(3))
+    with genfast.use_backend(backend):
+        assert genfast.ops.scaled_dot_product_attention(q, k, v).shape == (2, 3, 0, 16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[2], SHAPES[4], SHAPES[5]], ids=str)
 def test_dropout(backend, shape, is_causal):

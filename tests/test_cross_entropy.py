@@ -150,6 +150,18 @@ def test_huge_and_masked_logits(backend, smoothing):
             assert relative_error(loss, expected) <= 1e-5, (row, loss, expected)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_token_vocabulary_gives_zeros(backend):
+    """With one token the loss and every gradient are 0, with smoothing too, even for an input of
+    1e30: the gradient's terms cancel exactly, not to a rounding that the input multiplies."""
+    device = require(backend)
+    leaves = [torch.tensor(value, device=device, requires_grad=True) for value in ([[1e30]], [[0.77]], [1.54])]
+    target = torch.zeros(1, dtype=torch.long, device=device)
+    with genfast.use_backend(backend):
+        loss = genfast.ops.linear_cross_entropy(leaves[0], leaves[1], target, leaves[2], label_smoothing=0.1)
+    assert loss.item() == 0 and all(g.eq(0).all() for g in torch.autograd.grad(loss, leaves))
+
+
 def test_compiles_without_graph_break():
     require("cpu")
     input, weight, target, bias = make_inputs(CASES[1], torch.float32, "cpu")

@@ -46,6 +46,7 @@ ALL_DTYPES = (torch.float32, torch.float64, *HALF)
 MATH_IN_FLOAT32 = (torch.float32, *HALF)  # the ops that compute in float32 and take no float64
 ATOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 BAD_VALUES = (math.nan, math.inf, -math.inf, 1e30, -1e30)
+BACKEND_DTYPES = {"cuda": (torch.float32, *HALF)}  # the CUDA kernels refuse float64 (their bindings say so)
 
 
 @dataclass
@@ -86,7 +87,7 @@ def _laid_out(values: torch.Tensor, dtype: torch.dtype, layout: str) -> torch.Te
     if layout == "transposed" and values.dim() >= 2:
         return values.transpose(-1, -2).contiguous().transpose(-1, -2)
     if layout == "sliced" and values.dim() >= 1:
-        wide = torch.zeros(*values.shape[:-1], 2 * values.shape[-1], dtype=dtype)
+        wide = torch.zeros(*values.shape[:-1], 2 * values.shape[-1], dtype=dtype, device=values.device)
         wide[..., ::2] = values
         return wide[..., ::2]
     return values.clone()
@@ -102,7 +103,7 @@ def _flatten(outputs) -> list[torch.Tensor]:
 
 def _run(case: Case, dtype: torch.dtype, layouts: list[str], with_grad: bool, device: str,
          call: Callable | None = None) -> list[torch.Tensor]:
-    inputs = [_laid_out(x, dtype, layout).to(device) if isinstance(x, torch.Tensor) and x.is_floating_point()
+    inputs = [_laid_out(x.to(device), dtype, layout) if isinstance(x, torch.Tensor) and x.is_floating_point()
               else x.to(device) if isinstance(x, torch.Tensor) else x for x, layout in zip(case.inputs, layouts)]
     leaves = [inputs[i].requires_grad_() for i in case.grad] if with_grad else []
     outputs = [t for t in _flatten((call or case.call)(*inputs)) if t is not None]
@@ -155,10 +156,10 @@ def _check(case: Case, dtype: torch.dtype, layouts: list[str], with_grad: bool, 
 
 
 @st.composite
-def _examples(draw, cases):
+def _examples(draw, cases, backend):
     """A case, its dtype, a layout per input, whether to differentiate, and perhaps a bad value."""
     case = draw(cases)
-    dtype = draw(st.sampled_from(case.dtypes))
+    dtype = draw(st.sampled_from([d for d in case.dtypes if d in BACKEND_DTYPES.get(backend, ALL_DTYPES)]))
     layouts = ["contiguous" if i in case.contiguous else draw(st.sampled_from(["contiguous", "transposed", "sliced"]))
                for i in range(len(case.inputs))]
     with_grad = bool(case.grad) and draw(st.booleans())
@@ -275,10 +276,10 @@ def _attention(draw):
             alibi_slopes=slopes.float() if alibi else None, softcap=softcap)
 
     # Where the reference gives NaN for 0 * NaN (a bad value in a masked key's value), the kernel,
-    # skipping masked tiles, may not. Known, not yet fixed (issue 7's note): the backward recomputes
-    # the weights from the row's logsumexp, as FlashAttention does, which rounds at the scores'
-    # magnitude; scores near 1e30 then give weights of 1 or inf where the reference's softmax gives
-    # them exactly. So queries, keys and ALiBi slopes get no bad values.
+    # skipping masked tiles, may not. Known, not yet fixed (benchmarks/experiments/NOTES.md): the
+    # backward recomputes the weights as exp(s - lse), as FlashAttention does, and at scores near
+    # 1e30 any rounding of s or lse is 1e23, so a weight comes back as 0, 1 or inf where the
+    # reference's softmax gives it exactly. So queries, keys and ALiBi slopes get no bad values.
     return Case(call, (q, k, v, slopes, mask), grad=(0, 1, 2), exact_nonfinite=False, finite_inputs=(0, 1, 3))
 
 
@@ -518,7 +519,7 @@ def test_op_matches_reference_on_drawn_inputs(name, backend):
 
     @settings(max_examples=INTERPRETED_EXAMPLES if interpreted(backend) else FUZZ_EXAMPLES, deadline=None,
               derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    @given(_examples(OPS[name]))
+    @given(_examples(OPS[name], backend))
     def check(example):
         _check(*example, backend, device)
 

@@ -147,8 +147,9 @@ def test_large_mean_keeps_variance(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_near_constant_and_huge_groups(backend):
     """A near-constant group (|mean| * rstd near 1e5) keeps the accuracy of torch's GroupNorm:
-    x * scale + (bias - mean * scale) would round at |mean| * scale. A group holding 1e30 has a
-    variance past float32's range: rstd 0 and outputs equal to the bias, not NaN."""
+    x * scale + (bias - mean * scale) would round at |mean| * scale. A group holding 1e30
+    overflows float32's sum of squares, as torch's does: its outputs stay finite (rstd 0), where
+    finishing the moments in float32 too gave inf - inf = NaN."""
     device = require(backend)
     generator = torch.Generator().manual_seed(0)
     x = 1e3 + 1e-4 * torch.randn(2, 8, 5, 7, generator=generator)

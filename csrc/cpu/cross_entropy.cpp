@@ -69,11 +69,14 @@ void cross_entropy_rows(const at::Tensor& logits, const at::Tensor& target, int6
         out[r] = keep * ((row_max - target_logit) + log_sum) +
                  (smoothing > 0 ? spread * (gaps + static_cast<acc_t>(V) * log_sum) : acc_t(0));
         if (!scales) continue;
-        const acc_t g = scales[r], floor = g * spread;
+        // (softmax - spread) - keep, the reference's order: a row of one token gets exactly 0 (1 - spread
+        // rounds to keep), where g - g * spread - g * keep left a rounding that a huge input
+        // multiplied into the weight's gradient.
+        const acc_t g = scales[r];
 #pragma omp simd
         for (int64_t j = 0; j < V; ++j)
-          row[j] = static_cast<scalar_t>(g * exp_fast((z[j] - row_max) - log_sum) - floor);
-        row[t] = static_cast<scalar_t>(g * (std::exp((target_logit - row_max) - log_sum) - keep) - floor);
+          row[j] = static_cast<scalar_t>(g * (exp_fast((z[j] - row_max) - log_sum) - spread));
+        row[t] = static_cast<scalar_t>(g * ((std::exp((target_logit - row_max) - log_sum) - spread) - keep));
       }
     });
   });

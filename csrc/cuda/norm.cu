@@ -184,13 +184,15 @@ __device__ __forceinline__ float2 block_sum(float2 v) {
 __device__ __forceinline__ float sigmoid(float z) { return __fdividef(1.f, 1.f + __expf(-z)); }
 
 // Sums of d = x - pivot rather than of x keep E[d^2] - E[d]^2 from cancelling when |mean| >> std.
+// Finished in double, once per group, as the C++ and Triton kernels: a float square of a mean near
+// 1e20 would overflow to inf - inf = NaN where the variance is merely huge (rstd 0).
 __device__ __forceinline__ void write_stats(float2 sums, float pivot, float inv_count, float eps,
                                             float* mean, float* rstd) {
-  const float shifted_mean = sums.x * inv_count;
-  float var = sums.y * inv_count - shifted_mean * shifted_mean;
-  if (var < 0.f) var = 0.f;  // rounding can dip below 0; a NaN passes through
-  *mean = pivot + shifted_mean;
-  *rstd = rsqrtf(var + eps);
+  const double shifted_mean = double(sums.x) * inv_count;
+  double var = double(sums.y) * inv_count - shifted_mean * shifted_mean;
+  if (var < 0.0) var = 0.0;  // rounding can dip below 0; a NaN passes through
+  *mean = float(pivot + shifted_mean);
+  *rstd = float(1.0 / sqrt(var + eps));
 }
 
 // A pass's walk over lines; see the file comment.
