@@ -68,6 +68,7 @@ class Case:
     # reverse: its outputs then follow the gradients' rule.
     exact_nonfinite: bool = True
     finite_inputs: tuple[int, ...] = ()  # the inputs never given a bad value, each with its reason
+    moderate_inputs: tuple[int, ...] = ()  # the inputs given NaN and infinities but no huge magnitude, likewise
     exact_dtype: torch.dtype = field(init=False)
 
     def __post_init__(self):
@@ -166,8 +167,10 @@ def _examples(draw, cases, backend):
     floating = [i for i, x in enumerate(case.inputs) if isinstance(x, torch.Tensor) and x.is_floating_point()
                 and x.numel() and i not in case.finite_inputs]
     if floating and draw(st.integers(0, 4)) == 0:
-        target = case.inputs[draw(st.sampled_from(floating))]
-        target.view(-1)[draw(st.integers(0, target.numel() - 1))] = draw(st.sampled_from(BAD_VALUES))
+        index = draw(st.sampled_from(floating))
+        target = case.inputs[index]
+        values = [v for v in BAD_VALUES if not math.isfinite(v)] if index in case.moderate_inputs else BAD_VALUES
+        target.view(-1)[draw(st.integers(0, target.numel() - 1))] = draw(st.sampled_from(values))
     return case, dtype, layouts, with_grad
 
 
@@ -279,8 +282,9 @@ def _attention(draw):
     # skipping masked tiles, may not. Known, not yet fixed (benchmarks/experiments/NOTES.md): the
     # backward recomputes the weights as exp(s - lse), as FlashAttention does, and at scores near
     # 1e30 any rounding of s or lse is 1e23, so a weight comes back as 0, 1 or inf where the
-    # reference's softmax gives it exactly. So queries, keys and ALiBi slopes get no bad values.
-    return Case(call, (q, k, v, slopes, mask), grad=(0, 1, 2), exact_nonfinite=False, finite_inputs=(0, 1, 3))
+    # reference's softmax gives it exactly. So queries, keys and ALiBi slopes get NaN and
+    # infinities but no huge magnitudes.
+    return Case(call, (q, k, v, slopes, mask), grad=(0, 1, 2), exact_nonfinite=False, moderate_inputs=(0, 1, 3))
 
 
 @st.composite
