@@ -21,6 +21,7 @@ SHAPES = [  # (shape, groups)
     ((5, 12), 3),  # no spatial dimensions
     ((2, 64, 9, 11), 32),  # many small groups
     ((1, 10, 37, 3), 1),  # one group of 10 channels with a prime spatial size
+    ((2, 40, 5, 7), 5),  # channels-last: two blocks of 16 channels and a short one, groups across them
 ]
 
 

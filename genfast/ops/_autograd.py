@@ -21,9 +21,10 @@ def _as_tuple(output) -> tuple:
 
 
 def eager_function(
-    forward: Callable, setup_context: Callable, backward: Callable, non_differentiable: Sequence[int] = ()
+    name: str, forward: Callable, setup_context: Callable, backward: Callable, non_differentiable: Sequence[int] = ()
 ) -> type[torch.autograd.Function]:
-    """An autograd.Function whose forward returns ``forward(*inputs)``'s outputs, as a tuple.
+    """An autograd.Function named ``name`` (the profiler shows it and its ``name + "Backward"``)
+    whose forward returns ``forward(*inputs)``'s outputs, as a tuple.
 
     ``setup_context`` and ``backward`` are those registered with the custom
     op's ``register_autograd``; ``backward`` receives None for the gradient of
@@ -55,4 +56,6 @@ def eager_function(
                         return cls.apply(*inputs)
             return _as_tuple(forward(*inputs))
 
+    EagerFunction.__name__ = EagerFunction.__qualname__ = name
+    EagerFunction._backward_cls.__name__ = EagerFunction._backward_cls.__qualname__ = name + "Backward"
     return EagerFunction

@@ -66,7 +66,9 @@ def _differentiate(ctx, dy, backward):
 activation_op.register_autograd(
     functools.partial(_differentiate, backward=activation_backward_op), setup_context=_setup_context
 )
-_ActivationFunction = eager_function(_forward, _setup_context, functools.partial(_differentiate, backward=_backward))
+_ActivationFunction = eager_function(
+    "genfast.Activation", _forward, _setup_context, functools.partial(_differentiate, backward=_backward)
+)
 
 
 def _rows(t: Tensor) -> Tensor:

@@ -132,7 +132,8 @@ attention_op.register_autograd(
     functools.partial(_differentiate, backward=attention_backward_op), setup_context=_setup_context
 )
 _AttentionFunction = eager_function(
-    _forward, _setup_context, functools.partial(_differentiate, backward=_backward), non_differentiable=(1,)
+    "genfast.Attention", _forward, _setup_context, functools.partial(_differentiate, backward=_backward),
+    non_differentiable=(1,),
 )
 
 

@@ -119,11 +119,12 @@ bias_act_op.register_autograd(
 )
 # Its backward calls itself (looked up at call time), as the custom op's calls the custom op.
 _BiasActBackwardFunction = eager_function(
-    _backward, _setup_backward_context,
+    "genfast.BiasActBackward", _backward, _setup_backward_context,
     lambda ctx, *grads: _differentiate_backward(ctx, *grads, backward=_BiasActBackwardFunction.call),
 )
 _BiasActFunction = eager_function(
-    _forward, _setup_context, functools.partial(_differentiate, backward=_BiasActBackwardFunction.call)
+    "genfast.BiasAct", _forward, _setup_context,
+    functools.partial(_differentiate, backward=_BiasActBackwardFunction.call),
 )
 
 

@@ -173,7 +173,7 @@ def _backward(ctx, dy):
 
 
 conv2d_op.register_autograd(_backward, setup_context=_setup_context)
-_Conv2dFunction = eager_function(_forward, _setup_context, _backward)
+_Conv2dFunction = eager_function("genfast.Conv2d", _forward, _setup_context, _backward)
 
 
 def _transform(weight: Tensor, flipped: bool) -> Tensor:

@@ -159,7 +159,8 @@ linear_cross_entropy_op.register_autograd(
     functools.partial(_differentiate, backward=linear_cross_entropy_backward_op), setup_context=_setup_context
 )
 _LinearCrossEntropyFunction = eager_function(
-    _forward, _setup_context, functools.partial(_differentiate, backward=_backward), non_differentiable=(1, 2, 3)
+    "genfast.LinearCrossEntropy", _forward, _setup_context, functools.partial(_differentiate, backward=_backward),
+    non_differentiable=(1, 2, 3),
 )
 
 

@@ -74,7 +74,9 @@ def _differentiate(ctx, grad, backward):
 
 
 loss_op.register_autograd(functools.partial(_differentiate, backward=loss_backward_op), setup_context=_setup_context)
-_LossFunction = eager_function(_forward, _setup_context, functools.partial(_differentiate, backward=_backward))
+_LossFunction = eager_function(
+    "genfast.Loss", _forward, _setup_context, functools.partial(_differentiate, backward=_backward)
+)
 
 
 def _loss(kind: str, x: Tensor, t: Tensor | None, reduction: str, names: tuple[str, str], sign: float = 1.0) -> Tensor:
@@ -190,7 +192,7 @@ reparameterize_op.register_autograd(
     setup_context=_setup_reparameterize,
 )
 _ReparameterizeFunction = eager_function(
-    _reparameterize_forward, _setup_reparameterize,
+    "genfast.Reparameterize", _reparameterize_forward, _setup_reparameterize,
     functools.partial(_differentiate_reparameterize, backward=_reparameterize_backward),
 )
 

@@ -68,7 +68,7 @@ def _differentiate_eagerly(ctx, dout):
 minibatch_stddev_op.register_autograd(
     lambda ctx, dout: _differentiate(ctx, dout, minibatch_stddev_backward_op), setup_context=_setup_context
 )
-_MinibatchStddevFunction = eager_function(_forward, _setup_context, _differentiate_eagerly)
+_MinibatchStddevFunction = eager_function("genfast.MinibatchStddev", _forward, _setup_context, _differentiate_eagerly)
 
 
 def minibatch_stddev(x: Tensor, group_size: int = 4, num_channels: int = 1) -> Tensor:

@@ -88,7 +88,8 @@ group_norm_op.register_autograd(
     functools.partial(_differentiate, backward=group_norm_backward_op), setup_context=_setup_context
 )
 _GroupNormFunction = eager_function(
-    _forward, _setup_context, functools.partial(_differentiate, backward=_backward), non_differentiable=(1, 2)
+    "genfast.GroupNorm", _forward, _setup_context, functools.partial(_differentiate, backward=_backward),
+    non_differentiable=(1, 2),
 )
 
 
@@ -196,6 +197,7 @@ layer_norm_op.register_autograd(
     setup_context=_layer_norm_setup_context,
 )
 _LayerNormFunction = eager_function(
+    "genfast.LayerNorm",
     _layer_norm_forward,
     _layer_norm_setup_context,
     functools.partial(_layer_norm_differentiate, backward=_layer_norm_backward),

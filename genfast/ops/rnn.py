@@ -133,7 +133,7 @@ recurrence_op.register_autograd(
     functools.partial(_differentiate, backward=recurrence_backward_op), setup_context=_setup_context
 )
 _RecurrenceFunction = eager_function(
-    _forward, _setup_context, functools.partial(_differentiate, backward=_backward),
+    "genfast.Recurrence", _forward, _setup_context, functools.partial(_differentiate, backward=_backward),
     non_differentiable=(3, 4, 5, 6, 7, 8, 9),
 )
 

@@ -91,7 +91,7 @@ def _differentiate(ctx, dq, dk):
 
 
 rotary_op.register_autograd(_differentiate, setup_context=_setup_context)
-_RotaryFunction = eager_function(_forward, _setup_context, _differentiate)
+_RotaryFunction = eager_function("genfast.Rotary", _forward, _setup_context, _differentiate)
 
 
 def _rotary(q, k, cos, sin, unsqueeze_dim, transpose, backend):
