@@ -123,20 +123,18 @@ void forward_channels_first(const scalar_t* x, const acc_t* weight, const acc_t*
   });
 }
 
-// Channels-last passes over up to kBlockedChannels channels walk a row block a block of kLanes
-// channels at a time, rows inner: a block's sums and coefficients stay in registers across the
-// rows. Walking each row's C channels instead kept them in memory, a store-to-load chain per row,
-// and paid a short loop's entry and exit per row: at the U-Net's 4 x 32 x 32 x 32 the forward
-// took 50 us and the backward 84, against 35 and 57 walking blocks (2-core Xeon). With more
-// channels the strided walks over a block's rows lose to the row by row one, which the
-// prefetchers follow: at 4 x 96 x 32 x 32 the backward took 290-350 us against 230, and at the SD
-// U-Net's 8 x 320 x 64 x 64 1.6 times as long forward and 1.9 times backward. Those keep the
-// row by row passes ("_by_rows"); 64 to 128 channels measured within noise of either.
+// Channels-last tasks walk their rows either a block of kLanes channels at a time, rows inner
+// (kBlocked: a block's sums stay in registers across the rows), or row by row, each row's C
+// channels in turn, the sums in memory. Row by row, the U-Net's 32 channels (two vectors) made a
+// store-to-load chain per row and paid a short loop's entry and exit per row: 4 x 32 x 32 x 32
+// took 50 us forward and 84 backward, against 35 and 57 by blocks (2-core Xeon). With more
+// channels the strided walks over a block's rows lose to the row by row one, whose reads the
+// prefetchers follow: 4 x 96 x 32 x 32 took 290-350 us backward by blocks against 230, and the SD
+// U-Net's 8 x 320 x 64 x 64 1.6 times as long forward and 1.9 times backward. 64 to 128 channels
+// measured within noise of either.
 constexpr int64_t kLanes = 16;
 constexpr int64_t kBlockedChannels = 64;
 
-// Calls body.template operator()<kWidth>(c0, lanes) for each block of channels [c0, c0 + lanes) of
-// [0, C): kWidth is kLanes for full blocks (a trip count the compiler sees), 0 for the last, short one.
 template <typename T>
 struct LanesOf {
   typedef T type __attribute__((vector_size(kLanes * sizeof(T))));
@@ -152,11 +150,27 @@ GENFAST_VECTOR_INLINE Lanes<acc_t> load_lanes(const scalar_t* p, int64_t width) 
   return v;
 }
 
+// Calls body.template operator()<kWidth>(c0, width) for each block of channels [c0, c0 + width)
+// of [0, C): kWidth is kLanes for full blocks (a trip count the compiler sees), 0 for the last,
+// short one.
 template <typename Body>
 void for_channel_blocks(int64_t C, Body&& body) {
   int64_t c0 = 0;
   for (; c0 + kLanes <= C; c0 += kLanes) body.template operator()<kLanes>(c0, kLanes);
   if (c0 < C) body.template operator()<0>(c0, C - c0);
+}
+
+// Calls body(n, row0, rows) for each task of a channels-last tensor: rows [row0, row0 + rows) of
+// sample n, the tasks shared among threads.
+template <typename Body>
+void for_row_blocks(const GroupShape& shape, Body&& body) {
+  const int64_t blocks = shape.row_blocks();
+  at::parallel_for(0, shape.N * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t nb = begin; nb < end; ++nb) {
+      const int64_t row0 = (nb % blocks) * kRows;
+      body(nb / blocks, row0, std::min(kRows, shape.S - row0));
+    }
+  });
 }
 
 // total[c] = the sum over row blocks b of part[b * C + c], in double.
@@ -169,56 +183,67 @@ void sum_row_blocks(const acc_t* part, int64_t blocks, int64_t C, double* total)
   }
 }
 
-template <typename Act, typename scalar_t, typename acc_t>
+template <bool kBlocked, typename Act, typename scalar_t, typename acc_t>
 void forward_channels_last(const scalar_t* x, const acc_t* weight, const acc_t* bias, scalar_t* y, acc_t* mean,
                            acc_t* rstd, GroupShape shape, double eps) {
   const int64_t N = shape.N, C = shape.C, S = shape.S, G = shape.G, cpg = shape.cpg();
   const int64_t blocks = shape.row_blocks();
   // Per (n, row block, channel) sums of x - pivot, pivot = x[n, 0, first channel of the group].
-  std::vector<acc_t> part_sum(N * blocks * C), part_sumsq(N * blocks * C);
-  at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t nb = begin; nb < end; ++nb) {
-      const int64_t n = nb / blocks, row0 = (nb % blocks) * kRows, rows = std::min(kRows, S - row0);
-      for_channel_blocks(C, [&]<int64_t kWidth>(int64_t c0, int64_t lanes) {
-        const int64_t width = kWidth ? kWidth : lanes;
+  std::vector<acc_t> pivot(N * C), part_sum(N * blocks * C), part_sumsq(N * blocks * C);
+  for (int64_t nc = 0; nc < N * C; ++nc) pivot[nc] = static_cast<acc_t>(x[nc / C * S * C + nc % C / cpg * cpg]);
+  for_row_blocks(shape, [&](int64_t n, int64_t row0, int64_t rows) {
+    acc_t* sum = &part_sum[(n * blocks + row0 / kRows) * C];
+    acc_t* sumsq = &part_sumsq[(n * blocks + row0 / kRows) * C];
+    const scalar_t* xb = x + (n * S + row0) * C;
+    if constexpr (kBlocked) {
+      for_channel_blocks(C, [&]<int64_t kWidth>(int64_t c0, int64_t width) {
         // Explicit vectors: GCC kept arrays of kLanes sums on the stack, a store-to-load chain per
         // row. Two sets, for even and odd rows, halve the chain of dependent additions.
-        Lanes<acc_t> pivot, s0{}, s1{}, q0{}, q1{};
-        for (int64_t l = 0; l < kLanes; ++l) {
-          pivot[l] = static_cast<acc_t>(x[n * S * C + std::min(c0 + l, C - 1) / cpg * cpg]);
-        }
-        const scalar_t* xb = x + (n * S + row0) * C + c0;
+        const Lanes<acc_t> p = load_lanes<kWidth, acc_t>(&pivot[n * C + c0], width);
+        Lanes<acc_t> s0{}, s1{}, q0{}, q1{};
         int64_t r = 0;
         for (; r + 1 < rows; r += 2) {
-          const Lanes<acc_t> d0 = load_lanes<kWidth, acc_t>(xb + r * C, width) - pivot;
-          const Lanes<acc_t> d1 = load_lanes<kWidth, acc_t>(xb + (r + 1) * C, width) - pivot;
+          const Lanes<acc_t> d0 = load_lanes<kWidth, acc_t>(xb + r * C + c0, width) - p;
+          const Lanes<acc_t> d1 = load_lanes<kWidth, acc_t>(xb + (r + 1) * C + c0, width) - p;
           s0 += d0;
           s1 += d1;
           q0 += d0 * d0;
           q1 += d1 * d1;
         }
         if (r < rows) {
-          const Lanes<acc_t> d0 = load_lanes<kWidth, acc_t>(xb + r * C, width) - pivot;
+          const Lanes<acc_t> d0 = load_lanes<kWidth, acc_t>(xb + r * C + c0, width) - p;
           s0 += d0;
           q0 += d0 * d0;
         }
-        for (int64_t l = 0; l < width; ++l) {
-          part_sum[nb * C + c0 + l] = s0[l] + s1[l];
-          part_sumsq[nb * C + c0 + l] = q0[l] + q1[l];
+        for (int64_t l = 0; l < (kWidth ? kWidth : width); ++l) {
+          sum[c0 + l] = s0[l] + s1[l];
+          sumsq[c0 + l] = q0[l] + q1[l];
         }
       });
+    } else {
+      const acc_t* p = &pivot[n * C];
+      std::fill_n(sum, C, acc_t(0));
+      std::fill_n(sumsq, C, acc_t(0));
+      for (int64_t r = 0; r < rows; ++r) {
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t d = static_cast<acc_t>(xb[r * C + c]) - p[c];
+          sum[c] += d;
+          sumsq[c] += d * d;
+        }
+      }
     }
   });
   // A few operations per value of a row: not worth a parallel region's start.
   std::vector<acc_t> centre(N * C), scale(N * C), shift(N * C);
   std::vector<double> sum(C), sumsq(C);
   for (int64_t n = 0; n < N; ++n) {
-    sum_row_blocks(part_sum.data() + n * blocks * C, blocks, C, sum.data());
-    sum_row_blocks(part_sumsq.data() + n * blocks * C, blocks, C, sumsq.data());
+    sum_row_blocks(&part_sum[n * blocks * C], blocks, C, sum.data());
+    sum_row_blocks(&part_sumsq[n * blocks * C], blocks, C, sumsq.data());
     for (int64_t g = 0; g < G; ++g) {
       const int64_t c0 = g * cpg, ng = n * G + g;
       finish_moments(std::accumulate(&sum[c0], &sum[c0] + cpg, 0.0), std::accumulate(&sumsq[c0], &sumsq[c0] + cpg, 0.0),
-                     double(shape.group_size()), double(x[n * S * C + c0]), eps, mean[ng], rstd[ng]);
+                     double(shape.group_size()), double(pivot[n * C + c0]), eps, mean[ng], rstd[ng]);
       for (int64_t c = c0; c < c0 + cpg; ++c) {
         centre[n * C + c] = mean[ng];
         scale[n * C + c] = rstd[ng] * weight[c];
@@ -233,95 +258,26 @@ void forward_channels_last(const scalar_t* x, const acc_t* weight, const acc_t* 
     for (int64_t c = 0; c < C; ++c)
       shift[n * C + c] = centred[n] ? bias[c] : bias[c] - centre[n * C + c] * scale[n * C + c];
   }
-  at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t nb = begin; nb < end; ++nb) {
-      const int64_t n = nb / blocks, row0 = (nb % blocks) * kRows, rows = std::min(kRows, S - row0);
-      for_channel_blocks(C, [&]<int64_t kWidth>(int64_t c0, int64_t lanes) {
-        const int64_t width = kWidth ? kWidth : lanes;
-        acc_t mu[kLanes], sc[kLanes], sh[kLanes];
-        std::copy_n(centre.data() + n * C + c0, width, mu);
-        std::copy_n(scale.data() + n * C + c0, width, sc);
-        std::copy_n(shift.data() + n * C + c0, width, sh);
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t offset = (n * S + row0 + r) * C + c0;
-          if (centred[n]) {
-            normalise<true, 1, Act>(x + offset, y + offset, width, mu, sc, sh);
-          } else {
-            normalise<false, 1, Act>(x + offset, y + offset, width, mu, sc, sh);
+  for_row_blocks(shape, [&](int64_t n, int64_t row0, int64_t rows) {
+    const acc_t *mu = &centre[n * C], *sc = &scale[n * C], *sh = &shift[n * C];
+    const auto write = [&]<bool kCentred>() {
+      const scalar_t* xb = x + (n * S + row0) * C;
+      scalar_t* yb = y + (n * S + row0) * C;
+      if constexpr (kBlocked) {
+        for_channel_blocks(C, [&]<int64_t kWidth>(int64_t c0, int64_t width) {
+          for (int64_t r = 0; r < rows; ++r) {
+            normalise<kCentred, 1, Act>(xb + r * C + c0, yb + r * C + c0, kWidth ? kWidth : width, mu + c0, sc + c0,
+                                        sh + c0);
           }
-        }
-      });
-    }
-  });
-}
-
-// Channels-last over C > kBlockedChannels: a row's C channels at a time, the sums of a task in
-// memory; sequential reads that the prefetchers follow.
-template <typename Act, typename scalar_t, typename acc_t>
-void forward_channels_last_by_rows(const scalar_t* x, const acc_t* weight, const acc_t* bias, scalar_t* y,
-                                   acc_t* mean, acc_t* rstd, GroupShape shape, double eps) {
-  const int64_t N = shape.N, C = shape.C, S = shape.S, G = shape.G, cpg = shape.cpg();
-  const int64_t blocks = shape.row_blocks();
-  // Per (n, row block, channel) sums of x - pivot, pivot = x[n, 0, first channel of the group].
-  std::vector<double> part_sum(N * blocks * C), part_sumsq(N * blocks * C);
-  at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> pivot(C), s(C), q(C);
-    for (int64_t nb = begin; nb < end; ++nb) {
-      const int64_t n = nb / blocks, row0 = (nb % blocks) * kRows, rows = std::min(kRows, S - row0);
-      for (int64_t c = 0; c < C; ++c) pivot[c] = static_cast<acc_t>(x[n * S * C + (c / cpg) * cpg]);
-      std::fill(s.begin(), s.end(), acc_t(0));
-      std::fill(q.begin(), q.end(), acc_t(0));
-      for (int64_t r = 0; r < rows; ++r) {
-        const scalar_t* xr = x + (n * S + row0 + r) * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t d = static_cast<acc_t>(xr[c]) - pivot[c];
-          s[c] += d;
-          q[c] += d * d;
-        }
+        });
+      } else {
+        for (int64_t r = 0; r < rows; ++r) normalise<kCentred, 1, Act>(xb + r * C, yb + r * C, C, mu, sc, sh);
       }
-      std::copy(s.begin(), s.end(), part_sum.begin() + nb * C);
-      std::copy(q.begin(), q.end(), part_sumsq.begin() + nb * C);
-    }
-  });
-  std::vector<acc_t> centre(N * C), scale(N * C), shift(N * C);
-  at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t ng = begin; ng < end; ++ng) {
-      const int64_t n = ng / G, c0 = (ng % G) * cpg;
-      double sum = 0, sumsq = 0;
-      for (int64_t b = 0; b < blocks; ++b) {
-        for (int64_t c = c0; c < c0 + cpg; ++c) {
-          sum += part_sum[(n * blocks + b) * C + c];
-          sumsq += part_sumsq[(n * blocks + b) * C + c];
-        }
-      }
-      finish_moments(sum, sumsq, double(shape.group_size()), double(x[n * S * C + c0]), eps, mean[ng], rstd[ng]);
-      for (int64_t c = c0; c < c0 + cpg; ++c) {
-        centre[n * C + c] = mean[ng];
-        scale[n * C + c] = rstd[ng] * weight[c];
-      }
-    }
-  });
-  // A pixel's channels span every group, so a sample is centred if any of its groups needs it.
-  std::vector<char> centred(N, 0);
-  for (int64_t n = 0; n < N; ++n) {
-    for (int64_t c = 0; c < C; ++c)
-      centred[n] |= needs_centring(centre[n * C + c], rstd[n * G + c / cpg], scale[n * C + c]);
-    for (int64_t c = 0; c < C; ++c)
-      shift[n * C + c] = centred[n] ? bias[c] : bias[c] - centre[n * C + c] * scale[n * C + c];
-  }
-  at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t nb = begin; nb < end; ++nb) {
-      const int64_t n = nb / blocks, row0 = (nb % blocks) * kRows, rows = std::min(kRows, S - row0);
-      const acc_t *mu = centre.data() + n * C, *sc = scale.data() + n * C, *sh = shift.data() + n * C;
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t offset = (n * S + row0 + r) * C;
-        if (centred[n]) {
-          normalise<true, 1, Act>(x + offset, y + offset, C, mu, sc, sh);
-        } else {
-          normalise<false, 1, Act>(x + offset, y + offset, C, mu, sc, sh);
-        }
-      }
+    };
+    if (centred[n]) {
+      write.template operator()<true>();
+    } else {
+      write.template operator()<false>();
     }
   });
 }
@@ -383,18 +339,17 @@ void backward_channels_first(const scalar_t* dy, const scalar_t* x, const acc_t*
   });
 }
 
-// Backward, channels-last: pass 1 sums dz and dz * (x - mean) per channel over
-// row blocks; pass 2 reads dz back from a scratch copy where it fits in L2 (the U-Net's levels,
-// 128 to 512 KB: recomputing SiLU's derivative took a third of the pass), else recomputes it.
+// Backward, channels-last: pass 1 sums dz and dz * (x - mean) per channel over row blocks; pass 2
+// reads dz back from a scratch copy where it fits in L2 (the U-Net's levels, 128 to 512 KB:
+// recomputing SiLU's derivative took a third of the pass), else recomputes it.
 constexpr int64_t kScratchBytes = 1 << 20;
 
-template <typename Act, typename scalar_t, typename acc_t>
+template <bool kBlocked, typename Act, typename scalar_t, typename acc_t>
 void backward_channels_last(const scalar_t* dy, const scalar_t* x, const acc_t* weight, const acc_t* bias,
                             const acc_t* mean, const acc_t* rstd, scalar_t* dx, acc_t* sum_dz, acc_t* sum_dz_xhat,
                             GroupShape shape) {
   const int64_t N = shape.N, C = shape.C, S = shape.S, G = shape.G, cpg = shape.cpg();
   const int64_t blocks = shape.row_blocks(), len = shape.group_size();
-  std::vector<acc_t> part_dz(N * blocks * C), part_dz_xc(N * blocks * C);
   // Per (n, c): z = x * scale + shift, and the mean of the channel's group.
   std::vector<acc_t> scale(N * C), shift(N * C), mu(N * C);
   for (int64_t n = 0; n < N; ++n) {
@@ -407,33 +362,49 @@ void backward_channels_last(const scalar_t* dy, const scalar_t* x, const acc_t* 
   }
   const bool keep_dz = N * S * C * int64_t(sizeof(acc_t)) <= kScratchBytes;
   const auto scratch = std::make_unique_for_overwrite<acc_t[]>(keep_dz ? N * S * C : 0);
-  at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t nb = begin; nb < end; ++nb) {
-      const int64_t n = nb / blocks, row0 = (nb % blocks) * kRows, rows = std::min(kRows, S - row0);
-      for_channel_blocks(C, [&]<int64_t kWidth>(int64_t c0, int64_t lanes) {
-        const int64_t width = kWidth ? kWidth : lanes;
-        acc_t sc[kLanes], sh[kLanes], m[kLanes], dz[kLanes] = {}, dz_xc[kLanes] = {};
-        std::copy_n(scale.data() + n * C + c0, width, sc);
-        std::copy_n(shift.data() + n * C + c0, width, sh);
-        std::copy_n(mu.data() + n * C + c0, width, m);
+  // SiLU's (the activation's) derivative at x[at], times dy[at], for channel c of sample n.
+  const auto dz_at = [&](int64_t n, int64_t at, int64_t c) __attribute__((always_inline)) {
+    return Act::backward(static_cast<acc_t>(x[at]) * scale[n * C + c] + shift[n * C + c], static_cast<acc_t>(dy[at]));
+  };
+  std::vector<acc_t> part_dz(N * blocks * C), part_dz_xc(N * blocks * C);
+  for_row_blocks(shape, [&](int64_t n, int64_t row0, int64_t rows) {
+    acc_t* s_dz = &part_dz[(n * blocks + row0 / kRows) * C];
+    acc_t* s_dz_xc = &part_dz_xc[(n * blocks + row0 / kRows) * C];
+    const int64_t first = (n * S + row0) * C;
+    if constexpr (kBlocked) {
+      for_channel_blocks(C, [&]<int64_t kWidth>(int64_t c0, int64_t width) {
+        const Lanes<acc_t> m = load_lanes<kWidth, acc_t>(&mu[n * C + c0], width);
         Lanes<acc_t> s{}, q{};  // in registers, as the forward's sums
         for (int64_t r = 0; r < rows; ++r) {
-          const int64_t offset = (n * S + row0 + r) * C + c0;
+          const int64_t at = first + r * C + c0;
+          acc_t dz[kLanes] = {};
 #pragma omp simd
-          for (int64_t l = 0; l < width; ++l) {
-            const acc_t xv = static_cast<acc_t>(x[offset + l]);
-            dz[l] = Act::backward(xv * sc[l] + sh[l], static_cast<acc_t>(dy[offset + l]));
-            dz_xc[l] = dz[l] * (xv - m[l]);
-          }
-          s += load_lanes<kLanes, acc_t>(dz, kLanes);
-          q += load_lanes<kLanes, acc_t>(dz_xc, kLanes);
-          if (keep_dz) std::copy_n(dz, width, scratch.get() + offset);
+          for (int64_t l = 0; l < (kWidth ? kWidth : width); ++l) dz[l] = dz_at(n, at + l, c0 + l);
+          if (keep_dz) std::copy_n(dz, kWidth ? kWidth : width, &scratch[at]);
+          const Lanes<acc_t> d = load_lanes<kLanes, acc_t>(dz, kLanes);
+          s += d;
+          q += d * (load_lanes<kWidth, acc_t>(x + at, width) - m);
         }
-        for (int64_t l = 0; l < width; ++l) {
-          part_dz[nb * C + c0 + l] = s[l];
-          part_dz_xc[nb * C + c0 + l] = q[l];
+        for (int64_t l = 0; l < (kWidth ? kWidth : width); ++l) {
+          s_dz[c0 + l] = s[l];
+          s_dz_xc[c0 + l] = q[l];
         }
       });
+    } else {
+      const acc_t* m = &mu[n * C];
+      std::fill_n(s_dz, C, acc_t(0));
+      std::fill_n(s_dz_xc, C, acc_t(0));
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t at = first + r * C;
+        acc_t* kept = keep_dz ? &scratch[at] : nullptr;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t dz = dz_at(n, at + c, c);
+          if (kept) kept[c] = dz;
+          s_dz[c] += dz;
+          s_dz_xc[c] += dz * (static_cast<acc_t>(x[at + c]) - m[c]);
+        }
+      }
     }
   });
   // dx = coef_dz[c] * dz + coef_x * x + coef_1, coefficients per (n, c); a few operations per value
@@ -441,8 +412,8 @@ void backward_channels_last(const scalar_t* dy, const scalar_t* x, const acc_t* 
   std::vector<acc_t> coef_dz(N * C), coef_x(N * C), coef_1(N * C);
   std::vector<double> s_dz(C), s_dz_xc(C);
   for (int64_t n = 0; n < N; ++n) {
-    sum_row_blocks(part_dz.data() + n * blocks * C, blocks, C, s_dz.data());
-    sum_row_blocks(part_dz_xc.data() + n * blocks * C, blocks, C, s_dz_xc.data());
+    sum_row_blocks(&part_dz[n * blocks * C], blocks, C, s_dz.data());
+    sum_row_blocks(&part_dz_xc[n * blocks * C], blocks, C, s_dz_xc.data());
     for (int64_t g = 0; g < G; ++g) {
       const int64_t ng = n * G + g, c0 = g * cpg;
       const double r = rstd[ng];
@@ -460,118 +431,30 @@ void backward_channels_last(const scalar_t* dy, const scalar_t* x, const acc_t* 
       }
     }
   }
-  at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t nb = begin; nb < end; ++nb) {
-      const int64_t n = nb / blocks, row0 = (nb % blocks) * kRows, rows = std::min(kRows, S - row0);
-      for_channel_blocks(C, [&]<int64_t kWidth>(int64_t c0, int64_t lanes) {
-        const int64_t width = kWidth ? kWidth : lanes;
-        acc_t sc[kLanes], sh[kLanes], kd[kLanes], kx[kLanes], k1[kLanes];
-        std::copy_n(scale.data() + n * C + c0, width, sc);
-        std::copy_n(shift.data() + n * C + c0, width, sh);
-        std::copy_n(coef_dz.data() + n * C + c0, width, kd);
-        std::copy_n(coef_x.data() + n * C + c0, width, kx);
-        std::copy_n(coef_1.data() + n * C + c0, width, k1);
-        const auto write_dx = [&]<bool kKept>() {
-          for (int64_t r = 0; r < rows; ++r) {
-            const int64_t offset = (n * S + row0 + r) * C + c0;
-            const acc_t* kept = scratch.get() + offset;
+  for_row_blocks(shape, [&](int64_t n, int64_t row0, int64_t rows) {
+    const int64_t first = (n * S + row0) * C;
+    // dx over `width` channels from c0 of the row at x + at.
+    const auto write = [&]<int64_t kWidth, bool kKept>(int64_t at, int64_t c0, int64_t width) {
+      const acc_t *kd = &coef_dz[n * C + c0], *kx = &coef_x[n * C + c0], *k1 = &coef_1[n * C + c0];
 #pragma omp simd
-            for (int64_t l = 0; l < width; ++l) {
-              const acc_t xv = static_cast<acc_t>(x[offset + l]);
-              const acc_t d = kKept ? kept[l] : Act::backward(xv * sc[l] + sh[l], static_cast<acc_t>(dy[offset + l]));
-              dx[offset + l] = static_cast<scalar_t>(kd[l] * d + kx[l] * xv + k1[l]);
-            }
-          }
-        };
-        if (keep_dz) {
-          write_dx.template operator()<true>();
-        } else {
-          write_dx.template operator()<false>();
-        }
-      });
-    }
-  });
-}
-
-// Backward, channels-last, over C > kBlockedChannels: pass 1 sums dz and dz * (x - mean) per
-// channel over row blocks; pass 2 recomputes dz, since a scratch copy would not stay in cache.
-template <typename Act, typename scalar_t, typename acc_t>
-void backward_channels_last_by_rows(const scalar_t* dy, const scalar_t* x, const acc_t* weight, const acc_t* bias,
-                            const acc_t* mean, const acc_t* rstd, scalar_t* dx, acc_t* sum_dz, acc_t* sum_dz_xhat,
-                            GroupShape shape) {
-  const int64_t N = shape.N, C = shape.C, S = shape.S, G = shape.G, cpg = shape.cpg();
-  const int64_t blocks = shape.row_blocks(), len = shape.group_size();
-  std::vector<double> part_dz(N * blocks * C), part_dz_xc(N * blocks * C);
-  // Per (n, c): z = x * scale + shift, and the mean of the channel's group.
-  std::vector<acc_t> scale(N * C), shift(N * C), mu(N * C);
-  for (int64_t n = 0; n < N; ++n) {
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t ng = n * G + c / cpg;
-      mu[n * C + c] = mean[ng];
-      scale[n * C + c] = rstd[ng] * weight[c];
-      shift[n * C + c] = bias[c] - mean[ng] * scale[n * C + c];
-    }
-  }
-  at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> s(C), q(C);
-    for (int64_t nb = begin; nb < end; ++nb) {
-      const int64_t n = nb / blocks, row0 = (nb % blocks) * kRows, rows = std::min(kRows, S - row0);
-      const acc_t *sc = scale.data() + n * C, *sh = shift.data() + n * C, *m = mu.data() + n * C;
-      std::fill(s.begin(), s.end(), acc_t(0));
-      std::fill(q.begin(), q.end(), acc_t(0));
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t offset = (n * S + row0 + r) * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t xv = static_cast<acc_t>(x[offset + c]);
-          const acc_t d = Act::backward(xv * sc[c] + sh[c], static_cast<acc_t>(dy[offset + c]));
-          s[c] += d;
-          q[c] += d * (xv - m[c]);
-        }
+      for (int64_t l = 0; l < (kWidth ? kWidth : width); ++l) {
+        const acc_t dz = kKept ? scratch[at + l] : dz_at(n, at + l, c0 + l);
+        dx[at + l] = static_cast<scalar_t>(kd[l] * dz + kx[l] * static_cast<acc_t>(x[at + l]) + k1[l]);
       }
-      std::copy(s.begin(), s.end(), part_dz.begin() + nb * C);
-      std::copy(q.begin(), q.end(), part_dz_xc.begin() + nb * C);
-    }
-  });
-  // dx = coef_dz[c] * dz + coef_x * x + coef_1, coefficients per (n, c).
-  std::vector<acc_t> coef_dz(N * C), coef_x(N * C), coef_1(N * C);
-  at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t ng = begin; ng < end; ++ng) {
-      const int64_t n = ng / G, c0 = (ng % G) * cpg;
-      const double r = rstd[ng];
-      double mean_wdz = 0, mean_wdz_xhat = 0;
-      for (int64_t c = c0; c < c0 + cpg; ++c) {
-        double s_dz = 0, s_dz_xc = 0;
-        for (int64_t b = 0; b < blocks; ++b) {
-          s_dz += part_dz[(n * blocks + b) * C + c];
-          s_dz_xc += part_dz_xc[(n * blocks + b) * C + c];
-        }
-        sum_dz[n * C + c] = static_cast<acc_t>(s_dz);
-        sum_dz_xhat[n * C + c] = static_cast<acc_t>(s_dz_xc * r);
-        mean_wdz += weight[c] * s_dz / len;
-        mean_wdz_xhat += weight[c] * s_dz_xc * r / len;
+    };
+    const auto write_rows = [&]<bool kKept>() {
+      if constexpr (kBlocked) {
+        for_channel_blocks(C, [&]<int64_t kWidth>(int64_t c0, int64_t width) {
+          for (int64_t r = 0; r < rows; ++r) write.template operator()<kWidth, kKept>(first + r * C + c0, c0, width);
+        });
+      } else {
+        for (int64_t r = 0; r < rows; ++r) write.template operator()<0, kKept>(first + r * C, 0, C);
       }
-      for (int64_t c = c0; c < c0 + cpg; ++c) {
-        coef_dz[n * C + c] = static_cast<acc_t>(r * weight[c]);
-        coef_x[n * C + c] = static_cast<acc_t>(-r * r * mean_wdz_xhat);
-        coef_1[n * C + c] = static_cast<acc_t>(-r * mean_wdz + r * r * mean_wdz_xhat * mean[ng]);
-      }
-    }
-  });
-  at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t nb = begin; nb < end; ++nb) {
-      const int64_t n = nb / blocks, row0 = (nb % blocks) * kRows, rows = std::min(kRows, S - row0);
-      const acc_t *sc = scale.data() + n * C, *sh = shift.data() + n * C;
-      const acc_t *kd = coef_dz.data() + n * C, *kx = coef_x.data() + n * C, *k1 = coef_1.data() + n * C;
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t offset = (n * S + row0 + r) * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t xv = static_cast<acc_t>(x[offset + c]);
-          const acc_t d = Act::backward(xv * sc[c] + sh[c], static_cast<acc_t>(dy[offset + c]));
-          dx[offset + c] = static_cast<scalar_t>(kd[c] * d + kx[c] * xv + k1[c]);
-        }
-      }
+    };
+    if (keep_dz) {
+      write_rows.template operator()<true>();
+    } else {
+      write_rows.template operator()<false>();
     }
   });
 }
@@ -593,8 +476,8 @@ std::vector<Tensor> group_norm_forward(const Tensor& x, const Tensor& weight, co
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_activation(silu ? ActivationKind::kSiLU : ActivationKind::kIdentity, [&]<typename Act>() {
       auto run = !channels_last                ? forward_channels_first<Act, scalar_t, acc_t>
-                 : shape.C <= kBlockedChannels ? forward_channels_last<Act, scalar_t, acc_t>
-                                               : forward_channels_last_by_rows<Act, scalar_t, acc_t>;
+                 : shape.C <= kBlockedChannels ? forward_channels_last<true, Act, scalar_t, acc_t>
+                                               : forward_channels_last<false, Act, scalar_t, acc_t>;
       run(x.const_data_ptr<scalar_t>(), weight.const_data_ptr<acc_t>(), bias.const_data_ptr<acc_t>(),
           y.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<acc_t>(), rstd.mutable_data_ptr<acc_t>(), shape, eps);
     });
@@ -613,8 +496,8 @@ std::vector<Tensor> group_norm_backward(const Tensor& dy, const Tensor& x, const
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_activation(silu ? ActivationKind::kSiLU : ActivationKind::kIdentity, [&]<typename Act>() {
       auto run = !channels_last                ? backward_channels_first<Act, scalar_t, acc_t>
-                 : shape.C <= kBlockedChannels ? backward_channels_last<Act, scalar_t, acc_t>
-                                               : backward_channels_last_by_rows<Act, scalar_t, acc_t>;
+                 : shape.C <= kBlockedChannels ? backward_channels_last<true, Act, scalar_t, acc_t>
+                                               : backward_channels_last<false, Act, scalar_t, acc_t>;
       run(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), weight.const_data_ptr<acc_t>(),
           bias.const_data_ptr<acc_t>(), mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(),
           dx.mutable_data_ptr<scalar_t>(), sum_dz.mutable_data_ptr<acc_t>(), sum_dz_xhat.mutable_data_ptr<acc_t>(),
