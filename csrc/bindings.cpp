@@ -886,7 +886,8 @@ Tensor conv2d_winograd(const Tensor& x, const Tensor& U, const std::optional<Ten
 }
 
 std::tuple<Tensor, Tensor> conv2d_winograd_filters_backward(const Tensor& x, const Tensor& dy, int64_t pad_h,
-                                                           int64_t pad_w, int64_t upsample, bool bias) {
+                                                           int64_t pad_w, int64_t upsample, bool bias,
+                                                           bool filters_channels_last) {
   TORCH_CHECK(x.is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4 && x.size(1) > 0,
               "x must be a float32 CPU (N, C, H, W) tensor, got ", x.scalar_type(), " ", x.sizes(), " on ", x.device());
   TORCH_CHECK(upsample >= 1 && pad_h >= 0 && pad_w >= 0, "upsample must be >= 1 and the padding >= 0, got ", upsample,
@@ -896,7 +897,7 @@ std::tuple<Tensor, Tensor> conv2d_winograd_filters_backward(const Tensor& x, con
                   dy.size(1) > 0 && dy.size(2) == height && dy.size(3) == width,
               "dy must be float32 (", x.size(0), ", K, ", height, ", ", width, "), got ", dy.scalar_type(), " ",
               dy.sizes());
-  return genfast::cpu::conv2d_winograd_filters_backward(x, dy, pad_h, pad_w, upsample, bias);
+  return genfast::cpu::conv2d_winograd_filters_backward(x, dy, pad_h, pad_w, upsample, bias, filters_channels_last);
 }
 
 }  // namespace
@@ -962,6 +963,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv2d_winograd", &conv2d_winograd, without_gil,
         "3x3 stride-1 convolution by Winograd F(2x2, 3x3) of x upsampled by nearest neighbours, + residual: y");
   m.def("conv2d_winograd_filters_backward", &conv2d_winograd_filters_backward, without_gil,
-        "The gradients of that convolution's filters and bias, by the same transforms: (dweight, dbias or undefined)");
+        "The gradients of that convolution's filters and bias, by the same transforms: (dweight, dbias or undefined); "
+        "dweight channels-last where filters_channels_last");
   m.def("scale", &scale, without_gil, "scale * x, for the denoising loss's backward");
 }

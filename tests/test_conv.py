@@ -183,6 +183,8 @@ def _gradients_against_reference(shape, layout, upsample, wanted=(True, True, Tr
     for name, got, want, ref in zip(names, grads, torch_gradients(torch.float32), torch_gradients(torch.float64),
                                     strict=True):
         assert got.shape == ref.shape, name
+        if name == "weight":  # in the weight's layout, so that autograd need not copy it there
+            assert got.stride() == weight.stride(), f"{got.stride()} for a weight of {weight.stride()}"
         assert_close_to_reference(got, ref, want, 1e-6, f"{shape} {layout} upsample {upsample}: {name}")
 
 
@@ -377,9 +379,9 @@ def test_kernel_checks_its_arguments():
     with pytest.raises(RuntimeError, match="residual must be"):
         extension().conv2d_winograd(x, filters, None, torch.randn(1, 8, 5, 5), 8, 1, 1, 1)
     with pytest.raises(RuntimeError, match="dy must be"):
-        extension().conv2d_winograd_filters_backward(x, torch.randn(1, 8, 4, 5), 1, 1, 1, True)
+        extension().conv2d_winograd_filters_backward(x, torch.randn(1, 8, 4, 5), 1, 1, 1, True, False)
     with pytest.raises(RuntimeError, match="x must be"):
-        extension().conv2d_winograd_filters_backward(x.double(), torch.randn(1, 8, 5, 5), 1, 1, 1, True)
+        extension().conv2d_winograd_filters_backward(x.double(), torch.randn(1, 8, 5, 5), 1, 1, 1, True, False)
 
 
 class _Decoder(torch.nn.Module):

@@ -413,8 +413,9 @@ int64_t products_at_once(const float* x, const float* dy, const TileGrid& g, flo
 constexpr int64_t kAtOnceBytes = 2 << 20;
 
 // dW and db (unless it is null) from the input x (N, H, W, C) and the output's gradient dy (N,
-// out_h, out_w, K).
-void filters_gradient(const float* x, const float* dy, const TileGrid& g, float* dw, float* db) {
+// out_h, out_w, K); dW's (k, c, tap) at dw[k * filter_stride + c * channel_stride + tap * tap_stride].
+void filters_gradient(const float* x, const float* dy, const TileGrid& g, float* dw, int64_t filter_stride,
+                      int64_t channel_stride, int64_t tap_stride, float* db) {
   const int64_t C = g.C, K = g.K, Kp = g.padded_k(), threads = at::get_num_threads();
   std::vector<float> bias_sums(db ? threads * K : 0, 0.0f);
   float* bias_partials = db ? bias_sums.data() : nullptr;
@@ -456,7 +457,7 @@ void filters_gradient(const float* x, const float* dy, const TileGrid& g, float*
           }
         }
         for (int64_t k = k0; k < std::min(K, k0 + kLanes); ++k)
-          for (int tap = 0; tap < 9; ++tap) dw[(k * C + c) * 9 + tap] = w[tap][k - k0];
+          for (int tap = 0; tap < 9; ++tap) dw[k * filter_stride + c * channel_stride + tap * tap_stride] = w[tap][k - k0];
       }
   });
 }
@@ -551,11 +552,14 @@ Tensor conv2d_winograd(const Tensor& x, const Tensor& U, const std::optional<Ten
 
 
 std::tuple<Tensor, Tensor> conv2d_winograd_filters_backward(const Tensor& x, const Tensor& dy, int64_t pad_h,
-                                                           int64_t pad_w, int64_t upsample, bool bias) {
+                                                           int64_t pad_w, int64_t upsample, bool bias,
+                                                           bool filters_channels_last) {
   const TileGrid g{x.size(0), upsample * x.size(2), upsample * x.size(3), x.size(1), dy.size(1), pad_h, pad_w,
                    upsample};
   const auto options = x.options();
-  Tensor dw = at::empty({g.K, g.C, 3, 3}, options), db = bias ? at::empty({g.K}, options) : Tensor();
+  Tensor dw = at::empty({g.K, g.C, 3, 3}, options.memory_format(filters_channels_last ? at::MemoryFormat::ChannelsLast
+                                                                                     : at::MemoryFormat::Contiguous));
+  Tensor db = bias ? at::empty({g.K}, options) : Tensor();
   float* db_data = bias ? db.data_ptr<float>() : nullptr;
   // Both read channels-last: each transform runs over channels in vector lanes.
   auto pixels = [&](const Tensor& t) {
@@ -565,7 +569,9 @@ std::tuple<Tensor, Tensor> conv2d_winograd_filters_backward(const Tensor& x, con
     transpose_batched(input.data_ptr<float>(), out.data_ptr<float>(), t.size(0), t.size(1), t.size(2) * t.size(3));
     return out;
   };
-  filters_gradient(pixels(x).data_ptr<float>(), pixels(dy).data_ptr<float>(), g, dw.data_ptr<float>(), db_data);
+  // A 3x3 filter's taps are one stride apart in either layout.
+  filters_gradient(pixels(x).data_ptr<float>(), pixels(dy).data_ptr<float>(), g, dw.data_ptr<float>(), dw.stride(0),
+                   dw.stride(1), dw.stride(3), db_data);
   return {dw, db};
 }
 

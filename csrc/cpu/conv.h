@@ -25,9 +25,11 @@ at::Tensor conv2d_winograd(const at::Tensor& x, const at::Tensor& U, const std::
 
 // The gradients of that convolution's filters, (K, C, 3, 3), and, where bias, of its bias (K; else
 // undefined), from the convolution's input x (N, C, H, W) and its output's gradient dy (N, K, out_h,
-// out_w), each channels-last or contiguous, by the same F(2x2, 3x3) transforms.
+// out_w), each channels-last or contiguous, by the same F(2x2, 3x3) transforms. The filters'
+// gradient is laid out channels-last where filters_channels_last, as a channels-last model's
+// weights are: autograd would copy it there otherwise.
 std::tuple<at::Tensor, at::Tensor> conv2d_winograd_filters_backward(const at::Tensor& x, const at::Tensor& dy,
                                                                     int64_t pad_h, int64_t pad_w, int64_t upsample,
-                                                                    bool bias);
+                                                                    bool bias, bool filters_channels_last);
 
 }  // namespace genfast::cpu

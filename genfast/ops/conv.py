@@ -99,9 +99,12 @@ def _input_gradient(dy: Tensor, weight: Tensor, padding: list[int]) -> Tensor | 
     return conv2d_op(*args) if torch.compiler.is_compiling() else _forward(*args)
 
 
-def _filters_backward(x: Tensor, dy: Tensor, padding: list[int], upsample: int, bias: bool) -> tuple[Tensor, Tensor]:
-    """(dweight, dbias or an empty tensor) of the convolution of x upsampled by the Winograd transforms."""
-    dweight, dbias = extension().conv2d_winograd_filters_backward(x, dy, *padding, upsample, bias)
+def _filters_backward(x: Tensor, dy: Tensor, padding: list[int], upsample: int, bias: bool,
+                      filters_channels_last: bool) -> tuple[Tensor, Tensor]:
+    """(dweight, dbias or an empty tensor) of the convolution of x upsampled by the Winograd transforms;
+    dweight channels-last where filters_channels_last."""
+    dweight, dbias = extension().conv2d_winograd_filters_backward(x, dy, *padding, upsample, bias,
+                                                                  filters_channels_last)
     return dweight, dbias if bias else x.new_empty(0)
 
 
@@ -110,16 +113,19 @@ filters_backward_op = torch.library.custom_op("genfast::conv2d_winograd_filters_
 
 
 @filters_backward_op.register_fake
-def _(x, dy, padding, upsample, bias):
-    return x.new_empty((dy.shape[1], x.shape[1], 3, 3)), x.new_empty(dy.shape[1] if bias else 0)
+def _(x, dy, padding, upsample, bias, filters_channels_last):
+    layout = torch.channels_last if filters_channels_last else torch.contiguous_format
+    return (torch.empty((dy.shape[1], x.shape[1], 3, 3), dtype=x.dtype, device=x.device, memory_format=layout),
+            x.new_empty(dy.shape[1] if bias else 0))
 
 
-def _filters_gradient(dy: Tensor, x: Tensor, padding: list[int], upsample: int,
+def _filters_gradient(dy: Tensor, x: Tensor, weight: Tensor, padding: list[int], upsample: int,
                       bias: bool) -> tuple[Tensor, Tensor | None]:
-    """The gradients of the filters and, where bias, the bias, by the Winograd transforms."""
+    """The gradients of the filters and, where bias, the bias, by the Winograd transforms; the
+    filters' laid out as weight is (autograd copies a gradient into its parameter's layout)."""
     dy = dy if dy.is_contiguous() or channels_last(dy) else dy.contiguous()
     run = filters_backward_op if torch.compiler.is_compiling() else _filters_backward
-    dweight, dbias = run(x.detach(), dy, list(padding), upsample, bias)
+    dweight, dbias = run(x.detach(), dy, list(padding), upsample, bias, channels_last(weight))
     return dweight, dbias if bias else None
 
 
@@ -153,7 +159,7 @@ def _backward(ctx, dy):
     dx = _input_gradient(dy, weight, ctx.padding) if winograd and ctx.needs_input_grad[0] else None
     dweight = dbias = None
     if winograd and ctx.needs_input_grad[2]:
-        dweight, dbias = _filters_gradient(dy, x, ctx.padding, ctx.upsample, wants_bias)
+        dweight, dbias = _filters_gradient(dy, x, weight, ctx.padding, ctx.upsample, wants_bias)
     elif winograd and wants_bias:
         dbias = dy.sum((0, 2, 3))
     wanted = [ctx.needs_input_grad[0] and dx is None, ctx.needs_input_grad[2] and dweight is None,
