@@ -224,6 +224,14 @@ def test_module_loads_torch_state_dict(activation):
     assert f"activation={activation!r}" in repr(norm)
 
 
+def test_autograd_nodes_carry_the_op_name():
+    """What torch's profiler and a grad_fn show: the op, not a generic autograd.Function."""
+    x = torch.randn(2, 4, 3, requires_grad=True)
+    with genfast.use_backend("cpu"):
+        y = genfast.ops.group_norm(x, 2, activation="silu")
+    assert y.grad_fn.name() == "genfast.GroupNormBackward"
+
+
 def test_module_without_affine():
     norm = genfast.nn.GroupNorm(2, 4, affine=False, activation="silu")
     assert dict(norm.state_dict()) == {}

@@ -362,7 +362,8 @@ void backward_channels_last(const scalar_t* dy, const scalar_t* x, const acc_t* 
   }
   const bool keep_dz = N * S * C * int64_t(sizeof(acc_t)) <= kScratchBytes;
   const auto scratch = std::make_unique_for_overwrite<acc_t[]>(keep_dz ? N * S * C : 0);
-  // SiLU's (the activation's) derivative at x[at], times dy[at], for channel c of sample n.
+  // dz at x[at]: dy[at] through the activation's derivative at z = x[at] * scale + shift, with the
+  // scale and shift of channel c of sample n.
   const auto dz_at = [&](int64_t n, int64_t at, int64_t c) __attribute__((always_inline)) {
     return Act::backward(static_cast<acc_t>(x[at]) * scale[n * C + c] + shift[n * C + c], static_cast<acc_t>(dy[at]));
   };

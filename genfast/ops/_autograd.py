@@ -57,5 +57,6 @@ def eager_function(
             return _as_tuple(forward(*inputs))
 
     EagerFunction.__name__ = EagerFunction.__qualname__ = name
+    # The backward node's class, which torch's metaclass made and named from the class statement's name.
     EagerFunction._backward_cls.__name__ = EagerFunction._backward_cls.__qualname__ = name + "Backward"
     return EagerFunction
