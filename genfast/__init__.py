@@ -9,10 +9,12 @@
 """
 
 from . import backends, models, nn, ops, reference, schedulers
+from .compile_cache import tag_compile_cache
 from .backends import get_backend, set_backend, use_backend
 from .optimize import optimize
 
 __version__ = "0.1.0"
+tag_compile_cache()
 __all__ = [
     "backends", "models", "nn", "ops", "reference", "schedulers", "get_backend", "optimize", "set_backend",
     "use_backend",
