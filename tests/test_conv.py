@@ -231,14 +231,13 @@ def test_second_order_gradients_match_reference():
 
 
 @pytest.mark.parametrize("shape, winograd", [
-    ((1, 128, 32, 32, 256, 1), True),  # 256 tiles
-    ((1, 128, 30, 32, 256, 1), False),  # 240 tiles
-    ((1, 127, 30, 32, 256, 1), True),  # fewer channels
-    ((1, 300, 32, 32, 256, 1), False),
+    ((1, 128, 8, 8, 256, 1), True),  # 16 tiles
+    ((1, 128, 6, 8, 256, 1), False),  # 12 tiles
+    ((1, 8, 6, 8, 16, 1), False),  # and few channels
+    ((1, 300, 8, 8, 256, 1), False),  # past 256 x 256 channels
 ])
 def test_backward_runs_where_it_measured_faster(monkeypatch, shape, winograd, kernel_calls):
-    """genfast's backward below 128 x 256 channels, and from there up to 256 x 256 at 256 tiles
-    a thread or more; else ATen's."""
+    """genfast's backward up to 256 x 256 channels at 16 tiles a thread or more; else ATen's."""
     calls = _counted(monkeypatch, "conv2d_winograd_filters_backward")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     x, weight, b, padding = _inputs(shape)

@@ -74,10 +74,18 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         batch, channels, height, width = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(batch, 3, self.heads, channels // self.heads, height * width)
-        q, k, v = qkv.transpose(-1, -2).unbind(1)  # (batch, heads, pixels, head_dim) each
-        attended = self.attend(q, k, v)
-        return x + self.out(attended.transpose(-1, -2).reshape(batch, channels, height, width))
+        shape = (batch, 3, self.heads, channels // self.heads)
+        qkv = self.qkv(self.norm(x))
+        # q, k and v (batch, heads, pixels, head_dim) as views of qkv in its layout, and the heads
+        # merged into x's: a channels-last image through channels-first reshapes took a copy each
+        # way, and sent its projections' gradients back channels-first.
+        if x.is_contiguous(memory_format=torch.channels_last):
+            q, k, v = qkv.permute(0, 2, 3, 1).unflatten(-1, shape[1:]).flatten(1, 2).permute(2, 0, 3, 1, 4).unbind(0)
+            merged = self.attend(q, k, v).transpose(1, 2).reshape(batch, height, width, channels).permute(0, 3, 1, 2)
+        else:
+            q, k, v = qkv.unflatten(1, shape[1:]).flatten(-2).transpose(-1, -2).unbind(1)
+            merged = self.attend(q, k, v).transpose(-1, -2).reshape(batch, channels, height, width)
+        return x + self.out(merged)
 
 
 class UNet(nn.Module):

@@ -92,7 +92,6 @@ def _input_gradient(dy: Tensor, weight: Tensor, padding: list[int]) -> Tensor | 
     run by the Winograd kernel. None where a padding over 2 would make that one negative."""
     if max(padding) > 2:
         return None
-    dy = dy if dy.is_contiguous() or channels_last(dy) else dy.contiguous()
     # The kernel takes the filters transformed; of its weight argument, only the shape.
     args = (dy, winograd_filters(weight, flipped=True), weight.detach().transpose(0, 1), None, None,
             [2 - padding[0], 2 - padding[1]], 1)
@@ -123,7 +122,6 @@ def _filters_gradient(dy: Tensor, x: Tensor, weight: Tensor, padding: list[int],
                       bias: bool) -> tuple[Tensor, Tensor | None]:
     """The gradients of the filters and, where bias, the bias, by the Winograd transforms; the
     filters' laid out as weight is (autograd copies a gradient into its parameter's layout)."""
-    dy = dy if dy.is_contiguous() or channels_last(dy) else dy.contiguous()
     run = filters_backward_op if torch.compiler.is_compiling() else _filters_backward
     dweight, dbias = run(x.detach(), dy, list(padding), upsample, bias, channels_last(weight))
     return dweight, dbias if bias else None
@@ -131,27 +129,28 @@ def _filters_gradient(dy: Tensor, x: Tensor, weight: Tensor, padding: list[int],
 
 def _winograd_backward(weight: Tensor, dy: Tensor) -> bool:
     """Whether genfast's kernels take the backward, or ATen's, which computes the input's and the
-    filters' gradients together. A convolution's forward and backward ran 1.1 to 1.7 times
-    faster with genfast's than with torch's (channels-last, on a 2-core Xeon) at 32 to 128
-    channels and 256 tiles of 2x2 outputs a thread or more; with fewer tiles it ran 1.0 to 1.2
-    times as fast as with ATen's backward up to 128 x 128 channels, and 0.95 to 1.0 at 128 x 256,
-    where the filters' transforms (2 MB) cost about what the products do. Past 256 x 256
-    channels each thread's sums of the 16 products (16 C K floats) no longer stay in L2, and that
-    has not been measured."""
+    filters' gradients together. Channels-last on a 2-core Xeon, genfast's backward ran 1.2 to 2
+    times faster than ATen's with 16 tiles of 2x2 outputs a thread or more, from 32 x 32 to 256 x
+    256 channels, and ATen's 1.0 to 1.5 times faster with 8 a thread (one 8 x 8 image), where the
+    filters' transforms cost about what the products do. Past 256 x 256 channels each thread's
+    sums of the 16 products (16 C K floats) no longer stay in L2, and that has not been measured."""
     out_channels, channels = weight.shape[:2]
     tiles = dy.shape[0] * -(-dy.shape[2] // 2) * -(-dy.shape[3] // 2)
-    if channels * out_channels > 256 * 256:
-        return False
-    return channels * out_channels < 128 * 256 or tiles >= BACKWARD_MIN_TILES_PER_THREAD * torch.get_num_threads()
+    return channels * out_channels <= 256 * 256 and tiles >= BACKWARD_MIN_TILES_PER_THREAD * torch.get_num_threads()
 
 
-BACKWARD_MIN_TILES_PER_THREAD = 256  # from 128 x 256 channels
+BACKWARD_MIN_TILES_PER_THREAD = 16
 
 
 def _backward(ctx, dy):
     if dy is None:
         return None, None, None, None, None, None, None
     x, weight = ctx.saved_tensors
+    # dy laid out as x: the kernels read both channels-last, and the input's gradient comes out laid
+    # out as dy, so one channels-first dy made every gradient below it channels-first. A U-Net's
+    # come so from its loss and, as channel slices, from its concatenations' backward; made
+    # contiguous, a slice of 4 x 64 x 32 x 32 took 191 us, made channels-last 34.
+    dy = dy.contiguous(memory_format=torch.channels_last) if channels_last(x) else dy.contiguous()
     wants_bias = ctx.has_bias and ctx.needs_input_grad[3]
     # Where autograd records the backward (create_graph: a GAN's R1 penalty), ATen's, whose own
     # gradient torch knows; genfast's kernels are not differentiated again.
