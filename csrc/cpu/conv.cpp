@@ -466,12 +466,13 @@ void filters_gradient(const float* x, const float* dy, const TileGrid& g, float*
       const int64_t channels = std::min(kChannels, C - c0);
       float w[kChannels][9][kLanes];  // tap t of filter k0 + l, input channel c0 + c
       for (int64_t c = 0; c < channels; ++c) {
-        float m[16][kLanes] = {};  // the partial sums added
+        // The partial sums added, from the first: zeroing m first took 7% of the filters' gradient.
+        float m[16][kLanes];
         for (int64_t part = 0; part < partials; ++part)
           for (int p = 0; p < 16; ++p) {
             const float* sum = sums.get() + ((part * 16 + p) * C + c0 + c) * Kp + k0;
 #pragma omp simd
-            for (int64_t l = 0; l < kLanes; ++l) m[p][l] += sum[l];
+            for (int64_t l = 0; l < kLanes; ++l) m[p][l] = (part ? m[p][l] : 0.0f) + sum[l];
           }
 #pragma omp simd
         for (int64_t l = 0; l < kLanes; ++l) {
