@@ -335,9 +335,9 @@ void convolve(const float* x, const Tensor& U, const Addends& add, float* y, con
 }
 
 // z[p * plane + k] = (A dY A^T)[p] of tile t's 2x2 outputs dY, for K channels, zero up to Kp: the
-// gradient of the 16 products M[p], the output transform's adjoint. Reads dy (N, out_h, out_w, K); outputs
-// past the image's edge read `zeros`. Adds the tile's outputs, one sum per channel, to bias_sum
-// unless it is null: (A dY A^T)[5] is that sum.
+// gradient of the 16 products M[p], the output transform's adjoint. Reads dy (N, out_h, out_w,
+// K); outputs past the image's edge read `zeros`. Adds the tile's outputs, one sum per channel, to
+// bias_sum unless it is null: (A dY A^T)[5] is that sum.
 void transform_gradient_tile(const float* dy, const float* zeros, const TileGrid& g, int64_t t, float* z,
                              int64_t plane, float* bias_sum) {
   const int64_t n = t / (g.rows() * g.cols()), ty = t / g.cols() % g.rows(), tx = t % g.cols();
@@ -561,7 +561,8 @@ Tensor conv2d_winograd_weight(const Tensor& weight, bool flipped) {
                      f[c][tap][k] = block[k * filter_stride + c * channel_stride + at / 3 * row_stride +
                                           at % 3 * column_stride];
                    });
-      for (int64_t c = 0; c < channels; ++c) transform_filters(f[c], width, u + filter_offset(c0 + c, k0, C, Kp), C * Kp);
+      for (int64_t c = 0; c < channels; ++c)
+        transform_filters(f[c], width, u + filter_offset(c0 + c, k0, C, Kp), C * Kp);
     }
   });
   return U;
