@@ -247,6 +247,27 @@ def test_backward_runs_where_it_measured_faster(monkeypatch, shape, winograd, ke
     assert (len(calls), len(kernel_calls)) == ((1, 2) if winograd else (0, 1))
 
 
+@pytest.mark.parametrize("upsample", [1, 2])
+@pytest.mark.parametrize("gradient", ["channels_first", "channel_slice"])
+def test_input_gradient_keeps_the_inputs_layout(filters_gradient_calls, upsample, gradient):
+    """A channels-last input's gradient is channels-last whatever dy's layout (a loss's gradient is
+    channels-first, a concatenation's a channel slice), and both gradients match torch's."""
+    x, weight, b, padding = _inputs((2, 5, 7, 6, 9, 1))
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    weight = weight.contiguous(memory_format=torch.channels_last).requires_grad_()
+    with genfast.use_backend("cpu"):
+        y = genfast.ops.conv2d(x, weight, b, padding=padding, upsample=upsample)
+    both = torch.randn(y.shape[0], 2 * y.shape[1], *y.shape[2:]).contiguous(memory_format=torch.channels_last)
+    dy = both[:, : y.shape[1]] if gradient == "channel_slice" else both[:, : y.shape[1]].contiguous()
+    got = torch.autograd.grad(y, (x, weight), dy)
+    upsampled = F.interpolate(x, scale_factor=upsample, mode="nearest")
+    want = torch.autograd.grad(F.conv2d(upsampled, weight, b, padding=padding), (x, weight), dy)
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    assert len(filters_gradient_calls) == 1
+
+
 def test_unbatched_and_padding_names(kernel_calls):
     x, weight, b, _ = _inputs((1, 6, 9, 11, 4, 1))
     for padding, torch_padding in (("same", "same"), ("valid", "valid"), (2, 2)):
