@@ -782,7 +782,7 @@ std::vector<Tensor> attention_forward(const Tensor& q, const Tensor& k, const Te
 std::vector<Tensor> attention_backward(const Tensor& q, const Tensor& k, const Tensor& v,
                                        const std::optional<Tensor>& mask, const std::optional<Tensor>& alibi_slopes,
                                        double scale, double softcap, int64_t window_left, int64_t window_right,
-                                       double dropout_p, int64_t dropout_seed, const Tensor& out, const Tensor& lse,
+                                       double dropout_p, int64_t dropout_seed, const Tensor& out, const Tensor& stats,
                                        const Tensor& dout, bool mask_grad) {
   auto problem = attention_problem(q, k, v, mask, alibi_slopes, scale, softcap, window_left, window_right, dropout_p,
                                    dropout_seed);
@@ -793,12 +793,13 @@ std::vector<Tensor> attention_backward(const Tensor& q, const Tensor& k, const T
                 name, " must be a CPU tensor of shape ", at::IntArrayRef(out_shape), " in query's dtype with a "
                 "contiguous last dimension, got ", t->sizes(), " ", t->scalar_type());
   const auto math = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(lse.sizes() == q.sizes().slice(0, 3) && lse.scalar_type() == math && lse.is_contiguous() &&
-                  lse.is_cpu(),
-              "lse must be a contiguous ", math, " CPU tensor of shape ", q.sizes().slice(0, 3), ", got ",
-              lse.sizes(), " ", lse.scalar_type());
+  const std::vector<int64_t> stats_shape{q.size(0), q.size(1), q.size(2), 2};
+  TORCH_CHECK(stats.sizes() == at::IntArrayRef(stats_shape) && stats.scalar_type() == math && stats.is_contiguous() &&
+                  stats.is_cpu(),
+              "stats must be a contiguous ", math, " CPU tensor of shape ", at::IntArrayRef(stats_shape), ", got ",
+              stats.sizes(), " ", stats.scalar_type());
   TORCH_CHECK(!mask_grad || (mask && mask->scalar_type() != at::kBool), "mask_grad needs an additive float mask");
-  return genfast::cpu::attention_backward(problem, out, lse, dout, mask_grad);
+  return genfast::cpu::attention_backward(problem, out, stats, dout, mask_grad);
 }
 
 Tensor attention_decode(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& lengths,
@@ -953,7 +954,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_noise", &add_noise, without_gil, "Training noise: (noisy, velocity or an undefined tensor)");
   m.def("denoising_loss", &denoising_loss, without_gil,
         "The denoising loss: (loss, per-sample mean squared errors, gradient or an undefined tensor)");
-  m.def("attention_forward", &attention_forward, without_gil, "Scaled dot-product attention: (out, lse)");
+  m.def("attention_forward", &attention_forward, without_gil,
+        "Scaled dot-product attention: (out, the softmax's statistics)");
   m.def("attention_backward", &attention_backward, without_gil,
         "Scaled dot-product attention's backward: (dq, dk, dv, dmask or an undefined tensor)");
   m.def("attention_decode", &attention_decode, without_gil,

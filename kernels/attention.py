@@ -3,8 +3,10 @@ launchers. The formula: genfast/reference/attention.py; the arguments:
 csrc/cpu/attention.h, whose forward and backward these compute too.
 
 The forward keeps a block of queries on chip and streams the keys that block sees,
-with an online softmax; it writes the output and each row's log-sum-exp. The
-backward recomputes the scores from the log-sum-exp: one kernel per block of keys
+with an online softmax; it writes the output and each row's largest score and sum
+of exponentials. The backward recomputes the scores as the forward computed them,
+and the weights from those two (a log-sum-exp would round the sum away at scores
+near 1e30): one kernel per block of keys
 accumulates dk and dv over the queries of every query head that reads them (and
 writes the mask's gradient), another per block of queries accumulates dq. Neither
 uses atomics, so results do not depend on scheduling. Dropout's keep mask is
@@ -36,7 +38,9 @@ def _scores(
     -inf where masked out, and the softcapped products (the backward's chain rule). q (M, D)
     and k_t (D, N) as loaded (zero-padded); slope a scalar or one per row (M, 1); mask_rows
     points at each query's mask entries (MASK_KIND 0: none, 1: bool keep, 2: added). The window
-    and the keys' end are applied only where on_edge (see _tile_split).
+    and the ends of the queries and keys are applied only where on_edge (see _tile_split): a
+    padding row's zeros times an infinite key or query are NaN, which would reach the sums
+    over queries (dk, dv) through the padding's zero weights.
 
     TRANSPOSED: the transposed tile, keys by queries, from q = the keys (N, D), k_t = the
     queries transposed (D, M), rows = the keys' positions and cols = the queries'."""
@@ -53,7 +57,8 @@ def _scores(
         entry = tl.load(entries, mask=(i < S_Q) & (j < S_K), other=0)
         s = tl.where(entry != 0, s, float("-inf")) if MASK_KIND == 1 else s + entry.to(s.dtype)
     if on_edge:
-        valid = (j < S_K) & ((window_left < 0) | (j >= i - window_left)) & ((window_right < 0) | (j <= i + window_right))
+        valid = (i < S_Q) & (j < S_K) & ((window_left < 0) | (j >= i - window_left))
+        valid &= (window_right < 0) | (j <= i + window_right)
         s = tl.where(valid, s, float("-inf"))
     return s, capped
 
@@ -133,7 +138,7 @@ def _online_softmax_step(s, v, row_max, row_sum, acc, PRECISION: tl.constexpr, k
 
 @triton.jit
 def _attention_forward_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, mask_ptr, slopes_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, stats_ptr, mask_ptr, slopes_ptr,
     q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, o_sb, o_sh, o_ss,
     mask_sb, mask_sh, mask_si, mask_sj, slope_sb, slope_sh,
     H, GROUP, S_Q, S_K, D, DV, scale, softcap, window_left, window_right, dropout_seed, drop_threshold,
@@ -141,13 +146,15 @@ def _attention_forward_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """out = dropout(softmax(scores)) v and lse = log sum exp(scores) for BLOCK_M queries of one head.
+    """out = dropout(softmax(scores)) v for BLOCK_M queries of one head, and each row's
+    statistics: its largest score m and sum exp(scores - m).
 
     Reads the block's queries once, and every key and value row that one of them sees
     (tiles beyond the causal edge or the window are not visited); writes out's rows in
-    out's dtype and lse in the math dtype (lse_ptr's), accumulating in it.
+    out's dtype and the statistics in the math dtype (stats_ptr's, (B, H, S_q, 2)),
+    accumulating in it.
     """
-    compute = lse_ptr.dtype.element_ty
+    compute = stats_ptr.dtype.element_ty
     bh, b, h, kv, i0 = _query_block(H, GROUP, BLOCK_M)
     rows = i0 + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
@@ -187,13 +194,43 @@ def _attention_forward_kernel(
     out = acc * norm[:, None]
     tl.store(out_ptr + b * o_sb + h * o_sh + rows[:, None].to(tl.int64) * o_ss + value_dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < S_Q) & (value_dims[None, :] < DV))
-    lse = tl.where(seen, row_max + tl.log(tl.where(seen, row_sum, 1.0)), float("-inf"))
-    tl.store(lse_ptr + bh.to(tl.int64) * S_Q + rows, lse, mask=rows < S_Q)
+    row_stats = stats_ptr + 2 * (bh.to(tl.int64) * S_Q + rows)
+    tl.store(row_stats, row_max, mask=rows < S_Q)
+    tl.store(row_stats + 1, row_sum, mask=rows < S_Q)
+
+
+@triton.jit
+def _softmax_terms(stats_ptr, row_stats, in_rows):
+    """(base, inverse_sum) of the rows at offsets row_stats (b * H + h) * S_Q + i: the forward's
+    weights are exp(s - base) * inverse_sum. A row that saw no key has maximum -inf and sum 0:
+    base +inf and inverse_sum 0 keep its weights 0."""
+    row_max = tl.load(stats_ptr + 2 * row_stats, mask=in_rows, other=float("-inf"))
+    row_sum = tl.load(stats_ptr + 2 * row_stats + 1, mask=in_rows, other=0.0)
+    base = tl.where(row_max == float("-inf"), float("inf"), row_max)
+    return base, tl.where(row_sum > 0, 1.0 / tl.where(row_sum > 0, row_sum, 1.0), 0.0)
+
+
+@triton.jit
+def _score_gradient(p, dp, delta):
+    """dS = P (dP - delta), and 0 where P is 0 (masked out: even where the row's dP or delta is
+    NaN, a bad value it never saw, the product would be 0 * NaN) or 1 (the others' weights sum
+    below rounding: dS = P sum_k P_k (dP - dP_k) is too, where dP - delta would be a difference
+    of two rounded dot products, which a huge query or key multiplies into dk or dq)."""
+    return tl.where((p == 0) | (p == 1), 0.0, p * (dp - delta))
+
+
+@triton.jit
+def _through_softcap(ds, capped, softcap):
+    """The gradient of the scores before the softcap c tanh(s / c): dS (1 - tanh^2), and 0
+    where dS is 0: a masked pair's capped score may be NaN (a padding row's zeros times an
+    infinite key), and 0 * NaN would reach dk."""
+    t = capped / softcap
+    return tl.where(ds == 0, 0.0, ds * (1.0 - t * t))
 
 
 @triton.jit
 def _attention_backward_kv_kernel(
-    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dmask_ptr, mask_ptr, slopes_ptr,
+    q_ptr, k_ptr, v_ptr, dout_ptr, stats_ptr, delta_ptr, dk_ptr, dv_ptr, dmask_ptr, mask_ptr, slopes_ptr,
     q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, do_sb, do_sh, do_ss,
     mask_sb, mask_sh, mask_si, mask_sj, slope_sb, slope_sh,
     H, GROUP, S_Q, S_K, D, DV, scale, softcap, window_left, window_right, dropout_seed, drop_threshold,
@@ -205,9 +242,9 @@ def _attention_backward_kv_kernel(
     dv = sum P_d^T dO, dk = scale sum dS^T q with dS = P (Z dO v^T - delta), P_d = Z P and Z
     dropout's keep_scale where kept, 0 where dropped (1 without dropout); computed as P^T and
     dS^T directly. Reads the block's keys and values once and the queries, output gradients,
-    lse and delta of every query that sees them; writes dk and dv (contiguous) and, with
+    statistics and delta of every query that sees them; writes dk and dv (contiguous) and, with
     MASK_GRAD, dS into dmask (contiguous)."""
-    compute = lse_ptr.dtype.element_ty
+    compute = stats_ptr.dtype.element_ty
     bk = tl.program_id(1)
     H_K = H // GROUP
     b = (bk // H_K).to(tl.int64)
@@ -250,15 +287,14 @@ def _attention_backward_kv_kernel(
                 q = q.to(compute)
                 d_o = d_o.to(compute)
             row_stats = (b * H + h) * S_Q + rows
-            lse = tl.load(lse_ptr + row_stats, mask=in_rows, other=float("-inf"))
+            base, inverse_sum = _softmax_terms(stats_ptr, row_stats, in_rows)
             delta = tl.load(delta_ptr + row_stats, mask=in_rows, other=0.0)
             mask_rows = mask_ptr + b * mask_sb + h * mask_sh + rows.to(tl.int64) * mask_si
             # Keys by queries throughout, so that every product takes its operands as loaded.
             s_t, capped_t = _scores(k, tl.trans(q), cols, rows, S_Q, S_K, scale, softcap, slope, mask_rows, mask_sj,
                                     window_left, window_right, (i0 < inner_first) | (i0 >= inner_end), MASK_KIND,
                                     HAS_ALIBI, HAS_SOFTCAP, PRECISION, TRANSPOSED=True)
-            # A row that saw no key has lse -inf and zero weights: subtracting +inf keeps them 0.
-            p_t = tl.exp(s_t - tl.where(lse == float("-inf"), float("inf"), lse)[None, :])
+            p_t = tl.exp(s_t - base[None, :]) * inverse_sum[None, :]
             weights_t = p_t
             dp_t = tl.dot(v, tl.trans(d_o), input_precision=PRECISION)
             if DROPOUT:
@@ -267,15 +303,12 @@ def _attention_backward_kv_kernel(
                 weights_t = p_t * factor_t
                 dp_t = dp_t * factor_t
             dv += tl.dot(weights_t.to(d_o.dtype), d_o, input_precision=PRECISION)
-            # A pair of weight 0 (masked out) gets dS 0 even where its row's dP or delta is NaN (a
-            # bad value it never saw): the product would be 0 * NaN.
-            ds_t = tl.where(p_t == 0, 0.0, p_t * (dp_t - delta[None, :]))
+            ds_t = _score_gradient(p_t, dp_t, delta[None, :])
             if MASK_GRAD:
                 tl.store(dmask_ptr + row_stats[None, :].to(tl.int64) * S_K + cols[:, None], ds_t,
                          mask=in_rows[None, :] & (cols[:, None] < S_K))
             if HAS_SOFTCAP:
-                t = capped_t / softcap
-                ds_t = ds_t * (1.0 - t * t)
+                ds_t = _through_softcap(ds_t, capped_t, softcap)
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
     out_rows = (b * H_K + kv) * S_K + cols[:, None].to(tl.int64)
     tl.store(dk_ptr + out_rows * D + dims[None, :], (dk * scale).to(dk_ptr.dtype.element_ty),
@@ -286,7 +319,7 @@ def _attention_backward_kv_kernel(
 
 @triton.jit
 def _attention_backward_q_kernel(
-    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, mask_ptr, slopes_ptr,
+    q_ptr, k_ptr, v_ptr, dout_ptr, stats_ptr, delta_ptr, dq_ptr, mask_ptr, slopes_ptr,
     q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, do_sb, do_sh, do_ss,
     mask_sb, mask_sh, mask_si, mask_sj, slope_sb, slope_sh,
     H, GROUP, S_Q, S_K, D, DV, scale, softcap, window_left, window_right, dropout_seed, drop_threshold,
@@ -296,7 +329,7 @@ def _attention_backward_q_kernel(
 ):
     """dq = scale sum dS k for BLOCK_M queries of one head (dS as the other backward kernel's)." Reads the block's queries and output
     gradients once and every key and value row they see; writes dq (contiguous)."""
-    compute = lse_ptr.dtype.element_ty
+    compute = stats_ptr.dtype.element_ty
     bh, b, h, kv, i0 = _query_block(H, GROUP, BLOCK_M)
     rows = i0 + tl.arange(0, BLOCK_M)
     in_rows = rows < S_Q
@@ -310,8 +343,7 @@ def _attention_backward_q_kernel(
         q = q.to(compute)
         d_o = d_o.to(compute)
     row_stats = bh.to(tl.int64) * S_Q + rows
-    lse = tl.load(lse_ptr + row_stats, mask=in_rows, other=float("-inf"))
-    base = tl.where(lse == float("-inf"), float("inf"), lse)
+    base, inverse_sum = _softmax_terms(stats_ptr, row_stats, in_rows)
     delta = tl.load(delta_ptr + row_stats, mask=in_rows, other=0.0)
     slope = tl.load(slopes_ptr + b * slope_sb + h * slope_sh).to(compute)
     mask_rows = mask_ptr + b * mask_sb + h * mask_sh + rows.to(tl.int64) * mask_si
@@ -330,15 +362,14 @@ def _attention_backward_q_kernel(
         s, capped = _scores(q, tl.trans(k), rows, cols, S_Q, S_K, scale, softcap, slope, mask_rows, mask_sj,
                             window_left, window_right, (j0 < inner_first) | (j0 >= inner_end), MASK_KIND,
                             HAS_ALIBI, HAS_SOFTCAP, PRECISION)
-        p = tl.exp(s - base[:, None])
+        p = tl.exp(s - base[:, None]) * inverse_sum[:, None]
         dp = tl.dot(d_o, tl.trans(v), input_precision=PRECISION)
         if DROPOUT:
             keep = _dropout_keep(dropout_seed, drop_threshold, bh, rows, j0, BLOCK_M, BLOCK_N)
             dp = dp * tl.where(keep, _keep_scale(drop_threshold, compute), 0.0)
-        ds = tl.where(p == 0, 0.0, p * (dp - delta[:, None]))  # 0 where masked, as dk's kernel
+        ds = _score_gradient(p, dp, delta[:, None])
         if HAS_SOFTCAP:
-            t = capped / softcap
-            ds = ds * (1.0 - t * t)
+            ds = _through_softcap(ds, capped, softcap)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     tl.store(dq_ptr + row_stats[:, None] * D + dims[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
              mask=in_rows[:, None] & (dims[None, :] < D))
@@ -410,26 +441,27 @@ def _scaled_in_float64(q, scale):
 
 def attention_forward(q, k, v, mask, alibi_slopes, scale, softcap, window_left, window_right, dropout_p,
                       dropout_seed):
-    """Returns out (B, H, S_q, D_v) in q's dtype and lse (B, H, S_q) in the math dtype; the
-    arguments as csrc/cpu/attention.h's AttentionProblem."""
+    """Returns out (B, H, S_q, D_v) in q's dtype and the softmax's statistics (B, H, S_q, 2) in
+    the math dtype: each row's largest score and sum exp(scores - largest); the arguments as
+    csrc/cpu/attention.h's AttentionProblem."""
     B, H, S_Q, _ = q.shape
     q, scale = _scaled_in_float64(q, scale)
     compute, mask_arg, slopes, shared, constants = _settings(
         q, k, v, mask, alibi_slopes, scale, softcap, window_left, window_right, dropout_p, dropout_seed
     )
     out = torch.empty(B, H, S_Q, v.shape[3], dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, H, S_Q, dtype=compute, device=q.device)
+    stats = torch.empty(B, H, S_Q, 2, dtype=compute, device=q.device)
     constants |= tile_config("forward", q.dtype, max(constants["BLOCK_D"], constants["BLOCK_DV"]), q.device.type)
     grid = (triton.cdiv(S_Q, constants["BLOCK_M"]), B * H)
     _attention_forward_kernel[grid](
-        q, k, v, out, lse, mask_arg, slopes, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        q, k, v, out, stats, mask_arg, slopes, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         *shared, **constants,
     )
-    return out, lse
+    return out, stats
 
 
 def attention_backward(q, k, v, mask, alibi_slopes, scale, softcap, window_left, window_right, dropout_p,
-                       dropout_seed, out, lse, dout, mask_grad):
+                       dropout_seed, out, stats, dout, mask_grad):
     """Returns dq, dk, dv (contiguous, in q's dtype) and, with mask_grad, the (B, H, S_q, S_k)
     gradient of an additive mask in the math dtype (else None)."""
     B, H, S_Q, _ = q.shape
@@ -444,11 +476,11 @@ def attention_backward(q, k, v, mask, alibi_slopes, scale, softcap, window_left,
     tensors = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
     constants |= tile_config("backward", q.dtype, max(constants["BLOCK_D"], constants["BLOCK_DV"]), q.device.type)
     _attention_backward_kv_kernel[(triton.cdiv(S_K, constants["BLOCK_N"]), B * H_K)](
-        q, k, v, dout, lse, delta, dk, dv, q if dmask is None else dmask, mask_arg, slopes, *tensors, *shared,
+        q, k, v, dout, stats, delta, dk, dv, q if dmask is None else dmask, mask_arg, slopes, *tensors, *shared,
         MASK_GRAD=mask_grad, **constants,
     )
     _attention_backward_q_kernel[(triton.cdiv(S_Q, constants["BLOCK_M"]), B * H)](
-        q, k, v, dout, lse, delta, dq, mask_arg, slopes, *tensors, *shared, **constants,
+        q, k, v, dout, stats, delta, dq, mask_arg, slopes, *tensors, *shared, **constants,
     )
     # With q scaled beforehand, dk = scale dS^T q came out whole; dq = scale dS k lacks its scale.
     return (dq if kernel_scale == scale else dq * scale), dk, dv, dmask

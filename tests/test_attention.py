@@ -264,6 +264,74 @@ def test_nan_in_a_value_stays_out_of_fully_masked_rows(backend):
         assert relative_error(got[want.isfinite()], want[want.isfinite()]) <= 1e-4
 
 
+HUGE = {  # what gets a score near +-1e30, and the extras it needs
+    "query": {},  # the query's row: one weight 1, the rest 0
+    "key": {},  # the key: weight 1 for every query it wins, 0 for the others
+    # Each query masked from its own key: its two neighbours' scores, -1e30 + O(1), round to one
+    # value, and share the weight; a log-sum-exp would round their sum away.
+    "alibi_slopes": {"attn_mask": "off_diagonal"},
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, atol", DTYPES[:3], ids=str)  # float16 has no 1e30: it would be inf
+@pytest.mark.parametrize("huge", HUGE)
+def test_huge_scores(backend, dtype, atol, huge):
+    """Scores near 1e30 give the reference's weights and gradients: the backward recomputes the
+    forward's scores exactly and its weights from the row's maximum and sum kept apart, and a
+    weight of 1 gets dS 0 rather than the 1e23 that a rounding of dP - delta times a huge
+    query or key would give."""
+    device = require(backend)
+    shape = (1, 2, 1, 37, 37, 8, 8)
+    q, k, v = make_inputs(shape, torch.float64, device)
+    kwargs = {"enable_gqa": True}
+    if huge == "query":
+        q[0, 1, 5, 3] = 1e30
+    elif huge == "key":
+        k[0, 0, 7, 2] = -1e30
+    else:
+        kwargs["alibi_slopes"] = torch.full((2,), 1e30, dtype=torch.float64, device=device)
+        kwargs["attn_mask"] = ~torch.eye(37, dtype=torch.bool, device=device)
+    dout = torch.randn(*q.shape[:-1], v.shape[-1], dtype=torch.float64, device=device)
+
+    def run(fn, cast):
+        leaves = [t.to(cast).requires_grad_() for t in (q, k, v)]
+        extras = {key: value.to(cast) if value.is_floating_point() else value for key, value in kwargs.items()
+                  if isinstance(value, torch.Tensor)}
+        out = fn(*leaves, **{**kwargs, **extras})
+        return [out, *torch.autograd.grad((out * dout.to(cast)).sum(), leaves)]
+
+    with genfast.use_backend(backend):
+        got = run(genfast.ops.scaled_dot_product_attention, dtype)
+    # The reference in float32 sets the bound: torch's own CPU attention gives NaN for dq here.
+    want = run(reference.scaled_dot_product_attention, torch.float64)
+    same_dtype = run(reference.scaled_dot_product_attention, dtype)
+    for name, g, w, t in zip(("out", "dq", "dk", "dv"), got, want, same_dtype):
+        assert w.isfinite().all() and g.isfinite().all(), name
+        assert_close_to_reference(g, w, t, atol, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_infinite_key_under_a_softcap(backend):
+    """A key with an infinite component scores +-inf, which the softcap turns into +-c: the
+    output, dk and dv stay finite, as the reference's (dq takes inf times a zero gradient:
+    NaN in both). In Triton's backward the zero rows that pad the last tile of queries score
+    NaN against that key (0 * inf), which must not reach dk and dv, sums over queries."""
+    device = require(backend)
+    q, k, v = make_inputs((1, 1, 1, 37, 37, 4, 4), torch.float32, device)
+    k[0, 0, 2, 0] = math.inf
+    outputs = []
+    for which in (backend, "reference"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        with genfast.use_backend(which):
+            out = genfast.ops.scaled_dot_product_attention(*leaves, is_causal=True, softcap=5.0)
+        outputs.append([out, *torch.autograd.grad(out.sum(), leaves)])
+    for name, got, want in zip(("out", "dq", "dk", "dv"), *outputs):
+        assert name == "dq" or want.isfinite().all(), name
+        assert torch.equal(got.isfinite(), want.isfinite()), name
+        assert relative_error(got[want.isfinite()], want[want.isfinite()]) <= 1e-4, name
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty(backend):
     device = require(backend)

@@ -88,8 +88,8 @@ def main() -> None:
             q = torch.empty(2, 4, 300, head_dim, dtype=dtype, device=meta)
             k = torch.empty(2, 2, 300, head_dim, dtype=dtype, device=meta)
             for dropout_p in (0.0, 0.1):
-                out, lse = attention.attention_forward(q, k, k, None, None, 0.1, 0.0, -1, 0, dropout_p, 2**40)
-                attention.attention_backward(q, k, k, None, None, 0.1, 0.0, -1, 0, dropout_p, 2**40, out, lse, out,
+                out, stats = attention.attention_forward(q, k, k, None, None, 0.1, 0.0, -1, 0, dropout_p, 2**40)
+                attention.attention_backward(q, k, k, None, None, 0.1, 0.0, -1, 0, dropout_p, 2**40, out, stats, out,
                                              False)
             lengths = torch.empty(2, dtype=torch.int64, device=meta)
             attention.attention_decode(q[:, :, :1], k, k, lengths, None, None, 0.1, 0.0, -1, 0)

@@ -61,20 +61,17 @@ Rows<T*> mutable_rows_of(const at::Tensor& t) {
   return {t.mutable_data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)};
 }
 
-// The base of the scores' logarithms: the backward's are natural, the forward's binary, so
-// that its softmax takes exp2_fast (cheaper than exp_fast). A score in base 2 is its natural
-// value times log2(e): the scale, the softcap, ALiBi's slopes and an added mask take that
-// factor, and the forward's log-sum-exp goes back to natural units.
-enum class Logits { kNatural, kBinary };
-
 template <typename T>
 struct Problem {
   static constexpr T kMinusInf = -std::numeric_limits<T>::infinity();
 
   Rows<const T*> q, k, v;
   int64_t batch, heads, kv_heads, queries, keys, dim, value_dim;
-  // units: 1, or log2(e) for binary logits; scale and softcap include it.
-  T units, scale, softcap;
+  // Both directions score in base 2, so that the softmax takes exp2_fast (cheaper than
+  // exp_fast) and the backward recomputes the forward's scores bit for bit: a score in base 2
+  // is its natural value times units = log2(e), a factor the scale, the softcap, ALiBi's
+  // slopes and an added mask take. scale and softcap include it; natural_scale does not.
+  T units, scale, softcap, natural_scale;
   int64_t left, right;
   const bool* bool_mask = nullptr;
   const T* float_mask = nullptr;
@@ -87,7 +84,7 @@ struct Problem {
   uint32_t drop_threshold;
   T keep_scale;
 
-  Problem(const AttentionProblem& p, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, Logits logits)
+  Problem(const AttentionProblem& p, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_)
       : q(rows_of<T>(q_)),
         k(rows_of<T>(k_)),
         v(rows_of<T>(v_)),
@@ -98,9 +95,10 @@ struct Problem {
         keys(k_.size(2)),
         dim(q_.size(3)),
         value_dim(v_.size(3)),
-        units(logits == Logits::kBinary ? T(1.4426950408889634) : T(1)),
+        units(T(1.4426950408889634)),
         scale(static_cast<T>(p.scale) * units),
         softcap(static_cast<T>(p.softcap) * units),
+        natural_scale(static_cast<T>(p.scale)),
         left(p.window_left),
         right(p.window_right),
         seed(p.dropout_seed),
@@ -247,7 +245,8 @@ void scaled_queries_transposed(const Problem<T>& p, int64_t b, int64_t h, int64_
   }
 }
 
-// One task of the forward: queries [i0, i0 + m) of head (b, h) into out and lse.
+// One task of the forward: queries [i0, i0 + m) of head (b, h) into out and their rows of
+// stats (attention_forward's).
 //
 // The scores are key-major: a tile holds a block of keys by rows and the queries by columns,
 // so the online softmax's maxima and sums run down the columns in vector registers, with no
@@ -270,7 +269,7 @@ struct ForwardBlock {
         row_sum(kBlockQ),
         keep(problem.dropout() ? kBlockK : 0) {}
 
-  void run(int64_t b, int64_t h, int64_t i0, Rows<T*> out, T* lse) {
+  void run(int64_t b, int64_t h, int64_t i0, Rows<T*> out, T* stats) {
     const int64_t m = std::min(kBlockQ, p.queries - i0), kv_head = h / p.group();
     // Whole strips of kLanes queries, the softmax's unit.
     const int64_t width = (m + kLanes - 1) / kLanes * kLanes, dv_width = padded_columns<T>(p.value_dim);
@@ -302,7 +301,8 @@ struct ForwardBlock {
       const T* src = acc.data() + r * dv_width;
 #pragma omp simd
       for (int64_t c = 0; c < p.value_dim; ++c) dst[c] = src[c] * inverse;
-      lse[r] = row_sum[r] > 0 ? row_max[r] / p.units + std::log(row_sum[r]) : Problem<T>::kMinusInf;
+      stats[2 * r] = row_max[r];
+      stats[2 * r + 1] = row_sum[r];
     }
   }
 
@@ -349,20 +349,20 @@ template <typename T>
 struct BackwardHead {
   const Problem<T>& p;
   Rows<const T*> keys_t, values_t, out, dout;
-  const T* lse;
+  const T* stats;
   Rows<T*> dq, dk, dv, dmask;
   int64_t d_width, dv_width;
   std::vector<T> dq_acc, delta, queries, probs, dprobs, capped, keep, dropped, dk_acc, dv_acc, dout_pack, k_pack;
 
   BackwardHead(const Problem<T>& problem, Rows<const T*> keys_transposed, Rows<const T*> values_transposed,
-               Rows<const T*> out_, Rows<const T*> dout_, const T* lse_, Rows<T*> dq_, Rows<T*> dk_, Rows<T*> dv_,
+               Rows<const T*> out_, Rows<const T*> dout_, const T* stats_, Rows<T*> dq_, Rows<T*> dk_, Rows<T*> dv_,
                Rows<T*> dmask_)
       : p(problem),
         keys_t(keys_transposed),
         values_t(values_transposed),
         out(out_),
         dout(dout_),
-        lse(lse_),
+        stats(stats_),
         dq(dq_),
         dk(dk_),
         dv(dv_),
@@ -394,7 +394,7 @@ struct BackwardHead {
       }
     for (int64_t j0 = 0; j0 < p.keys; j0 += kBlockK) key_block(b, kv_head, j0);
     // The scores' scale, applied once to the accumulated dS k.
-    const T scale = p.scale;
+    const T scale = p.natural_scale;
     for (int64_t g = 0; g < group; ++g)
       for (int64_t i = 0; i < p.queries; ++i) {
         const T* src = dq_acc.data() + (g * p.queries + i) * d_width;
@@ -422,12 +422,16 @@ struct BackwardHead {
                            P, width);
         p.template finish_scores<false>(b, h, i0, m, j0, n, P, width, capped.empty() ? nullptr : capped.data());
         for (int64_t r = 0; r < m; ++r) {
-          // A row that saw no key has lse -inf and zero weights: subtracting +inf keeps them 0.
-          const T row_lse = lse[(b * p.heads + h) * p.queries + i0 + r];
-          const T base = row_lse == Problem<T>::kMinusInf ? -row_lse : row_lse;
+          // The forward's weights from its own scores, maximum and sum: at scores near 1e30 a
+          // log-sum-exp would round the sum away, and any other rounding of a score would be
+          // 1e23 off. A row that saw no key has maximum -inf and sum 0: subtracting +inf keeps
+          // its weights 0.
+          const T* row_stats = stats + 2 * ((b * p.heads + h) * p.queries + i0 + r);
+          const T base = row_stats[0] == Problem<T>::kMinusInf ? -row_stats[0] : row_stats[0];
+          const T inverse_sum = row_stats[1] > 0 ? T(1) / row_stats[1] : T(0);
           T* row = P + r * width;
 #pragma omp simd
-          for (int64_t c = 0; c < n; ++c) row[c] = exp_fast(row[c] - base);
+          for (int64_t c = 0; c < n; ++c) row[c] = exp2_fast(row[c] - base) * inverse_sum;
         }
         // With dropout, the values were weighted by P's kept entries, scaled: dv reads those.
         const T* weights = P;
@@ -450,38 +454,48 @@ struct BackwardHead {
           const T row_delta = delta[g * p.queries + i0 + r];
           const T* prob = P + r * width;
           T* ds = dS + r * width;
-          // A pair of weight 0 (masked out) gets dS 0 even where the row's dP or delta is NaN (a bad
-          // value it never saw): the product would be 0 * NaN.
+          // dS is 0 where the weight is 0 (masked out), even where the row's dP or delta is NaN
+          // (a bad value it never saw): the product would be 0 * NaN. It is 0 where the weight is
+          // 1, too: the others' sum is below rounding there, and dS = P sum_k P_k (dP - dP_k)
+          // with them, where dP - delta would be two rounded dot products' difference, which a
+          // huge query or key multiplies into dk or dq.
           if (p.dropout()) {
             // The gradient of a dropped weight is the kept one's, scaled, and 0 where dropped.
             const T* factor = keep.data() + r * width;
 #pragma omp simd
             for (int64_t c = 0; c < n; ++c)
-              ds[c] = prob[c] == T(0) ? T(0) : prob[c] * (ds[c] * factor[c] - row_delta);
+              ds[c] = prob[c] == T(0) || prob[c] == T(1) ? T(0) : prob[c] * (ds[c] * factor[c] - row_delta);
           } else {
 #pragma omp simd
-            for (int64_t c = 0; c < n; ++c) ds[c] = prob[c] == T(0) ? T(0) : prob[c] * (ds[c] - row_delta);
+            for (int64_t c = 0; c < n; ++c)
+              ds[c] = prob[c] == T(0) || prob[c] == T(1) ? T(0) : prob[c] * (ds[c] - row_delta);
           }
           if (dmask.data) std::copy(ds, ds + n, dmask.at(b, h, i0 + r) + j0);
           if (!capped.empty()) {
-            // d/ds of c tanh(s / c) is 1 - tanh^2.
+            // d/ds of c tanh(s / c) is 1 - tanh^2. A zero dS stays 0 where the capped score is
+            // NaN (a masked pair's): as the weight-0 rule above.
             const T* cap_row = capped.data() + r * width;
             const T inverse_cap = T(1) / p.softcap;
 #pragma omp simd
             for (int64_t c = 0; c < n; ++c) {
               const T t = cap_row[c] * inverse_cap;
-              ds[c] *= T(1) - t * t;
+              ds[c] = ds[c] == T(0) ? T(0) : ds[c] * (T(1) - t * t);
             }
           }
         }
-        // dk += dS^T (scale q): the scale is the scores'; dq's is applied once, in run().
+        // dk += dS^T (scale q), the scale the scores' (in base 2: dk's copy out takes 1 / units);
+        // dq's is applied once, in run().
         tile_matmul<true>(n, d_width, m, dS, 1, width, queries.data(), d_width, dk_acc.data(), d_width);
         tile_matmul<true>(m, d_width, n, dS, width, 1, k, ldk, dq_acc.data() + (g * p.queries + i0) * d_width,
                           d_width);
       }
     }
+    const T natural = T(1) / p.units;
     for (int64_t c = 0; c < n; ++c) {
-      std::copy(dk_acc.data() + c * d_width, dk_acc.data() + c * d_width + p.dim, dk.at(b, kv_head, j0 + c));
+      const T* src = dk_acc.data() + c * d_width;
+      T* dst = dk.at(b, kv_head, j0 + c);
+#pragma omp simd
+      for (int64_t x = 0; x < p.dim; ++x) dst[x] = natural * src[x];
       std::copy(dv_acc.data() + c * dv_width, dv_acc.data() + c * dv_width + p.value_dim, dv.at(b, kv_head, j0 + c));
     }
   }
@@ -542,26 +556,26 @@ std::vector<at::Tensor> attention_forward(const AttentionProblem& problem) {
   const at::Tensor q = as_math(problem.q), k = as_math(problem.k), v = as_math(problem.v);
   const int64_t B = q.size(0), H = q.size(1), S = q.size(2);
   at::Tensor out = at::empty({B, H, S, v.size(3)}, q.options());
-  at::Tensor lse = at::empty({B, H, S}, q.options());
+  at::Tensor stats = at::empty({B, H, S, 2}, q.options());
   const int64_t blocks = (S + kBlockQ - 1) / kBlockQ;
   dispatch_math_type(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    const Problem<T> p(problem, q, k, v, Logits::kBinary);
+    const Problem<T> p(problem, q, k, v);
     const Rows<T*> out_rows = mutable_rows_of<T>(out);
-    T* lse_data = lse.mutable_data_ptr<T>();
+    T* stats_data = stats.mutable_data_ptr<T>();
     at::parallel_for(0, B * H * blocks, 1, [&](int64_t begin, int64_t end) {
       ForwardBlock<T> block(p);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t bh = t / blocks, i0 = interleaved_block(t % blocks, blocks) * kBlockQ;
-        block.run(bh / H, bh % H, i0, out_rows, lse_data + bh * S + i0);
+        block.run(bh / H, bh % H, i0, out_rows, stats_data + 2 * (bh * S + i0));
       }
     });
   });
-  return {out.to(problem.q.scalar_type()), lse};
+  return {out.to(problem.q.scalar_type()), stats};
 }
 
 std::vector<at::Tensor> attention_backward(const AttentionProblem& problem, const at::Tensor& out,
-                                           const at::Tensor& lse, const at::Tensor& dout, bool mask_grad) {
+                                           const at::Tensor& stats, const at::Tensor& dout, bool mask_grad) {
   const at::Tensor q = as_math(problem.q), k = as_math(problem.k), v = as_math(problem.v);
   const at::Tensor out_math = as_math(out), dout_math = as_math(dout);
   at::Tensor dq = at::empty(q.sizes(), q.options());
@@ -572,12 +586,13 @@ std::vector<at::Tensor> attention_backward(const AttentionProblem& problem, cons
   const int64_t B = q.size(0), kv_heads = k.size(1);
   dispatch_math_type(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    const Problem<T> p(problem, q, k, v, Logits::kNatural);
+    const Problem<T> p(problem, q, k, v);
     const at::Tensor keys_t = blocked_transpose<T>(k), values_t = blocked_transpose<T>(v);
     const Rows<T*> no_mask{nullptr, 0, 0, 0};
     at::parallel_for(0, B * kv_heads, 1, [&](int64_t begin, int64_t end) {
-      BackwardHead<T> head(p, rows_of<T>(keys_t), rows_of<T>(values_t), rows_of<T>(out_math), rows_of<T>(dout_math), lse.const_data_ptr<T>(),
-                           mutable_rows_of<T>(dq), mutable_rows_of<T>(dk), mutable_rows_of<T>(dv),
+      BackwardHead<T> head(p, rows_of<T>(keys_t), rows_of<T>(values_t), rows_of<T>(out_math),
+                           rows_of<T>(dout_math), stats.const_data_ptr<T>(), mutable_rows_of<T>(dq),
+                           mutable_rows_of<T>(dk), mutable_rows_of<T>(dv),
                            mask_grad ? mutable_rows_of<T>(dmask) : no_mask);
       for (int64_t t = begin; t < end; ++t) head.run(t / kv_heads, t % kv_heads);
     });

@@ -25,14 +25,15 @@ struct AttentionProblem {
   uint64_t dropout_seed = 0;
 };
 
-// Returns the output (B, H, S_q, D_v) in q's dtype and the log-sum-exp of each row's scores
-// (B, H, S_q) in the math type, -inf for a row with no key left (its output is zero).
+// Returns the output (B, H, S_q, D_v) in q's dtype and the softmax's statistics (B, H, S_q, 2)
+// in the math type: each row's largest score, in base 2, and the sum of 2^(score - largest);
+// -inf and 0 for a row with no key left (its output is zero).
 std::vector<at::Tensor> attention_forward(const AttentionProblem& problem);
 
 // Returns dq, dk, dv (contiguous, in q's dtype) and, with mask_grad, the gradient of an
 // additive mask, (B, H, S_q, S_k) in the math type: the caller sums it over broadcast axes.
 std::vector<at::Tensor> attention_backward(const AttentionProblem& problem, const at::Tensor& out,
-                                           const at::Tensor& lse, const at::Tensor& dout, bool mask_grad);
+                                           const at::Tensor& stats, const at::Tensor& dout, bool mask_grad);
 
 // Decoding over a KV cache. q (B, H, S_q, D) of one float type, rows contiguous; the caches
 // (B, H_k, S_max, D) and (B, H_k, S_max, D_v), or with block_table (B, max_blocks) int64 paged

@@ -6,8 +6,9 @@ genfast/reference/attention.py.
 
 Both backends (C++ for CPU tensors, Triton) work flash-attention style: no
 (S_q, S_k) matrix is stored, and tiles that causality or a window mask out
-entirely are skipped. The forward saves each row's log-sum-exp; the backward
-recomputes the scores tile by tile from it. A float attn_mask that requires grad
+entirely are skipped. The forward saves each row's largest score and the sum of
+its exponentials; the backward recomputes the scores, exactly as the forward
+computed them, and the weights from those two. A float attn_mask that requires grad
 gets its gradient. Dropout is drawn in the kernels from a counter-based stream
 keyed by a seed from torch's generator, so the backward recomputes the same
 weights' fate instead of storing it.
@@ -45,15 +46,16 @@ def _forward(
     dropout_p: float,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    """Returns the output (B, H, S_q, D_v) in q's dtype and the rows' log-sum-exp (B, H, S_q)
-    in the math type. q, k, v: (B, H or H_k, S, D) with a contiguous last dimension; mask
-    expanded to (B, H, S_q, S_k), bool or the math type; alibi_slopes expanded to (B, H);
-    softcap 0 and window bounds -1 mean none; dropout_seed a CPU int64 scalar, or None
-    without dropout."""
-    out, lse = kernels(backend, "attention").attention_forward(
+    """Returns the output (B, H, S_q, D_v) in q's dtype and the softmax's statistics
+    (B, H, S_q, 2) in the math type: each row's largest score and the sum of the weights
+    before normalising, in the backend's own units (its backward reads them). q, k, v:
+    (B, H or H_k, S, D) with a contiguous last dimension; mask expanded to (B, H, S_q, S_k),
+    bool or the math type; alibi_slopes expanded to (B, H); softcap 0 and window bounds -1
+    mean none; dropout_seed a CPU int64 scalar, or None without dropout."""
+    out, stats = kernels(backend, "attention").attention_forward(
         q, k, v, mask, alibi_slopes, scale, softcap, window_left, window_right, dropout_p, _seed(dropout_seed)
     )
-    return out, lse
+    return out, stats
 
 
 def _seed(dropout_seed: Tensor | None) -> int:
@@ -73,7 +75,7 @@ def _backward(
     window_right: int,
     dropout_p: float,
     out: Tensor,
-    lse: Tensor,
+    stats: Tensor,
     dout: Tensor,
     mask_grad: bool,
     backend: str,
@@ -82,7 +84,7 @@ def _backward(
     without mask_grad)."""
     dq, dk, dv, dmask = kernels(backend, "attention").attention_backward(
         q, k, v, mask, alibi_slopes, scale, softcap, window_left, window_right, dropout_p, _seed(dropout_seed),
-        out, lse, dout, mask_grad,
+        out, stats, dout, mask_grad,
     )
     return dq, dk, dv, q.new_empty(0) if dmask is None else dmask
 
@@ -99,31 +101,31 @@ def _math_dtype(t: Tensor) -> torch.dtype:
 
 @attention_op.register_fake
 def _(q, k, v, mask, alibi_slopes, dropout_seed, scale, softcap, window_left, window_right, dropout_p, backend):
-    return q.new_empty((*q.shape[:3], v.shape[3])), q.new_empty(q.shape[:3], dtype=_math_dtype(q))
+    return q.new_empty((*q.shape[:3], v.shape[3])), q.new_empty((*q.shape[:3], 2), dtype=_math_dtype(q))
 
 
 @attention_backward_op.register_fake
-def _(q, k, v, mask, alibi_slopes, dropout_seed, scale, softcap, window_left, window_right, dropout_p, out, lse, dout,
-      mask_grad, backend):
+def _(q, k, v, mask, alibi_slopes, dropout_seed, scale, softcap, window_left, window_right, dropout_p, out, stats,
+      dout, mask_grad, backend):
     dmask = q.new_empty((*q.shape[:3], k.shape[2]), dtype=_math_dtype(q)) if mask_grad else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, mask, alibi_slopes, dropout_seed, *settings, backend = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, mask, alibi_slopes, dropout_seed, out, lse)
+    out, stats = output
+    ctx.save_for_backward(q, k, v, mask, alibi_slopes, dropout_seed, out, stats)
     ctx.settings, ctx.backend = settings, backend
 
 
-def _differentiate(ctx, dout, _dlse, backward):
+def _differentiate(ctx, dout, _dstats, backward):
     if dout is None:
         return (None,) * 12
-    q, k, v, mask, alibi_slopes, dropout_seed, out, lse = ctx.saved_tensors
+    q, k, v, mask, alibi_slopes, dropout_seed, out, stats = ctx.saved_tensors
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     mask_grad = ctx.needs_input_grad[3]
     dq, dk, dv, dmask = backward(
-        q, k, v, mask, alibi_slopes, dropout_seed, *ctx.settings, out, lse, dout, mask_grad, ctx.backend
+        q, k, v, mask, alibi_slopes, dropout_seed, *ctx.settings, out, stats, dout, mask_grad, ctx.backend
     )
     return dq, dk, dv, dmask if mask_grad else None, *(None,) * 8
 
