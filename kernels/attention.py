@@ -6,11 +6,11 @@ The forward keeps a block of queries on chip and streams the keys that block see
 with an online softmax; it writes the output and each row's largest score and sum
 of exponentials. The backward recomputes the scores as the forward computed them,
 and the weights from those two (a log-sum-exp would round the sum away at scores
-near 1e30): one kernel per block of keys
-accumulates dk and dv over the queries of every query head that reads them (and
-writes the mask's gradient), another per block of queries accumulates dq. Neither
-uses atomics, so results do not depend on scheduling. Dropout's keep mask is
-recomputed from its seed wherever a tile of weights is, never stored.
+near 1e30): one kernel per block of keys accumulates dk and dv over the queries of
+every query head that reads them (and writes the mask's gradient), another per
+block of queries accumulates dq. Neither uses atomics, so results do not depend on
+scheduling. Dropout's keep mask is recomputed from its seed wherever a tile of
+weights is, never stored.
 """
 
 import functools
@@ -35,19 +35,21 @@ def _scores(
     TRANSPOSED: tl.constexpr = False,
 ):
     """The scores of queries at positions `rows` and keys `cols` (keys from S_K on do not exist),
-    -inf where masked out, and the softcapped products (the backward's chain rule). q (M, D)
-    and k_t (D, N) as loaded (zero-padded); slope a scalar or one per row (M, 1); mask_rows
-    points at each query's mask entries (MASK_KIND 0: none, 1: bool keep, 2: added). The window
-    and the ends of the queries and keys are applied only where on_edge (see _tile_split): a
-    padding row's zeros times an infinite key or query are NaN, which would reach the sums
-    over queries (dk, dv) through the padding's zero weights.
+    -inf where masked out, and with a softcap c, tanh(products / c) (the backward's chain rule).
+    q (M, D) and k_t (D, N) as loaded (zero-padded); slope a scalar or one per row (M, 1);
+    mask_rows points at each query's mask entries (MASK_KIND 0: none, 1: bool keep, 2: added).
+    The window and the ends of the queries and keys are applied only where on_edge (see
+    _tile_split): a padding query's zeros times an infinite key are NaN, which the padding's
+    zero weights would carry into dk and dv, sums over the queries (and likewise a padding
+    key's into dq).
 
     TRANSPOSED: the transposed tile, keys by queries, from q = the keys (N, D), k_t = the
     queries transposed (D, M), rows = the keys' positions and cols = the queries'."""
     s = tl.dot(q, k_t, input_precision=PRECISION) * scale
+    squashed = s
     if HAS_SOFTCAP:
-        s = softcap * _tanh(s / softcap)
-    capped = s
+        squashed = _tanh(s / softcap)
+        s = softcap * squashed
     i = cols[None, :] if TRANSPOSED else rows[:, None]
     j = rows[:, None] if TRANSPOSED else cols[None, :]
     if HAS_ALIBI:
@@ -60,7 +62,7 @@ def _scores(
         valid = (i < S_Q) & (j < S_K) & ((window_left < 0) | (j >= i - window_left))
         valid &= (window_right < 0) | (j <= i + window_right)
         s = tl.where(valid, s, float("-inf"))
-    return s, capped
+    return s, squashed
 
 
 @triton.jit
@@ -220,12 +222,12 @@ def _score_gradient(p, dp, delta):
 
 
 @triton.jit
-def _through_softcap(ds, capped, softcap):
-    """The gradient of the scores before the softcap c tanh(s / c): dS (1 - tanh^2), and 0
-    where dS is 0: a masked pair's capped score may be NaN (a padding row's zeros times an
-    infinite key), and 0 * NaN would reach dk."""
-    t = capped / softcap
-    return tl.where(ds == 0, 0.0, ds * (1.0 - t * t))
+def _through_softcap(ds, squashed):
+    """The gradient of the scores before the softcap c tanh(s / c), from squashed = tanh(s / c):
+    dS (1 - tanh^2), and 0 where dS is 0: a masked pair's tanh may be NaN (a padding row's
+    zeros times an infinite key), and 0 * NaN would reach dk. (tanh recovered from the capped
+    score as (c tanh) / c would miss 1 at saturation for some caps, 30 among them.)"""
+    return tl.where(ds == 0, 0.0, ds * (1.0 - squashed * squashed))
 
 
 @triton.jit
@@ -266,7 +268,9 @@ def _attention_backward_kv_kernel(
     first = tl.where(window_right < 0, 0, tl.maximum(j0 - window_right, 0))
     last = tl.where(window_left < 0, S_Q, tl.minimum(tl.minimum(j0 + BLOCK_N, S_K) + window_left, S_Q))
     # Queries that see every key of the block: from the last key's window to the first key's.
-    # Keys from S_K on need no mask here: they are zero, and their gradients are not stored.
+    # Keys from S_K on need no mask here: their gradients are not stored. The last, partial tile
+    # of queries is always an edge tile (the inner range ends at S_Q rounded down at most), so
+    # its padding rows are masked.
     inner_first, inner_end = _tile_split(
         last,
         tl.where(window_right < 0, 0, tl.maximum(j0 + BLOCK_N - 1 - window_right, 0)),
@@ -291,7 +295,7 @@ def _attention_backward_kv_kernel(
             delta = tl.load(delta_ptr + row_stats, mask=in_rows, other=0.0)
             mask_rows = mask_ptr + b * mask_sb + h * mask_sh + rows.to(tl.int64) * mask_si
             # Keys by queries throughout, so that every product takes its operands as loaded.
-            s_t, capped_t = _scores(k, tl.trans(q), cols, rows, S_Q, S_K, scale, softcap, slope, mask_rows, mask_sj,
+            s_t, squashed_t = _scores(k, tl.trans(q), cols, rows, S_Q, S_K, scale, softcap, slope, mask_rows, mask_sj,
                                     window_left, window_right, (i0 < inner_first) | (i0 >= inner_end), MASK_KIND,
                                     HAS_ALIBI, HAS_SOFTCAP, PRECISION, TRANSPOSED=True)
             p_t = tl.exp(s_t - base[None, :]) * inverse_sum[None, :]
@@ -308,7 +312,7 @@ def _attention_backward_kv_kernel(
                 tl.store(dmask_ptr + row_stats[None, :].to(tl.int64) * S_K + cols[:, None], ds_t,
                          mask=in_rows[None, :] & (cols[:, None] < S_K))
             if HAS_SOFTCAP:
-                ds_t = _through_softcap(ds_t, capped_t, softcap)
+                ds_t = _through_softcap(ds_t, squashed_t)
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
     out_rows = (b * H_K + kv) * S_K + cols[:, None].to(tl.int64)
     tl.store(dk_ptr + out_rows * D + dims[None, :], (dk * scale).to(dk_ptr.dtype.element_ty),
@@ -327,8 +331,9 @@ def _attention_backward_q_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """dq = scale sum dS k for BLOCK_M queries of one head (dS as the other backward kernel's)." Reads the block's queries and output
-    gradients once and every key and value row they see; writes dq (contiguous)."""
+    """dq = scale sum dS k for BLOCK_M queries of one head (dS as the other backward kernel's).
+    Reads the block's queries and output gradients once and every key and value row they see;
+    writes dq (contiguous)."""
     compute = stats_ptr.dtype.element_ty
     bh, b, h, kv, i0 = _query_block(H, GROUP, BLOCK_M)
     rows = i0 + tl.arange(0, BLOCK_M)
@@ -359,7 +364,7 @@ def _attention_backward_q_kernel(
         if UPCAST:
             k = k.to(compute)
             v = v.to(compute)
-        s, capped = _scores(q, tl.trans(k), rows, cols, S_Q, S_K, scale, softcap, slope, mask_rows, mask_sj,
+        s, squashed = _scores(q, tl.trans(k), rows, cols, S_Q, S_K, scale, softcap, slope, mask_rows, mask_sj,
                             window_left, window_right, (j0 < inner_first) | (j0 >= inner_end), MASK_KIND,
                             HAS_ALIBI, HAS_SOFTCAP, PRECISION)
         p = tl.exp(s - base[:, None]) * inverse_sum[:, None]
@@ -369,7 +374,7 @@ def _attention_backward_q_kernel(
             dp = dp * tl.where(keep, _keep_scale(drop_threshold, compute), 0.0)
         ds = _score_gradient(p, dp, delta[:, None])
         if HAS_SOFTCAP:
-            ds = _through_softcap(ds, capped, softcap)
+            ds = _through_softcap(ds, squashed)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     tl.store(dq_ptr + row_stats[:, None] * D + dims[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
              mask=in_rows[:, None] & (dims[None, :] < D))

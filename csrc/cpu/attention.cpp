@@ -151,13 +151,15 @@ struct Problem {
   }
 
   // Turns the products s = (scale q_i) . k_j of queries [i0, i0 + m) and keys [j0, j0 + n) of
-  // head (b, h), in place, into the scores of genfast/reference/attention.py in the problem's
-  // units. The tile is query-major (s[r * lds + c], the backward's) or, with kKeyMajor,
-  // key-major (s[c * lds + r], the forward's); each loop runs along the contiguous lines.
-  // capped, where given, receives the softcapped scores (the backward's chain rule).
+  // head (b, h), in place, into the scores of genfast/reference/attention.py in base 2. The
+  // tile is query-major (s[r * lds + c], the backward's) or, with kKeyMajor, key-major
+  // (s[c * lds + r], the forward's); each loop runs along the contiguous lines. squashed, where
+  // given, receives tanh(s / softcap), for the backward's chain rule: recovered from the
+  // capped score as (c tanh) / c, a saturated tanh of 1 comes back 1 - 1e-7 for some caps (30
+  // among them), and its pair's gradient with it.
   template <bool kKeyMajor>
   void finish_scores(int64_t b, int64_t h, int64_t i0, int64_t m, int64_t j0, int64_t n, T* s, int64_t lds,
-                     T* capped) const {
+                     T* squashed) const {
     const T slope = slopes ? units * slopes[b * slope_stride[0] + h * slope_stride[1]] : T(0);
     const int64_t lines = kKeyMajor ? n : m, length = kKeyMajor ? m : n;
     // Along a line the distance i - j steps by +1 (key-major: the query grows) or -1.
@@ -172,9 +174,13 @@ struct Problem {
       const int64_t distance0 = i - j;
       if (softcap > 0) {
         const T inverse_cap = T(1) / softcap, cap = softcap;
+        T* tanh_line = squashed ? squashed + l * lds : nullptr;
 #pragma omp simd
-        for (int64_t x = 0; x < length; ++x) line[x] = cap * tanh_fast(line[x] * inverse_cap);
-        if (capped) std::copy(line, line + length, capped + l * lds);
+        for (int64_t x = 0; x < length; ++x) {
+          const T t = tanh_fast(line[x] * inverse_cap);
+          if (tanh_line) tanh_line[x] = t;
+          line[x] = cap * t;
+        }
       }
       if (slopes) {
 #pragma omp simd
@@ -188,8 +194,15 @@ struct Problem {
         const bool* keep = bool_mask + mask_offset;
         for (int64_t x = 0; x < length; ++x) line[x] = keep[x * mask_step] ? line[x] : kMinusInf;
       } else if (float_mask) {
+        // A finite term past the largest float / log2(e) (a Hugging Face mask's finfo.min) would
+        // be -inf in base 2, a pair masked for good where the reference's score stays finite: a
+        // row masked whole by it averages the values there. It takes the largest finite value.
         const T* add = float_mask + mask_offset;
-        for (int64_t x = 0; x < length; ++x) line[x] += units * add[x * mask_step];
+        constexpr T kLargest = std::numeric_limits<T>::max();
+        for (int64_t x = 0; x < length; ++x) {
+          const T natural = add[x * mask_step], term = units * natural;
+          line[x] += std::isinf(term) && std::isfinite(natural) ? std::copysign(kLargest, natural) : term;
+        }
       }
       // The distance is monotonic along the line: a line inside the band at both ends skips this.
       const int64_t distance_last = distance0 + step * (length - 1);
@@ -352,7 +365,7 @@ struct BackwardHead {
   const T* stats;
   Rows<T*> dq, dk, dv, dmask;
   int64_t d_width, dv_width;
-  std::vector<T> dq_acc, delta, queries, probs, dprobs, capped, keep, dropped, dk_acc, dv_acc, dout_pack, k_pack;
+  std::vector<T> dq_acc, delta, queries, probs, dprobs, squashed, keep, dropped, dk_acc, dv_acc, dout_pack, k_pack;
 
   BackwardHead(const Problem<T>& problem, Rows<const T*> keys_transposed, Rows<const T*> values_transposed,
                Rows<const T*> out_, Rows<const T*> dout_, const T* stats_, Rows<T*> dq_, Rows<T*> dk_, Rows<T*> dv_,
@@ -374,7 +387,7 @@ struct BackwardHead {
         queries(kBlockQ * d_width),
         probs(kBlockQ * padded_columns<T>(kBlockK)),
         dprobs(kBlockQ * padded_columns<T>(kBlockK)),
-        capped(problem.softcap > 0 ? kBlockQ * padded_columns<T>(kBlockK) : 0),
+        squashed(problem.softcap > 0 ? kBlockQ * padded_columns<T>(kBlockK) : 0),
         keep(problem.dropout() ? kBlockQ * padded_columns<T>(kBlockK) : 0),
         dropped(keep.size()),
         dk_acc(kBlockK * d_width),
@@ -420,7 +433,7 @@ struct BackwardHead {
         scaled_queries(p, b, h, i0, m, queries.data());
         tile_matmul<false>(m, width, p.dim, queries.data(), d_width, 1, keys_t.at(b, kv_head, j0 / kBlockK), kBlockK,
                            P, width);
-        p.template finish_scores<false>(b, h, i0, m, j0, n, P, width, capped.empty() ? nullptr : capped.data());
+        p.template finish_scores<false>(b, h, i0, m, j0, n, P, width, squashed.empty() ? nullptr : squashed.data());
         for (int64_t r = 0; r < m; ++r) {
           // The forward's weights from its own scores, maximum and sum: at scores near 1e30 a
           // log-sum-exp would round the sum away, and any other rounding of a score would be
@@ -456,9 +469,9 @@ struct BackwardHead {
           T* ds = dS + r * width;
           // dS is 0 where the weight is 0 (masked out), even where the row's dP or delta is NaN
           // (a bad value it never saw): the product would be 0 * NaN. It is 0 where the weight is
-          // 1, too: the others' sum is below rounding there, and dS = P sum_k P_k (dP - dP_k)
-          // with them, where dP - delta would be two rounded dot products' difference, which a
-          // huge query or key multiplies into dk or dq.
+          // 1, too: the other weights sum below rounding there, and so does the true dS = P sum_k
+          // P_k (dP - dP_k), where dP - delta would be two rounded dot products' difference, which
+          // a huge query or key multiplies into dk or dq.
           if (p.dropout()) {
             // The gradient of a dropped weight is the kept one's, scaled, and 0 where dropped.
             const T* factor = keep.data() + r * width;
@@ -471,16 +484,12 @@ struct BackwardHead {
               ds[c] = prob[c] == T(0) || prob[c] == T(1) ? T(0) : prob[c] * (ds[c] - row_delta);
           }
           if (dmask.data) std::copy(ds, ds + n, dmask.at(b, h, i0 + r) + j0);
-          if (!capped.empty()) {
-            // d/ds of c tanh(s / c) is 1 - tanh^2. A zero dS stays 0 where the capped score is
-            // NaN (a masked pair's): as the weight-0 rule above.
-            const T* cap_row = capped.data() + r * width;
-            const T inverse_cap = T(1) / p.softcap;
+          if (!squashed.empty()) {
+            // d/ds of c tanh(s / c) is 1 - tanh^2. A zero dS stays 0 where tanh is NaN (a masked
+            // pair's, a zero times an infinite key): as the weight-0 rule above.
+            const T* t = squashed.data() + r * width;
 #pragma omp simd
-            for (int64_t c = 0; c < n; ++c) {
-              const T t = cap_row[c] * inverse_cap;
-              ds[c] = ds[c] == T(0) ? T(0) : ds[c] * (T(1) - t * t);
-            }
+            for (int64_t c = 0; c < n; ++c) ds[c] = ds[c] == T(0) ? T(0) : ds[c] * (T(1) - t[c] * t[c]);
           }
         }
         // dk += dS^T (scale q), the scale the scores' (in base 2: dk's copy out takes 1 / units);
