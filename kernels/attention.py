@@ -296,8 +296,8 @@ def _attention_backward_kv_kernel(
             mask_rows = mask_ptr + b * mask_sb + h * mask_sh + rows.to(tl.int64) * mask_si
             # Keys by queries throughout, so that every product takes its operands as loaded.
             s_t, squashed_t = _scores(k, tl.trans(q), cols, rows, S_Q, S_K, scale, softcap, slope, mask_rows, mask_sj,
-                                    window_left, window_right, (i0 < inner_first) | (i0 >= inner_end), MASK_KIND,
-                                    HAS_ALIBI, HAS_SOFTCAP, PRECISION, TRANSPOSED=True)
+                                      window_left, window_right, (i0 < inner_first) | (i0 >= inner_end), MASK_KIND,
+                                      HAS_ALIBI, HAS_SOFTCAP, PRECISION, TRANSPOSED=True)
             p_t = tl.exp(s_t - base[None, :]) * inverse_sum[None, :]
             weights_t = p_t
             dp_t = tl.dot(v, tl.trans(d_o), input_precision=PRECISION)
@@ -365,8 +365,8 @@ def _attention_backward_q_kernel(
             k = k.to(compute)
             v = v.to(compute)
         s, squashed = _scores(q, tl.trans(k), rows, cols, S_Q, S_K, scale, softcap, slope, mask_rows, mask_sj,
-                            window_left, window_right, (j0 < inner_first) | (j0 >= inner_end), MASK_KIND,
-                            HAS_ALIBI, HAS_SOFTCAP, PRECISION)
+                              window_left, window_right, (j0 < inner_first) | (j0 >= inner_end), MASK_KIND,
+                              HAS_ALIBI, HAS_SOFTCAP, PRECISION)
         p = tl.exp(s - base[:, None]) * inverse_sum[:, None]
         dp = tl.dot(d_o, tl.trans(v), input_precision=PRECISION)
         if DROPOUT:
