@@ -1,7 +1,8 @@
 // LSTM and GRU time loops on the CPU. Each step is one matrix product, h W_hh^T (in float32
-// MKL's, with W_hh packed once per loop: StepProduct), and one pass of fused gate math over (B, H), parallel
-// over the batch's rows. The backward runs the steps in reverse with one product each (the gradient
-// of the state) and leaves the weights' gradients to products over all steps at the end.
+// MKL's, with W_hh packed once per loop: StepProduct), and one pass of fused gate math over
+// (B, H), parallel over the batch's rows. The backward runs the steps in reverse with one
+// product each (the gradient of the state) and leaves the weights' gradients to products over
+// all steps at the end.
 
 #include "rnn.h"
 
@@ -112,18 +113,21 @@ void normalize_row_backward(const T* dy, const T* normalized, const T* weight, T
   for (int64_t j = 0; j < size; ++j) dx[j] = rstd * (dy[j] * weight[j] - mean_g - normalized[j] * mean_gx);
 }
 
-// x W^T for each step of a loop over one W. MKL's sgemm packs W into its blocked layout on every
-// call; packed once, through the operators ATen registers for inductor's frozen linear layers,
-// the steps skip that (an LSTM's h W_hh^T, batch 64, hidden 512, 100 steps on the Xeon: 53 ms
-// against 68). float64, a torch built without MKL, a short loop and a step over fewer rows than
-// packed for take at::mm.
+// x W^T for each step of a loop over one W. MKL's sgemm repacks W on every call; packed once,
+// through the operators ATen registers for inductor's frozen linear layers, the steps skip that.
+// It pays where sgemm reads W^T across its rows, from a few rows of x on, and where it reads W in
+// place only from a few dozen (Xeon, hidden 512, 100 steps, ms unpacked -> packed):
+//   h W_hh^T:  batch 1  7.7 -> 10.3, 4  9.1 -> 7.8, 16  37 -> 21, 64  64 -> 54;
+//   dG W_hh:   batch 1  6.9 -> 10.0, 16  19.3 -> 20.5, 32  35.6 -> 32.9, 64  56.6 -> 53.6.
+// Unpacked (float64, torch without MKL, `pack` false, a step over fewer rows than packed for),
+// it is at::mm.
 class StepProduct {
  public:
-  StepProduct(const at::Tensor& weight, int64_t rows, int64_t steps) : weight_(weight), rows_(rows) {
+  StepProduct(const at::Tensor& weight, int64_t rows, bool pack) : weight_(weight), rows_(rows) {
     static const std::optional<MklOps> ops = find_mkl_ops();
-    if (!ops || weight.scalar_type() != at::kFloat || steps < 2) return;
+    if (!ops || weight.scalar_type() != at::kFloat || !pack) return;
     linear_ = ops->linear;
-    packed_ = ops->reorder.call(weight, rows);
+    packed_ = ops->reorder.call(weight.contiguous(), rows);
   }
 
   // x (rows, K) W^T: a new tensor, or written into out.
@@ -180,7 +184,7 @@ void forward_loop(const Recurrence& r, const Shape& n, std::vector<at::Tensor>& 
   // LN_c of the new cell, what tanh reads, per row.
   at::Tensor normed_cell = norm_c ? at::empty({B, H}, h.options()) : at::Tensor();
   const T eps = static_cast<T>(r.eps);
-  const StepProduct hh_product(r.weight_hh, B, n.T);
+  const StepProduct hh_product(r.weight_hh, B, n.T >= 2 && B >= 4);
   for (int64_t s = 0; s < n.T; ++s) {
     const int64_t t = n.time(s);
     h_prev[n.slot(t)].copy_(h);
@@ -670,7 +674,7 @@ void backward_loop(const Recurrence& r, const Shape& n, const at::Tensor& d_outp
   // Zoneout's direct paths to the states entering the step: m dh and m dc.
   at::Tensor dh_kept = zoneout_h ? at::empty({B, P}, dh.options()) : at::Tensor();
   at::Tensor dc_kept = zoneout_c ? at::empty({B, H}, dh.options()) : at::Tensor();
-  const StepProduct through_hh(r.weight_hh.t().contiguous(), B, n.T);
+  const StepProduct through_hh(r.weight_hh.t(), B, n.T >= 2 && B >= 32);
   for (int64_t s = n.T - 1; s >= 0; --s) {
     const int64_t t = n.time(s);
     const T* dy = d_output.const_data_ptr<T>() + t * B * P;
