@@ -7,8 +7,10 @@
 #include "rnn.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/stack.h>
@@ -124,11 +126,13 @@ void normalize_row_backward(const T* dy, const T* normalized, const T* weight, T
 class StepProduct {
  public:
   StepProduct(const at::Tensor& weight, int64_t rows, bool pack) : weight_(weight), rows_(rows) {
-    static const std::optional<MklOps> ops = find_mkl_ops();
-    if (!ops || weight.scalar_type() != at::kFloat || !pack) return;
-    linear_ = ops->linear;
-    packed_ = ops->reorder.call(weight.contiguous(), rows);
+    if (!pack || !packs(weight.scalar_type())) return;
+    linear_ = mkl_ops()->linear;
+    packed_ = mkl_ops()->reorder.call(weight.contiguous(), rows);
   }
+
+  // Whether weights of this dtype get packed (when asked to).
+  static bool packs(at::ScalarType dtype) { return dtype == at::kFloat && mkl_ops().has_value(); }
 
   // x (rows, K) W^T: a new tensor, or written into out.
   at::Tensor operator()(const at::Tensor& x, at::Tensor out) const {
@@ -144,6 +148,11 @@ class StepProduct {
     Reorder reorder;
     Linear linear;
   };
+
+  static const std::optional<MklOps>& mkl_ops() {
+    static const std::optional<MklOps> ops = find_mkl_ops();
+    return ops;
+  }
 
   static std::optional<MklOps> find_mkl_ops() {
     auto& dispatcher = c10::Dispatcher::singleton();
@@ -421,6 +430,9 @@ constexpr int64_t kPackFromSteps = 4;
 // takes a few.
 constexpr int64_t kPersistentBatch = 64;
 
+// From this batch on, the persistent loop's products come from MKL where it can.
+constexpr int64_t kMklFromBatch = 4;
+
 // From this batch on, in-place products go through tiled_unit_products rather than unit_dots:
 // at hidden 256 a step of batch 16 took 98 us against 130 (LSTM) and 88 against 145 (GRU); at
 // batch 8, where a strip of 16 batch rows is half padding, unit_dots was faster.
@@ -487,10 +499,14 @@ void pack_panels(const T* w, int64_t G, int64_t H, int64_t block, T* panels) {
 
 // The forward of a small batch without projection, in one OpenMP team for the whole sequence.
 // Each thread owns a slice of hidden units, and the columns of W_hh^T of their G gates, packed,
-// stay in its core's cache from step to step. It computes those gates for every batch row, then their
-// gate math a vector of units at a time, and writes the new state into the other of two
+// stay in its core's cache from step to step. It computes those gates for every batch row, then
+// their gate math a vector of units at a time, and writes the new state into the other of two
 // buffers; one barrier per step publishes it. Writes what forward_loop writes, what the backward
 // reads only with kSave (r.save).
+//
+// The products come from MKL where StepProduct packs (float32, from kMklFromBatch rows), each
+// thread packing its own slice of W_hh (MKL runs on the calling thread inside a team); else from
+// the tiles of row_products over panels packed here; a short sequence reads W_hh in place.
 template <typename T, bool kSave>
 void persistent_forward(const Recurrence& r, const Shape& n, std::vector<at::Tensor>& out) {
   const bool lstm = r.cell == Cell::kLSTM;
@@ -499,15 +515,16 @@ void persistent_forward(const Recurrence& r, const Shape& n, std::vector<at::Ten
   // a panel is read front to back, where columns of W_hh^T itself lie a long stride apart.
   const int64_t blocks = (H + block - 1) / block;
   const bool packed = n.T >= kPackFromSteps && B > 1;
+  const bool by_mkl = packed && B >= kMklFromBatch && StepProduct::packs(r.weight_hh.scalar_type());
   const T* w = r.weight_hh.const_data_ptr<T>();
   at::Tensor panels;
-  if (packed) {
+  if (packed && !by_mkl) {
     panels = at::empty({G, blocks, H, block}, r.weight_hh.options());
     pack_panels(w, G, H, block, panels.mutable_data_ptr<T>());
   }
-  at::Tensor spare = at::empty({B, H}, out[1].options());
-  T* buffers[2] = {out[1].mutable_data_ptr<T>(), spare.mutable_data_ptr<T>()};
-  const T* panel_data = packed ? panels.const_data_ptr<T>() : nullptr;
+  const at::Tensor states[2] = {out[1], at::empty({B, H}, out[1].options())};
+  T* buffers[2] = {states[0].mutable_data_ptr<T>(), states[1].mutable_data_ptr<T>()};
+  const T* panel_data = packed && !by_mkl ? panels.const_data_ptr<T>() : nullptr;
   // x_proj's rows; where the loop projects the input, the bias, expanded (Recurrence's comment).
   const T* xp_all = r.x_proj.const_data_ptr<T>();
   const int64_t xp_step = r.x_proj.stride(0), xp_row = r.x_proj.stride(1);
@@ -519,26 +536,45 @@ void persistent_forward(const Recurrence& r, const Shape& n, std::vector<at::Ten
   T* c = lstm ? out[2].mutable_data_ptr<T>() : nullptr;
   T* c_prev = lstm ? out[5].mutable_data_ptr<T>() : nullptr;
   T* tanh_c = lstm ? out[6].mutable_data_ptr<T>() : nullptr;
-  // Slices of whole column blocks, so that threads write apart. A short sequence instead deals
-  // its units out in shares (ShareDealer): there a thread slowed by other work on the machine
-  // would otherwise hold up the step (an LSTM cell at hidden 256, batch 16: the other thread
-  // had waited 6 to 21 us of 140).
+  // Slices of whole column blocks (of whole cache lines for MKL's), so that threads write apart.
+  // A short sequence instead deals its units out in shares (ShareDealer): there a thread slowed
+  // by other work on the machine would otherwise hold up the step (an LSTM cell at hidden 256,
+  // batch 16: the other thread had waited 6 to 21 us of 140).
   const bool shared_out = !packed && n.T < kPackFromSteps;
   const int64_t shares = (H + kUnitsPerShare - 1) / kUnitsPerShare;
+  const int64_t slice = by_mkl ? 64 / static_cast<int64_t>(sizeof(T)) : block, slices = (H + slice - 1) / slice;
   const int threads = static_cast<int>(
-      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), shared_out ? shares : blocks)));
+      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), shared_out ? shares : slices)));
   ShareDealer dealer(shares, threads);
+  // The caller's thread-local state (autograd's among it) for ATen's calls in the team, as
+  // at::parallel_for passes it on.
+  const at::ThreadLocalState caller_state;
 #pragma omp parallel num_threads(threads)
   {
+    const at::ThreadLocalStateGuard state_guard(caller_state);
     const int64_t id = omp_get_thread_num(), team = omp_get_num_threads();
-    const int64_t j0 = std::min(H, blocks * id / team * block), j1 = std::min(H, blocks * (id + 1) / team * block);
-    const int64_t width = shared_out ? kUnitsPerShare : (j1 - j0 + block - 1) / block * block;
+    const int64_t j0 = std::min(H, slices * id / team * slice), j1 = std::min(H, slices * (id + 1) / team * slice);
+    const int64_t width = shared_out ? kUnitsPerShare : (j1 - j0 + slice - 1) / slice * slice;
     // Four slots of products: an LSTM's gates, or a GRU's and its n gate's input part (zero
     // unless the loop projects the input).
     std::vector<T> products(4 * B * width);
     const GateProducts<T> own{products.data(), B * width, width};
     const GateProducts<T> own_input{products.data(), B * width, width, lstm ? Store::kAdd : Store::kAddGRUInput};
     const bool tiled = !packed && B >= kTiledFromBatch;
+    // Where the gate products of row b lie: gate g's for unit j at base + b row + g gate + j - u0.
+    struct {
+      const T* base;
+      int64_t row, gate;
+    } gate_products = {products.data(), width, B * width};
+    // MKL's products land in (rows, G width) tensors; rows past `rows` fall back to at::mm.
+    std::optional<StepProduct> mkl_products;
+    at::Tensor mkl_fallback, mkl_out;
+    if (by_mkl && j1 > j0) {
+      std::vector<at::Tensor> own_rows;
+      for (int64_t g = 0; g < G; ++g) own_rows.push_back(r.weight_hh.narrow(0, g * H + j0, j1 - j0));
+      mkl_products.emplace(at::cat(own_rows), B, true);
+      mkl_fallback = at::empty({B, G * (j1 - j0)}, out[1].options());
+    }
     const int64_t columns = padded_columns<T>(B);
     std::vector<T> ht(tiled ? H * columns : 0), xt(tiled && input ? I * columns : 0), yt(tiled ? width * columns : 0);
     // unit_dots for the units [u0, u1) of weight (G H, K) and the first rows of x, G as a
@@ -554,7 +590,9 @@ void persistent_forward(const Recurrence& r, const Shape& n, std::vector<at::Ten
     // Step t for the units [u0, u1): their gate products, then their gate math.
     auto step_units = [&](int64_t t, int64_t rows, const T* h, T* h_next, int64_t u0, int64_t u1) {
       const T* x = input ? input + t * B * I : nullptr;
-      if (packed) {
+      if (by_mkl) {
+        gate_products = {mkl_out.const_data_ptr<T>(), G * (j1 - j0), j1 - j0};
+      } else if (packed) {
         for (int64_t g = 0; g < G; ++g)
           row_products(h, rows, H, panel_data + (g * blocks + u0 / block) * H * block, width / block,
                        products.data() + g * B * width, width);
@@ -570,8 +608,11 @@ void persistent_forward(const Recurrence& r, const Shape& n, std::vector<at::Ten
         T* g4 = gates + (n.slot(t) * B + b) * 4 * H;
         T* out = output + (t * B + b) * H;
         const int64_t row = (n.slot(t) * B + b) * H;
-        const T *p0 = products.data() + b * width - u0, *p1 = p0 + B * width, *p2 = p1 + B * width,
-                *p3 = p2 + B * width;
+        const T* p0 = gate_products.base + b * gate_products.row - u0;
+        const T *p1 = p0 + gate_products.gate, *p2 = p1 + gate_products.gate;
+        // An LSTM's o gate, or a GRU's slot 3: its n gate's input part (zero unless the loop
+        // projects the input).
+        const T* p3 = lstm ? p2 + gate_products.gate : products.data() + 3 * B * width + b * width - u0;
         if constexpr (kSave) std::copy(h + b * H + u0, h + b * H + u1, h_prev + row + u0);
         if (!n.live(b, t)) {
           std::copy(h + b * H + u0, h + b * H + u1, h_next + b * H + u0);
@@ -625,12 +666,13 @@ void persistent_forward(const Recurrence& r, const Shape& n, std::vector<at::Ten
           step_units(t, rows, h, h_next, share * kUnitsPerShare, std::min(H, (share + 1) * kUnitsPerShare));
         });
       } else if (j1 > j0) {
+        if (by_mkl) mkl_out = (*mkl_products)(states[s % 2].narrow(0, 0, rows), mkl_fallback.narrow(0, 0, rows));
         step_units(t, rows, h, h_next, j0, j1);
       }
 #pragma omp barrier
     }
   }
-  if (n.T % 2) out[1] = spare;  // the last state was written into the spare buffer
+  if (n.T % 2) out[1] = states[1];  // the last state was written into the spare buffer
 }
 
 // Zoneout's backward of one row: kept = m grad and grad = (1 - m) grad, the parts of a state's
