@@ -449,22 +449,20 @@ std::vector<Tensor> recurrence_forward(const std::string& cell, const Tensor& x_
   TORCH_CHECK(false, "recurrence_forward: no kernel for ", x_proj.device(), " tensors in this build");
 }
 
-// One LSTM or GRU step on the CPU for inference, its input projection computed by the same
-// team of threads as the step (genfast::cpu::Recurrence's comment): input (B, I), h (B, H), an
-// LSTM's c (B, H), weight_ih (G*H, I), weight_hh (G*H, H), bias_ih and bias_hh (G*H) or
-// neither, all of one float or double type. Returns h' and an LSTM's c'.
-std::vector<Tensor> cell_forward(const std::string& cell, const Tensor& input, const Tensor& h,
-                                 const std::optional<Tensor>& c, const Tensor& weight_ih, const Tensor& weight_hh,
-                                 const std::optional<Tensor>& bias_ih, const std::optional<Tensor>& bias_hh) {
+// An LSTM or GRU over input (T, B, I) on the CPU for inference, the loop projecting its input
+// itself (genfast::cpu::Recurrence's comment): h (B, H), an LSTM's c (B, H), weight_ih (G*H, I),
+// weight_hh (G*H, H), bias_ih and bias_hh (G*H) or neither, all of one float or double type.
+genfast::cpu::Recurrence recurrence_from_input(const std::string& cell, const Tensor& input, const Tensor& h,
+                                               const std::optional<Tensor>& c, const Tensor& weight_ih,
+                                               const Tensor& weight_hh, const std::optional<Tensor>& bias_ih,
+                                               const std::optional<Tensor>& bias_hh, bool reverse) {
   TORCH_CHECK_VALUE(cell == "lstm" || cell == "gru", "cell must be \"lstm\" or \"gru\", got ", cell);
   const bool lstm = cell == "lstm";
   const int64_t G = lstm ? 4 : 3;
   const auto dtype = input.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble, "input must have dtype float32 or float64, got ",
                    dtype);
-  TORCH_CHECK_VALUE(input.dim() == 2 && input.is_cpu(), "input must be a CPU tensor (batch, input_size), got ",
-                    input.sizes(), " on ", input.device());
-  const int64_t B = input.size(0), I = input.size(1);
+  const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
   TORCH_CHECK_VALUE(weight_ih.dim() == 2 && weight_ih.size(0) % G == 0 && weight_ih.size(1) == I,
                     "weight_ih must be (", G, " * hidden_size, ", I, "), got ", weight_ih.sizes());
   const int64_t H = weight_ih.size(0) / G;
@@ -476,7 +474,7 @@ std::vector<Tensor> cell_forward(const std::string& cell, const Tensor& input, c
   check(weight_ih, "weight_ih", {G * H, I});
   check(weight_hh, "weight_hh", {G * H, H});
   check(h, "h", {B, H});
-  TORCH_CHECK_VALUE(lstm == c.has_value(), "an LSTM cell takes c, a GRU cell does not");
+  TORCH_CHECK_VALUE(lstm == c.has_value(), "an LSTM takes c, a GRU does not");
   if (c) check(*c, "c", {B, H});
   TORCH_CHECK_VALUE(bias_ih.has_value() == bias_hh.has_value(), "bias_ih and bias_hh must be given together");
   if (bias_ih) {
@@ -490,16 +488,43 @@ std::vector<Tensor> cell_forward(const std::string& cell, const Tensor& input, c
                            : lstm   ? at::add(*bias_ih, *bias_hh)
                                     : bias_ih->contiguous();
   genfast::cpu::Recurrence r{lstm ? genfast::cpu::Cell::kLSTM : genfast::cpu::Cell::kGRU,
-                             input_bias.expand({1, B, G * H}),
+                             input_bias.expand({T, B, G * H}),
                              weight_hh.contiguous(),
                              h.contiguous(),
                              lstm ? std::optional<Tensor>(c->contiguous()) : std::nullopt,
                              gru_bias_hh};
+  r.reverse = reverse;
   r.save = false;
-  r.input = input.contiguous().view({1, B, I});
+  r.input = input.contiguous();
   r.weight_ih = weight_ih.contiguous();
-  const std::vector<Tensor> out = genfast::cpu::recurrence_forward(r);
+  return r;
+}
+
+// One LSTM or GRU step on the CPU for inference, its input projection computed by the same
+// team of threads as the step: input (B, I), the rest as recurrence_from_input's. Returns h' and
+// an LSTM's c'.
+std::vector<Tensor> cell_forward(const std::string& cell, const Tensor& input, const Tensor& h,
+                                 const std::optional<Tensor>& c, const Tensor& weight_ih, const Tensor& weight_hh,
+                                 const std::optional<Tensor>& bias_ih, const std::optional<Tensor>& bias_hh) {
+  TORCH_CHECK_VALUE(input.dim() == 2 && input.is_cpu(), "input must be a CPU tensor (batch, input_size), got ",
+                    input.sizes(), " on ", input.device());
+  const std::vector<Tensor> out = genfast::cpu::recurrence_forward(
+      recurrence_from_input(cell, input.unsqueeze(0), h, c, weight_ih, weight_hh, bias_ih, bias_hh, false));
   return {out[1], out[2]};
+}
+
+// A layer's forward on the CPU for inference, the loop projecting the input a block of steps at
+// a time: input (T, B, I), the rest as recurrence_from_input's. Returns output (T, B, H), h_n and
+// an LSTM's c_n.
+std::vector<Tensor> layer_inference(const std::string& cell, const Tensor& input, const Tensor& h,
+                                    const std::optional<Tensor>& c, const Tensor& weight_ih, const Tensor& weight_hh,
+                                    const std::optional<Tensor>& bias_ih, const std::optional<Tensor>& bias_hh,
+                                    bool reverse) {
+  TORCH_CHECK_VALUE(input.dim() == 3 && input.is_cpu(), "input must be a CPU tensor (T, batch, input_size), got ",
+                    input.sizes(), " on ", input.device());
+  const std::vector<Tensor> out = genfast::cpu::recurrence_forward(
+      recurrence_from_input(cell, input, h, c, weight_ih, weight_hh, bias_ih, bias_hh, reverse));
+  return {out[0], out[1], out[2]};
 }
 
 // saved: the forward's gates, h_prev and, for an LSTM, c_prev and tanh_c.
@@ -939,6 +964,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "An LSTM's or GRU's time loop: (output, h_n, c_n, gates, h_prev, c_prev, tanh_c, hh_norm, c_norm, rstd)");
   m.def("cell_forward", &cell_forward, without_gil,
         "One LSTM or GRU step for inference, its input projection fused: (h', c' or an undefined tensor)");
+  m.def("layer_inference", &layer_inference, without_gil,
+        "A layer's forward for inference, its input projected by the loop: (output, h_n, c_n or an undefined tensor)");
   m.def("recurrence_backward", &recurrence_backward, without_gil,
         "The time loop's backward: (d_x_proj, d_weight_hh, d_bias_hh, dh0, dc0, d_weight_hr, d_norm_hh, d_norm_c)");
   m.def("sample", &sample, without_gil,

@@ -242,6 +242,28 @@ def test_inference_matches_training_forward(kind, batch):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("steps, batch", [(21, 5), (17, 64), (9, 3), (21, 70)])
+def test_inference_projects_in_the_loop(kind, steps, batch):
+    """Under no_grad the persistent loop projects the input itself, 8 steps at a time, with MKL's
+    products (float32, batch 4 to 64): blocks whole and cut short (21 steps), a last block of
+    one step (17); batch 3, batch 70 and float64 project all steps first. Both directions, two
+    layers, against torch's modules in float64."""
+    require("cpu")
+    kwargs = dict(input_size=6, hidden_size=35, num_layers=2, bidirectional=True)
+    reference, fused = twins(kind, kwargs)
+    reference.double()
+    x = torch.randn(steps, batch, 6, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    with torch.no_grad():
+        want = reference(x)
+        for dtype, tolerance in ((torch.float32, 1e-5), (torch.float64, 1e-10)):
+            with genfast.use_backend("cpu"):
+                got = fused.to(dtype)(x.to(dtype))
+            assert relative_error(got[0], want[0]) <= tolerance, dtype
+            for g, w in zip(got[1] if kind == "lstm" else [got[1]], want[1] if kind == "lstm" else [want[1]]):
+                assert relative_error(g, w) <= tolerance, dtype
+
+
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("batch", [4, 70], ids=["persistent loop", "a product per step"])
 def test_layers_with_unsorted_lengths(batch, reverse):

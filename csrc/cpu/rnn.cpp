@@ -125,7 +125,8 @@ void normalize_row_backward(const T* dy, const T* normalized, const T* weight, T
 // it is at::mm.
 class StepProduct {
  public:
-  StepProduct(const at::Tensor& weight, int64_t rows, bool pack) : weight_(weight), rows_(rows) {
+  StepProduct(const at::Tensor& weight, int64_t rows, bool pack, std::optional<at::Tensor> bias = std::nullopt)
+      : weight_(weight), bias_(std::move(bias)), rows_(rows) {
     if (!pack || !packs(weight.scalar_type())) return;
     linear_ = mkl_ops()->linear;
     packed_ = mkl_ops()->reorder.call(weight.contiguous(), rows);
@@ -134,10 +135,10 @@ class StepProduct {
   // Whether weights of this dtype get packed (when asked to).
   static bool packs(at::ScalarType dtype) { return dtype == at::kFloat && mkl_ops().has_value(); }
 
-  // x (rows, K) W^T: a new tensor, or written into out.
+  // x (rows, K) W^T (+ bias): a new tensor, or written into out.
   at::Tensor operator()(const at::Tensor& x, at::Tensor out) const {
-    if (linear_ && x.size(0) == rows_) return linear_->call(x, packed_, weight_, std::nullopt, rows_);
-    return at::mm_out(out, x, weight_.t());
+    if (linear_ && x.size(0) == rows_) return linear_->call(x, packed_, weight_, bias_, rows_);
+    return bias_ ? at::addmm_out(out, *bias_, x, weight_.t()) : at::mm_out(out, x, weight_.t());
   }
 
  private:
@@ -167,6 +168,7 @@ class StepProduct {
   }
 
   at::Tensor weight_, packed_;
+  std::optional<at::Tensor> bias_;
   int64_t rows_;
   std::optional<Linear> linear_;
 };
@@ -433,6 +435,16 @@ constexpr int64_t kPersistentBatch = 64;
 // From this batch on, the persistent loop's products come from MKL where it can.
 constexpr int64_t kMklFromBatch = 4;
 
+// Whether the persistent loop's products come from MKL.
+bool products_by_mkl(const Shape& n, at::ScalarType dtype) {
+  return n.T >= kPackFromSteps && n.B >= kMklFromBatch && StepProduct::packs(dtype);
+}
+
+// Steps of input the persistent loop projects at a time when it projects the input with MKL: a
+// (kProjectedSteps B, G H) block, where projecting all steps at once would fill a fresh
+// (T, B, G H) tensor, its page faults alone 12 ms of the fastrnns forward's 120.
+constexpr int64_t kProjectedSteps = 8;
+
 // From this batch on, in-place products go through tiled_unit_products rather than unit_dots:
 // at hidden 256 a step of batch 16 took 98 us against 130 (LSTM) and 88 against 145 (GRU); at
 // batch 8, where a strip of 16 batch rows is half padding, unit_dots was faster.
@@ -515,7 +527,7 @@ void persistent_forward(const Recurrence& r, const Shape& n, std::vector<at::Ten
   // a panel is read front to back, where columns of W_hh^T itself lie a long stride apart.
   const int64_t blocks = (H + block - 1) / block;
   const bool packed = n.T >= kPackFromSteps && B > 1;
-  const bool by_mkl = packed && B >= kMklFromBatch && StepProduct::packs(r.weight_hh.scalar_type());
+  const bool by_mkl = products_by_mkl(n, r.weight_hh.scalar_type());
   const T* w = r.weight_hh.const_data_ptr<T>();
   at::Tensor panels;
   if (packed && !by_mkl) {
@@ -575,6 +587,21 @@ void persistent_forward(const Recurrence& r, const Shape& n, std::vector<at::Ten
       mkl_products.emplace(at::cat(own_rows), B, true);
       mkl_fallback = at::empty({B, G * (j1 - j0)}, out[1].options());
     }
+    // Where the loop projects the input with MKL: this thread's units' part of a block of steps,
+    // (k B, G width) from time projected_from on.
+    std::optional<StepProduct> input_products;
+    at::Tensor input_fallback, projected;
+    int64_t projected_from = 0;
+    if (by_mkl && input && j1 > j0) {
+      std::vector<at::Tensor> own_rows, own_bias;
+      const at::Tensor input_bias = r.x_proj.select(0, 0).select(0, 0);
+      for (int64_t g = 0; g < G; ++g) {
+        own_rows.push_back(r.weight_ih->narrow(0, g * H + j0, j1 - j0));
+        own_bias.push_back(input_bias.narrow(0, g * H + j0, j1 - j0));
+      }
+      input_products.emplace(at::cat(own_rows), kProjectedSteps * B, true, at::cat(own_bias));
+      input_fallback = at::empty({kProjectedSteps * B, G * (j1 - j0)}, out[1].options());
+    }
     const int64_t columns = padded_columns<T>(B);
     std::vector<T> ht(tiled ? H * columns : 0), xt(tiled && input ? I * columns : 0), yt(tiled ? width * columns : 0);
     // unit_dots for the units [u0, u1) of weight (G H, K) and the first rows of x, G as a
@@ -604,7 +631,11 @@ void persistent_forward(const Recurrence& r, const Shape& n, std::vector<at::Ten
         if (x) in_place_products(w_ih, I, x, rows, u0, u1, own_input);
       }
       for (int64_t b = 0; b < B; ++b) {
-        const T* xp = xp_all + t * xp_step + b * xp_row;
+        // Gate g's input part for unit j at x_g[j].
+        const T* x0 = input_products ? projected.const_data_ptr<T>() + ((t - projected_from) * B + b) * G * (j1 - j0) - u0
+                                     : xp_all + t * xp_step + b * xp_row;
+        const int64_t x_gate = input_products ? j1 - j0 : H;
+        const T *x1 = x0 + x_gate, *x2 = x1 + x_gate, *x3 = lstm ? x2 + x_gate : nullptr;
         T* g4 = gates + (n.slot(t) * B + b) * 4 * H;
         T* out = output + (t * B + b) * H;
         const int64_t row = (n.slot(t) * B + b) * H;
@@ -629,8 +660,8 @@ void persistent_forward(const Recurrence& r, const Shape& n, std::vector<at::Ten
         if (lstm) {
 #pragma omp simd
           for (int64_t j = u0; j < u1; ++j) {
-            const T i = sigmoid(xp[j] + p0[j]), f = sigmoid(xp[H + j] + p1[j]);
-            const T gg = tanh_fast(xp[2 * H + j] + p2[j]), o = sigmoid(xp[3 * H + j] + p3[j]);
+            const T i = sigmoid(x0[j] + p0[j]), f = sigmoid(x1[j] + p1[j]);
+            const T gg = tanh_fast(x2[j] + p2[j]), o = sigmoid(x3[j] + p3[j]);
             // Explicit fused multiply-adds: the compiler's own choice differed with kSave, and
             // inference gave other last bits than training.
             const T previous = c[b * H + j], cell = std::fma(f, previous, i * gg), tc = tanh_fast(cell);
@@ -644,8 +675,8 @@ void persistent_forward(const Recurrence& r, const Shape& n, std::vector<at::Ten
 #pragma omp simd
           for (int64_t j = u0; j < u1; ++j) {
             const T h_n = p2[j] + bias[2 * H + j];
-            const T rg = sigmoid(xp[j] + p0[j] + bias[j]), z = sigmoid(xp[H + j] + p1[j] + bias[H + j]);
-            const T ng = tanh_fast(std::fma(rg, h_n, xp[2 * H + j] + p3[j]));
+            const T rg = sigmoid(x0[j] + p0[j] + bias[j]), z = sigmoid(x1[j] + p1[j] + bias[H + j]);
+            const T ng = tanh_fast(std::fma(rg, h_n, x2[j] + p3[j]));
             const T next = std::fma(z, h[b * H + j] - ng, ng);
             if constexpr (kSave) g4[j] = rg, g4[H + j] = z, g4[2 * H + j] = ng, g4[3 * H + j] = h_n;
             h_next[b * H + j] = next, out[j] = next;
@@ -666,6 +697,12 @@ void persistent_forward(const Recurrence& r, const Shape& n, std::vector<at::Ten
           step_units(t, rows, h, h_next, share * kUnitsPerShare, std::min(H, (share + 1) * kUnitsPerShare));
         });
       } else if (j1 > j0) {
+        if (input_products && s % kProjectedSteps == 0) {
+          const int64_t k = std::min(kProjectedSteps, n.T - s);
+          projected_from = n.reverse ? n.T - s - k : s;
+          projected = (*input_products)(r.input->narrow(0, projected_from, k).view({k * B, I}),
+                                        input_fallback.narrow(0, 0, k * B));
+        }
         if (by_mkl) mkl_out = (*mkl_products)(states[s % 2].narrow(0, 0, rows), mkl_fallback.narrow(0, 0, rows));
         step_units(t, rows, h, h_next, j0, j1);
       }
@@ -804,7 +841,7 @@ std::vector<at::Tensor> recurrence_forward(const Recurrence& r) {
   const Shape n(r);
   const bool persistent =
       n.B <= kPersistentBatch && !r.weight_hr && !r.zoneout_h && !r.zoneout_c && !r.norm_hh && !r.norm_c;
-  if (r.input && !(persistent && n.T < kPackFromSteps)) {
+  if (r.input && !(persistent && (n.T < kPackFromSteps || products_by_mkl(n, r.x_proj.scalar_type())))) {
     // One product over every step pays: the projection comes first, as the Python op's does.
     Recurrence projected = r;
     const at::Tensor bias = r.x_proj.select(0, 0).select(0, 0);
