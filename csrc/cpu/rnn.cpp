@@ -442,8 +442,9 @@ bool products_by_mkl(const Shape& n, at::ScalarType dtype) {
 
 // Steps of input the persistent loop projects at a time when it projects the input with MKL: a
 // (kProjectedSteps B, G H) block, where projecting all steps at once would fill a fresh
-// (T, B, G H) tensor, its page faults alone 12 ms of the fastrnns forward's 120.
-constexpr int64_t kProjectedSteps = 8;
+// (T, B, G H) tensor, its page faults alone 12 ms of the fastrnns forward's 120. That forward
+// took 92-96 ms with blocks of 2 or 4 steps, 94-99 with 8 and 98-100 with 16 (torch's 96-101).
+constexpr int64_t kProjectedSteps = 4;
 
 // From this batch on, in-place products go through tiled_unit_products rather than unit_dots:
 // at hidden 256 a step of batch 16 took 98 us against 130 (LSTM) and 88 against 145 (GRU); at
