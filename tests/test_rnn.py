@@ -32,9 +32,10 @@ def random_configs(kind: str, count: int, seed: int):
         T, B = rng.choice([1, 2, 6]), rng.choice([1, 3, 4])
         configs.append((kwargs, T if i else 1, B if i != 1 else 1, rng.random() < 0.4, rng.random() < 0.5))
     # Both C++ loops: the persistent one (batch up to 64, its units split over threads in
-    # blocks of 64 from hidden size 65; W_hh^T packed, or read in place at batch 1 and for
-    # short sequences, by tiles from batch 12) and the one of a product per step (larger
-    # batches, projections).
+    # blocks of 64 from hidden size 65; W_hh^T packed, by MKL in float32 from batch 32, or read
+    # in place at batch 1 and for short sequences, by tiles from batch 12) and the one of a
+    # product per step (larger batches, projections); the backward's products packed for MKL
+    # from batch 32.
     configs += [
         (dict(input_size=5, hidden_size=80, num_layers=2, bias=True, batch_first=False, bidirectional=True),
          7, 5, True, True),
@@ -44,6 +45,8 @@ def random_configs(kind: str, count: int, seed: int):
          3, 13, True, True),
         (dict(input_size=6, hidden_size=10, num_layers=1, bias=True, batch_first=True, bidirectional=True),
          4, 70, True, True),
+        (dict(input_size=6, hidden_size=20, num_layers=1, bias=True, batch_first=False, bidirectional=True),
+         5, 40, False, True),
     ]
     if kind == "lstm":  # projections, which the draws above may miss
         configs += [
@@ -243,14 +246,17 @@ def test_inference_matches_training_forward(kind, batch):
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
-@pytest.mark.parametrize("steps, batch", [(19, 5), (17, 64), (9, 3), (21, 70)])
-def test_inference_projects_in_the_loop(kind, steps, batch):
+@pytest.mark.parametrize("steps, batch, hidden, bias",
+                         [(19, 33, 35, True), (17, 64, 64, False), (16, 32, 7, True), (9, 3, 35, True),
+                          (21, 70, 35, True)])
+def test_inference_projects_in_the_loop(kind, steps, batch, hidden, bias):
     """Under no_grad the persistent loop projects the input itself, 4 steps at a time, with MKL's
-    products (float32, batch 4 to 64): whole blocks, then a last one of 3 steps (19) or 1 (17);
-    batch 3, batch 70 and float64 project all steps first. Both directions, two layers, against
-    torch's modules in float64."""
+    products (float32, batch 32 to 64): whole blocks, then a last one of 3 steps (19) or 1 (17);
+    units split over threads (hidden 35, 64) or not (7); without biases. Batch 3, batch 70 and
+    float64 project all steps first. Both directions, two layers, against torch's modules in
+    float64."""
     require("cpu")
-    kwargs = dict(input_size=6, hidden_size=35, num_layers=2, bidirectional=True)
+    kwargs = dict(input_size=6, hidden_size=hidden, num_layers=2, bias=bias, bidirectional=True)
     reference, fused = twins(kind, kwargs)
     reference.double()
     x = torch.randn(steps, batch, 6, generator=torch.Generator().manual_seed(6), dtype=torch.float64)

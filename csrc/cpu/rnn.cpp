@@ -1,8 +1,10 @@
-// LSTM and GRU time loops on the CPU. Each step is one matrix product, h W_hh^T (in float32
-// MKL's, with W_hh packed once per loop: StepProduct), and one pass of fused gate math over
-// (B, H), parallel over the batch's rows. The backward runs the steps in reverse with one
-// product each (the gradient of the state) and leaves the weights' gradients to products over
-// all steps at the end.
+// LSTM and GRU time loops on the CPU. Each step is one matrix product, h W_hh^T, and fused gate
+// math over (B, H): up to batch 64 in one team of threads for the whole sequence, each thread
+// owning a slice of units (persistent_forward); else one ATen product per step (with W_hh
+// packed once for MKL where that pays: StepProduct) and one pass of gate math, parallel over
+// the batch's rows (forward_loop). The backward runs the steps in reverse with one product each
+// (the gradient of the state) and leaves the weights' gradients to products over all steps at
+// the end.
 
 #include "rnn.h"
 
@@ -22,6 +24,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <exception>
 #include <functional>
 #include <optional>
 
@@ -122,7 +125,7 @@ void normalize_row_backward(const T* dy, const T* normalized, const T* weight, T
 //   h W_hh^T:  batch 1  7.7 -> 10.3, 4  9.1 -> 7.8, 16  37 -> 21, 64  64 -> 54;
 //   dG W_hh:   batch 1  6.9 -> 10.0, 16  19.3 -> 20.5, 32  35.6 -> 32.9, 64  56.6 -> 53.6.
 // Unpacked (float64, torch without MKL, `pack` false, a step over fewer rows than packed for),
-// it is at::mm.
+// it is at::mm (at::addmm with a bias).
 class StepProduct {
  public:
   StepProduct(const at::Tensor& weight, int64_t rows, bool pack, std::optional<at::Tensor> bias = std::nullopt)
@@ -432,12 +435,18 @@ constexpr int64_t kPackFromSteps = 4;
 // takes a few.
 constexpr int64_t kPersistentBatch = 64;
 
-// From this batch on, the persistent loop's products come from MKL where it can.
-constexpr int64_t kMklFromBatch = 4;
+// From this batch on, the persistent loop's products come from MKL where it can. In one
+// process, the loop over 100 steps with the loop's tiles and with MKL taking turns (ms, LSTM):
+// hidden 512, batch 4: 11.8 against 13.7, 16: 23.9 against 24.3, 32: 38.2 against 36.4, 64:
+// 65.2 against 60.5; hidden 256, batch 64: 18.3 against 18.5; hidden 384, batch 32: 27.4 against
+// 21.4 (its three blocks of 128 units split 1:2 over two threads).
+constexpr int64_t kMklFromBatch = 32;
 
-// Whether the persistent loop's products come from MKL.
+// Whether the persistent loop's products come from MKL: not for a packed batch, whose steps
+// shrink to the rows still running, for which W is not packed (the fastrnns packed forward, old
+// tiles against MKL's unpacked steps: 78 against 83 ms).
 bool products_by_mkl(const Shape& n, at::ScalarType dtype) {
-  return n.T >= kPackFromSteps && n.B >= kMklFromBatch && StepProduct::packs(dtype);
+  return n.T >= kPackFromSteps && n.B >= kMklFromBatch && !n.sorted && StepProduct::packs(dtype);
 }
 
 // Steps of input the persistent loop projects at a time when it projects the input with MKL: a
@@ -517,9 +526,11 @@ void pack_panels(const T* w, int64_t G, int64_t H, int64_t block, T* panels) {
 // buffers; one barrier per step publishes it. Writes what forward_loop writes, what the backward
 // reads only with kSave (r.save).
 //
-// The products come from MKL where StepProduct packs (float32, from kMklFromBatch rows), each
-// thread packing its own slice of W_hh (MKL runs on the calling thread inside a team); else from
-// the tiles of row_products over panels packed here; a short sequence reads W_hh in place.
+// The products come from MKL where StepProduct packs (float32, from kMklFromBatch rows and
+// kPackFromSteps steps), each thread packing its own slice of W_hh (MKL runs on the calling
+// thread inside a team); else from the tiles of row_products over panels packed here; a short
+// sequence reads W_hh in place. With MKL's products the loop projects an input it is given a
+// block of kProjectedSteps at a time, each thread its own units' gates.
 template <typename T, bool kSave>
 void persistent_forward(const Recurrence& r, const Shape& n, std::vector<at::Tensor>& out) {
   const bool lstm = r.cell == Cell::kLSTM;
@@ -549,10 +560,11 @@ void persistent_forward(const Recurrence& r, const Shape& n, std::vector<at::Ten
   T* c = lstm ? out[2].mutable_data_ptr<T>() : nullptr;
   T* c_prev = lstm ? out[5].mutable_data_ptr<T>() : nullptr;
   T* tanh_c = lstm ? out[6].mutable_data_ptr<T>() : nullptr;
-  // Slices of whole column blocks (of whole cache lines for MKL's), so that threads write apart.
-  // A short sequence instead deals its units out in shares (ShareDealer): there a thread slowed
-  // by other work on the machine would otherwise hold up the step (an LSTM cell at hidden 256,
-  // batch 16: the other thread had waited 6 to 21 us of 140).
+  // Slices of whole column blocks (for MKL's products, of a cache line's worth of units), so
+  // that threads write apart. A short sequence instead deals its units out in shares
+  // (ShareDealer): there a thread slowed by other work on the machine would otherwise hold up
+  // the step (an LSTM cell at hidden 256, batch 16: the other thread had waited 6 to 21 us of
+  // 140).
   const bool shared_out = !packed && n.T < kPackFromSteps;
   const int64_t shares = (H + kUnitsPerShare - 1) / kUnitsPerShare;
   const int64_t slice = by_mkl ? 64 / static_cast<int64_t>(sizeof(T)) : block, slices = (H + slice - 1) / slice;
@@ -560,8 +572,20 @@ void persistent_forward(const Recurrence& r, const Shape& n, std::vector<at::Ten
       std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), shared_out ? shares : slices)));
   ShareDealer dealer(shares, threads);
   // The caller's thread-local state (autograd's among it) for ATen's calls in the team, as
-  // at::parallel_for passes it on.
+  // at::parallel_for passes it on. Those calls may throw (out of memory): the first exception is
+  // kept, the team skips the remaining steps' work but still meets at every barrier, and the
+  // exception is rethrown after it.
   const at::ThreadLocalState caller_state;
+  std::atomic<bool> failed{false};
+  std::exception_ptr failure;
+  auto guarded = [&](auto&& work) {
+    if (failed.load(std::memory_order_relaxed)) return;
+    try {
+      work();
+    } catch (...) {
+      if (!failed.exchange(true)) failure = std::current_exception();
+    }
+  };
 #pragma omp parallel num_threads(threads)
   {
     const at::ThreadLocalStateGuard state_guard(caller_state);
@@ -579,30 +603,30 @@ void persistent_forward(const Recurrence& r, const Shape& n, std::vector<at::Ten
       const T* base;
       int64_t row, gate;
     } gate_products = {products.data(), width, B * width};
-    // MKL's products land in (rows, G width) tensors; rows past `rows` fall back to at::mm.
+    // MKL's products land in (rows, G (j1 - j0)) tensors; a step over fewer rows than B goes
+    // through at::mm into mkl_fallback.
     std::optional<StepProduct> mkl_products;
     at::Tensor mkl_fallback, mkl_out;
-    if (by_mkl && j1 > j0) {
-      std::vector<at::Tensor> own_rows;
-      for (int64_t g = 0; g < G; ++g) own_rows.push_back(r.weight_hh.narrow(0, g * H + j0, j1 - j0));
-      mkl_products.emplace(at::cat(own_rows), B, true);
-      mkl_fallback = at::empty({B, G * (j1 - j0)}, out[1].options());
-    }
     // Where the loop projects the input with MKL: this thread's units' part of a block of steps,
-    // (k B, G width) from time projected_from on.
+    // (k B, G (j1 - j0)) from time projected_from on.
     std::optional<StepProduct> input_products;
     at::Tensor input_fallback, projected;
     int64_t projected_from = 0;
-    if (by_mkl && input && j1 > j0) {
-      std::vector<at::Tensor> own_rows, own_bias;
+    if (by_mkl && j1 > j0) guarded([&] {
+      std::vector<at::Tensor> own_rows, own_input_rows, own_bias;
       const at::Tensor input_bias = r.x_proj.select(0, 0).select(0, 0);
       for (int64_t g = 0; g < G; ++g) {
-        own_rows.push_back(r.weight_ih->narrow(0, g * H + j0, j1 - j0));
+        own_rows.push_back(r.weight_hh.narrow(0, g * H + j0, j1 - j0));
+        if (!input) continue;
+        own_input_rows.push_back(r.weight_ih->narrow(0, g * H + j0, j1 - j0));
         own_bias.push_back(input_bias.narrow(0, g * H + j0, j1 - j0));
       }
-      input_products.emplace(at::cat(own_rows), kProjectedSteps * B, true, at::cat(own_bias));
+      mkl_products.emplace(at::cat(own_rows), B, true);
+      mkl_fallback = at::empty({B, G * (j1 - j0)}, out[1].options());
+      if (!input) return;
+      input_products.emplace(at::cat(own_input_rows), kProjectedSteps * B, true, at::cat(own_bias));
       input_fallback = at::empty({kProjectedSteps * B, G * (j1 - j0)}, out[1].options());
-    }
+    });
     const int64_t columns = padded_columns<T>(B);
     std::vector<T> ht(tiled ? H * columns : 0), xt(tiled && input ? I * columns : 0), yt(tiled ? width * columns : 0);
     // unit_dots for the units [u0, u1) of weight (G H, K) and the first rows of x, G as a
@@ -633,7 +657,8 @@ void persistent_forward(const Recurrence& r, const Shape& n, std::vector<at::Ten
       }
       for (int64_t b = 0; b < B; ++b) {
         // Gate g's input part for unit j at x_g[j].
-        const T* x0 = input_products ? projected.const_data_ptr<T>() + ((t - projected_from) * B + b) * G * (j1 - j0) - u0
+        const int64_t block_row = (t - projected_from) * B + b;
+        const T* x0 = input_products ? projected.const_data_ptr<T>() + block_row * G * (j1 - j0) - u0
                                      : xp_all + t * xp_step + b * xp_row;
         const int64_t x_gate = input_products ? j1 - j0 : H;
         const T *x1 = x0 + x_gate, *x2 = x1 + x_gate, *x3 = lstm ? x2 + x_gate : nullptr;
@@ -642,8 +667,8 @@ void persistent_forward(const Recurrence& r, const Shape& n, std::vector<at::Ten
         const int64_t row = (n.slot(t) * B + b) * H;
         const T* p0 = gate_products.base + b * gate_products.row - u0;
         const T *p1 = p0 + gate_products.gate, *p2 = p1 + gate_products.gate;
-        // An LSTM's o gate, or a GRU's slot 3: its n gate's input part (zero unless the loop
-        // projects the input).
+        // An LSTM's o gate, or a GRU's slot 3: its n gate's input part where the tiles or
+        // unit_dots project the input, else zero.
         const T* p3 = lstm ? p2 + gate_products.gate : products.data() + 3 * B * width + b * width - u0;
         if constexpr (kSave) std::copy(h + b * H + u0, h + b * H + u1, h_prev + row + u0);
         if (!n.live(b, t)) {
@@ -698,18 +723,21 @@ void persistent_forward(const Recurrence& r, const Shape& n, std::vector<at::Ten
           step_units(t, rows, h, h_next, share * kUnitsPerShare, std::min(H, (share + 1) * kUnitsPerShare));
         });
       } else if (j1 > j0) {
-        if (input_products && s % kProjectedSteps == 0) {
-          const int64_t k = std::min(kProjectedSteps, n.T - s);
-          projected_from = n.reverse ? n.T - s - k : s;
-          projected = (*input_products)(r.input->narrow(0, projected_from, k).view({k * B, I}),
-                                        input_fallback.narrow(0, 0, k * B));
-        }
-        if (by_mkl) mkl_out = (*mkl_products)(states[s % 2].narrow(0, 0, rows), mkl_fallback.narrow(0, 0, rows));
-        step_units(t, rows, h, h_next, j0, j1);
+        guarded([&] {
+          if (input_products && s % kProjectedSteps == 0) {
+            const int64_t k = std::min(kProjectedSteps, n.T - s);
+            projected_from = n.reverse ? n.T - s - k : s;
+            projected = (*input_products)(r.input->narrow(0, projected_from, k).view({k * B, I}),
+                                          input_fallback.narrow(0, 0, k * B));
+          }
+          if (by_mkl) mkl_out = (*mkl_products)(states[s % 2].narrow(0, 0, rows), mkl_fallback.narrow(0, 0, rows));
+          step_units(t, rows, h, h_next, j0, j1);
+        });
       }
 #pragma omp barrier
     }
   }
+  if (failure) std::rethrow_exception(failure);
   if (n.T % 2) out[1] = states[1];  // the last state was written into the spare buffer
 }
 
@@ -843,7 +871,8 @@ std::vector<at::Tensor> recurrence_forward(const Recurrence& r) {
   const bool persistent =
       n.B <= kPersistentBatch && !r.weight_hr && !r.zoneout_h && !r.zoneout_c && !r.norm_hh && !r.norm_c;
   if (r.input && !(persistent && (n.T < kPackFromSteps || products_by_mkl(n, r.x_proj.scalar_type())))) {
-    // One product over every step pays: the projection comes first, as the Python op's does.
+    // One product over every step pays, unless the persistent loop projects with MKL's blocks:
+    // the projection comes first, as the Python op's does.
     Recurrence projected = r;
     const at::Tensor bias = r.x_proj.select(0, 0).select(0, 0);
     projected.x_proj = at::addmm(bias, r.input->view({n.T * n.B, -1}), r.weight_ih->t()).view(r.x_proj.sizes());

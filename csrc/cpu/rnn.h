@@ -23,9 +23,10 @@ enum class Cell { kLSTM, kGRU };
 // may be left unwritten.
 //
 // Or the loop projects the input itself (a cell: for a step or two, a product of its own per
-// step costs less than waking ATen's): input (T, B, I) and weight_ih (G*H, I) given, and x_proj
-// the constant part of the projection, b_ih (plus b_hh for an LSTM) expanded to (T, B, G*H);
-// the loop adds input W_ih^T to it.
+// step costs less than waking ATen's; inference over a layer: a block of steps at a time rather
+// than a fresh (T, B, G*H) tensor): input (T, B, I) and weight_ih (G*H, I) given, and x_proj the
+// constant part of the projection, b_ih (plus b_hh for an LSTM) expanded to (T, B, G*H); the
+// loop adds input W_ih^T to it.
 struct Recurrence {
   Cell cell;
   at::Tensor x_proj, weight_hh, h0;
