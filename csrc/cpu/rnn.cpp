@@ -443,8 +443,8 @@ constexpr int64_t kPersistentBatch = 64;
 constexpr int64_t kMklFromBatch = 32;
 
 // Whether the persistent loop's products come from MKL: not for a packed batch, whose steps
-// shrink to the rows still running, for which W is not packed (the fastrnns packed forward, old
-// tiles against MKL's unpacked steps: 78 against 83 ms).
+// shrink to the rows still running, fewer than W is packed for, so that at::mm would repack it
+// step after step.
 bool products_by_mkl(const Shape& n, at::ScalarType dtype) {
   return n.T >= kPackFromSteps && n.B >= kMklFromBatch && !n.sorted && StepProduct::packs(dtype);
 }
