@@ -593,7 +593,8 @@ void persistent_forward(const Recurrence& r, const Shape& n, std::vector<at::Ten
     const int64_t j0 = std::min(H, slices * id / team * slice), j1 = std::min(H, slices * (id + 1) / team * slice);
     const int64_t width = shared_out ? kUnitsPerShare : (j1 - j0 + slice - 1) / slice * slice;
     // Four slots of products: an LSTM's gates, or a GRU's and its n gate's input part (zero
-    // unless the loop projects the input).
+    // unless the tiles or unit_dots project the input). With MKL's products only the GRU's
+    // zero slot is read.
     std::vector<T> products(4 * B * width);
     const GateProducts<T> own{products.data(), B * width, width};
     const GateProducts<T> own_input{products.data(), B * width, width, lstm ? Store::kAdd : Store::kAddGRUInput};
