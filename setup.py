@@ -49,7 +49,7 @@ def _extension():
         "genfast._C",
         sources + sorted(glob.glob("csrc/cuda/*.cu")),
         define_macros=[("GENFAST_WITH_CUDA", None)],
-        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "--use_fast_math"]},
+        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20"]},
         extra_link_args=link,
     )
 

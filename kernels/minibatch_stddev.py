@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 _BLOCK = 512
-_EPS = 1e-8
+_EPS = tl.constexpr(1e-8)  # a global a kernel reads must be a constexpr (the interpreter would take any)
 
 
 @triton.jit

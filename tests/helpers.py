@@ -7,7 +7,10 @@ import genfast
 from genfast.backends import unavailable_reason
 from genfast.reference import sampling
 
-BACKENDS = ("reference", "cpu", "triton", "cuda")
+# The backends every op has a kernel for; a family with CUDA kernels too (GroupNorm, the
+# recurrences) adds "cuda" in its tests. An explicit backend without a kernel for the op is an
+# error by design, not a case to test each op for.
+BACKENDS = ("reference", "cpu", "triton")
 
 
 def device_for(backend: str) -> str:

@@ -11,10 +11,13 @@ from genfast.cli import main
 from genfast.models.catalog import ARCHITECTURES, twins
 
 
-@pytest.mark.parametrize("backend", ["cpu", "cuda", "triton", "reference"])
+# Not "cuda": only some of an architecture's ops have CUDA C++ kernels, and an explicit backend
+# refuses the others (the CUDA kernels are tested op by op).
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
 @pytest.mark.parametrize("name", ["mlp", "vae", "gan"])
 def test_training_step_matches_torch_layers(backend, name):
-    """Outputs, loss and every parameter's gradient (the GAN's through its R1 penalty's second order)."""
+    """Outputs, loss and every parameter's gradient (the GAN's through its R1 penalty's second order).
+    The torch.nn build runs on the same device: on a GPU both take cuDNN's convolutions in TF32."""
     device = require(backend)
     architecture = ARCHITECTURES[name]
     reference, fused = twins(architecture, "check")
@@ -31,7 +34,7 @@ def test_training_step_matches_torch_layers(backend, name):
     with genfast.use_backend(backend):
         got = step(fused.to(device), torch.float32, device)
     names = ["outputs", "loss", *(name for name, _ in fused.named_parameters())]
-    assert_like_torch_build(names, got, step(reference, torch.float32), step(exact, torch.float64))
+    assert_like_torch_build(names, got, step(reference.to(device), torch.float32, device), step(exact, torch.float64))
 
 
 def test_builds_share_state_dict_and_use_genfast_layers():

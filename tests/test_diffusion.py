@@ -17,9 +17,6 @@ from genfast.reference.diffusion import denoising_loss as reference_loss
 from genfast.reference.diffusion import philox_normal
 from genfast.reference.diffusion import timestep_embedding as reference_embedding
 
-# The diffusion ops have no CUDA C++ kernel: Triton serves CUDA tensors.
-STEP_BACKENDS = [b for b in BACKENDS if b != "cuda"]
-
 # dtype and the absolute term of the error rule (DESIGN.md's tolerance table).
 DTYPES = [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)]
 
@@ -80,7 +77,7 @@ def reference64(args, kwargs):
     return reference_step(sample.double(), model_output.double(), c, **upcast)
 
 
-@pytest.mark.parametrize("backend", STEP_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype, atol", DTYPES, ids=str)
@@ -95,7 +92,7 @@ def test_matches_reference(backend, shape, config, dtype, atol):
     assert relative_error(denoised, ref_denoised) <= atol
 
 
-@pytest.mark.parametrize("backend", STEP_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_without_denoised_output(backend):
     device = require(backend)
     args, kwargs = make_step((2, 4, 5, 6), torch.float32, device, noise=True)
@@ -105,7 +102,7 @@ def test_without_denoised_output(backend):
     assert relative_error(prev, reference64(args, kwargs)[0]) <= 1e-5
 
 
-@pytest.mark.parametrize("backend", STEP_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_inputs(backend):
     device = require(backend)
     (sample, model_output, c), kwargs = make_step((2, 4, 6, 10), torch.float32, device, guided=True, noise=True)
@@ -118,7 +115,7 @@ def test_non_contiguous_inputs(backend):
     assert relative_error(denoised, ref_denoised) <= 1e-5
 
 
-@pytest.mark.parametrize("backend", STEP_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batch(backend):
     device = require(backend)
     sample = torch.empty(0, 4, 3, 3, device=device)
@@ -128,7 +125,7 @@ def test_empty_batch(backend):
 
 
 
-@pytest.mark.parametrize("backend", STEP_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_terms_of_coefficient_zero_are_left_out_and_nan_passes_the_clip(backend):
     """A NaN noise or history under a coefficient of 0 (diffusers' last step, Euler without churn)
     does not reach prev, as diffusers leaves those terms out; a NaN model output passes clipping
@@ -221,7 +218,7 @@ EMBEDDINGS = [
 ]
 
 
-@pytest.mark.parametrize("backend", STEP_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("timesteps, dim, flip, shift, scale, max_period", EMBEDDINGS, ids=str)
 def test_timestep_embedding_matches_reference(backend, timesteps, dim, flip, shift, scale, max_period):
     device = require(backend)
@@ -235,7 +232,7 @@ def test_timestep_embedding_matches_reference(backend, timesteps, dim, flip, shi
                               1e-6, "timestep embedding")
 
 
-@pytest.mark.parametrize("backend", STEP_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.int64, torch.float16, torch.bfloat16, torch.float64], ids=str)
 def test_timestep_embedding_of_every_timestep_dtype_and_views(backend, dtype):
     device = require(backend)
@@ -291,7 +288,7 @@ def training_batch(shape, dtype, device, seed=0):
     return x0, noise, timesteps, alphas_cumprod
 
 
-@pytest.mark.parametrize("backend", STEP_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(1,), (3, 1, 1), (2, 4, 7, 13), (5, 3, 33, 31)], ids=str)
 @pytest.mark.parametrize("dtype, atol", DTYPES, ids=str)
 def test_add_noise_and_velocity(backend, shape, dtype, atol):
@@ -335,7 +332,7 @@ def test_add_noise_timestep_outside_the_schedule():
         genfast.ops.add_noise(x0, noise, torch.tensor([5, 1000]), alphas_cumprod)
 
 
-@pytest.mark.parametrize("backend", STEP_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(1, 1), (3, 1, 1), (2, 4, 7, 13), (5, 3, 33, 31)], ids=str)
 @pytest.mark.parametrize("dtype, atol", DTYPES, ids=str)
 @pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weighted"])
@@ -360,7 +357,7 @@ def test_denoising_loss_and_gradients(backend, shape, dtype, atol, weighted):
         assert relative_error(got / scale, want / scale) <= atol, name
 
 
-@pytest.mark.parametrize("backend", STEP_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_denoising_loss_twice_differentiable(backend):
     """create_graph=True: the gradient is itself differentiable, as torch's is (e.g. for gradient penalties)."""
     device = require(backend)
@@ -422,7 +419,7 @@ def test_training_bad_input(case):
         call(torch.randn(2, 3))
 
 
-@pytest.mark.parametrize("backend", STEP_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_noise_statistics(backend):
     """noise_seed's noise is standard normal: mean, variance, tails and neighbours' correlation within
     5 standard errors; the same seed gives the same noise; and it is the reference's philox_normal."""
@@ -449,7 +446,7 @@ def test_fused_noise_statistics(backend):
     assert relative_error(noise, reference) <= 1e-5
 
 
-@pytest.mark.parametrize("backend", STEP_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 1, 5, 7), (2, 3, 37, 41)], ids=str)
 def test_fused_noise_odd_sizes(backend, shape):
     """Samples whose sizes are not multiples of Philox's four lanes start and end tiles inside a

@@ -3,12 +3,15 @@
 import pytest
 import torch
 import torch.nn.functional as F
+import helpers
 from helpers import (
-    BACKENDS, assert_close_to_reference, assert_compiles_like_eager, interpreted, relative_error, require,
+    assert_close_to_reference, assert_compiles_like_eager, interpreted, relative_error, require,
 )
 
 import genfast
 from genfast.reference.norm import group_norm as reference_group_norm
+
+BACKENDS = (*helpers.BACKENDS, "cuda")  # GroupNorm has a CUDA kernel too
 
 # dtype and the absolute term of the error rule (DESIGN.md's tolerance table).
 DTYPES = [(torch.float32, 1e-5), (torch.float64, 1e-10), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)]

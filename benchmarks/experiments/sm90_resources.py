@@ -1,8 +1,9 @@
-"""What each Triton attention, sampling and recurrence kernel costs an H100/H200 in shared memory,
-registers and spilled stack, read without a GPU: the launchers run on meta tensors, each
-launch is compiled for sm_90 instead of run, and cuobjdump (shipped with Triton) reports the
-cubin's resources. Flags a kernel over the 227 KB of shared memory a block may use (it would
-fail to launch) or with a stack (spilled registers).
+"""What each Triton kernel costs an H100/H200 in shared memory, registers and spilled stack, read
+without a GPU: the launchers run on meta tensors, each launch is compiled for sm_90 instead of
+run, and cuobjdump (shipped with Triton) reports the cubin's resources. Flags a kernel over the
+227 KB of shared memory a block may use (it would fail to launch) or with a stack (spilled
+registers). Run it before a GPU session too: Triton's interpreter, which runs the kernels in CI,
+accepts code the compiler refuses (a global that is not a constexpr was only found on an H100).
 
     python benchmarks/experiments/sm90_resources.py
 """
@@ -21,7 +22,10 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from genfast.kernels import attention, rnn, sampling  # noqa: E402
+from genfast.kernels import (  # noqa: E402
+    activation, attention, bias_act, cross_entropy, diffusion, losses, minibatch_stddev, norm, rnn, rotary, sampling,
+)
+from genfast.reference.diffusion import StepCoefficients  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 SHARED_LIMIT = 232448
@@ -97,6 +101,7 @@ def main() -> None:
             logits = torch.empty(4, 50257, dtype=dtype, device=meta)
             sampling.sample(logits, 0.8, 50, 0.9, torch.empty(4, device=meta))
     recurrences()
+    elementwise()
 
 
 def recurrences() -> None:
@@ -122,6 +127,59 @@ def recurrences() -> None:
                                                           *masks, *norms, False, True)
             rnn.recurrence_backward(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, lengths, *masks, *norms, False,
                                     output, None, None, [t for t in saved if t is not None])
+
+
+
+def elementwise() -> None:
+    """The memory-bound families, in each dtype their kernels take."""
+    meta = torch.device("meta")
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        x = torch.empty(64, 1000, dtype=dtype, device=meta)
+        for name in ("silu", "gelu", "gelu_tanh"):
+            activation.activation_forward(x, None, name)
+            activation.activation_backward(x, x, x, name)
+        for name in ("linear", "relu", "leaky_relu", "gelu", "silu", "tanh", "sigmoid"):
+            bias = torch.empty(1000, dtype=dtype, device=meta)
+            bias_act.bias_act_forward(x, bias, name, 0.2, 1.0, 256.0, 1)
+            for order in (1, 2):
+                bias_act.bias_act_backward(x, x, None, name, 0.2, 1.0, None, 1, order)
+        for kind in ("mse", "bce_with_logits", "gaussian_kl", "softplus"):
+            target = None if kind in ("gaussian_kl", "softplus") else x
+            for reduce in (False, True):
+                losses.loss_forward(x, target, kind, 1.0, reduce, 1.0)
+                losses.loss_backward(torch.empty((), dtype=dtype, device=meta), x, target, kind, 1.0, reduce, 1.0,
+                                     target is not None)
+        losses.reparameterize_forward(x, x, x)
+        losses.reparameterize_backward(x, x, x)
+        images = torch.empty(8, 32, 9, 9, dtype=dtype, device=meta)
+        out = minibatch_stddev.minibatch_stddev_forward(images, 4, 1)
+        minibatch_stddev.minibatch_stddev_backward(out, images, 4, 1)
+        weight = torch.empty(32, dtype=math_dtype, device=meta)
+        for silu in (False, True):
+            y, mean, rstd = norm.group_norm_forward(images, weight, weight, 8, 1e-5, silu)
+            norm.group_norm_backward(y, images, weight, weight, mean, rstd, 8, silu)
+        weight = torch.empty(1000, dtype=math_dtype, device=meta)
+        for rms in (False, True):
+            y, h, mean, rstd = norm.layer_norm_forward(x, x, weight, weight, 1e-5, rms)
+            norm.layer_norm_backward(y, h, h, weight, mean, rstd, rms)
+        logits = torch.empty(16, 50257, dtype=dtype, device=meta)
+        cross_entropy.cross_entropy_rows(logits, torch.empty(16, dtype=torch.int64, device=meta), -100, 0.1,
+                                         torch.empty(16, dtype=math_dtype, device=meta))
+        if dtype != torch.float64:
+            heads = torch.empty(2, 64, 12, 64, dtype=dtype, device=meta)
+            angles = torch.empty(1, 64, 64, dtype=math_dtype, device=meta)
+            for transpose in (False, True):
+                rotary.rotary_embedding(heads, angles, angles, None, transpose)
+            latents = torch.empty(4, 4, 32, 32, dtype=dtype, device=meta)
+            steps = torch.empty(4, dtype=torch.int64, device=meta)
+            c = StepCoefficients(sample_noise=0.5, x0_sample=1.0, x0_model=-0.5, prev_x0=0.5, prev_sample=0.5,
+                                 prev_model=0.1, prev_history=0.1, prev_noise=0.2, clip=1.0)
+            diffusion.denoise_step(latents, latents.repeat(2, 1, 1, 1), c, latents, latents, 7.5, True)
+            diffusion.denoise_step(latents, latents, c, None, None, None, False, noise_seed=5)
+            diffusion.add_noise(latents, latents, steps, torch.empty(1000, device=meta), True)
+            diffusion.denoising_loss(latents, latents, torch.empty(4, device=meta), True)
+    diffusion.timestep_embedding(torch.empty(4, device=meta), torch.empty(160, device=meta), 321, True, 1.0)
 
 
 if __name__ == "__main__":

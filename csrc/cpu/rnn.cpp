@@ -938,7 +938,7 @@ std::vector<at::Tensor> recurrence_backward(const Recurrence& r, const at::Tenso
   }
   // A norm's weight takes sum dy * normalized, its bias sum dy, over every step and row.
   auto norm_grad = [&](const at::Tensor& dy, const at::Tensor& normalized) {
-    return at::stack({dy.mul(normalized).sum({0, 1}), dy.sum({0, 1})});
+    return at::stack({dy.mul(normalized).sum(at::IntArrayRef{0, 1}), dy.sum(at::IntArrayRef{0, 1})});
   };
   at::Tensor d_norm_hh = r.norm_hh ? norm_grad(d_x_proj, saved[4]) : at::Tensor();
   at::Tensor d_norm_c = r.norm_c ? norm_grad(d_squashed_steps, saved[5]) : at::Tensor();

@@ -27,7 +27,9 @@ constexpr int kThreads = 256;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-__device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
+// Accurate expf and tanhf, not the fast intrinsics (tanh.approx.f32 errs by up to 2^-11): a
+// step's error feeds every later step, and the outputs must match cuDNN's to fp32 rounding.
+__device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
 
 // One unit's four saved values, H apart (csrc/cpu/rnn.h's gates layout).
 __device__ __forceinline__ void save_gates(float* saved, int H, float a, float b, float c, float d) {

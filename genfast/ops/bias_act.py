@@ -22,7 +22,6 @@ from ._autograd import eager_function
 from ._checks import check_choice, check_tensor, fills_memory
 
 _IMPLEMENTED = frozenset({"cpu", "triton"})
-_UNPROVEN = frozenset({"triton"})  # passes its tests in the interpreter; not yet run on a GPU
 
 
 def _inner(x: Tensor, bias: Tensor | None, dim: int) -> int:
@@ -178,7 +177,7 @@ def run_checked(x: Tensor, bias: Tensor | None, dim: int, activation: str, alpha
     """bias_act on arguments already checked and resolved: x filling its memory, bias contiguous
     and of x's dtype and device, dim in [0, x.dim()), alpha and gain numbers (genfast.nn.Linear's
     way in, which skips the checks its layer makes true)."""
-    backend = resolve("bias_act", x.device, _IMPLEMENTED, _UNPROVEN)
+    backend = resolve("bias_act", x.device, _IMPLEMENTED)
     if backend == "reference" or x.numel() == 0:
         return reference.bias_act.bias_act(x, bias, dim, activation, alpha, gain, clamp)
     args = (x, bias, dim, activation, alpha, gain, clamp, backend)

@@ -17,7 +17,6 @@ from ._autograd import eager_function
 from ._checks import check_choice, check_tensor
 
 _IMPLEMENTED = frozenset({"cpu", "triton"})
-_UNPROVEN = frozenset({"triton"})  # passes its tests in the interpreter; not yet run on a GPU
 _REDUCTIONS = ("none", "mean", "sum")
 
 
@@ -87,7 +86,7 @@ def _loss(kind: str, x: Tensor, t: Tensor | None, reduction: str, names: tuple[s
             raise TypeError(f"{names[1]} must have {names[0]}'s dtype {x.dtype}, got {t.dtype}")
     if reduction == "batchmean" and x.dim() == 0:
         raise ValueError(f"reduction 'batchmean' needs a batch dimension, got {names[0]} of shape ()")
-    backend = resolve("loss", x.device, _IMPLEMENTED, _UNPROVEN)
+    backend = resolve("loss", x.device, _IMPLEMENTED)
     if backend == "reference" or x.numel() == 0:
         return reference.losses.loss(kind, x, t, reduction, sign)
     args = (x.contiguous(), None if t is None else t.contiguous(), kind, sign, reduction, backend)
@@ -212,7 +211,7 @@ def reparameterize(
         check_tensor("noise", noise, shape=tuple(mu.shape), like=mu)
         if noise.dtype != mu.dtype:
             raise TypeError(f"noise must have mu's dtype {mu.dtype}, got {noise.dtype}")
-    backend = resolve("reparameterize", mu.device, _IMPLEMENTED, _UNPROVEN)
+    backend = resolve("reparameterize", mu.device, _IMPLEMENTED)
     if backend == "reference" or mu.numel() == 0:
         return reference.losses.reparameterize(mu, logvar, noise)
     args = (mu.contiguous(), logvar.contiguous(), noise.contiguous(), backend)
