@@ -6,7 +6,8 @@ strides, so one kernel serves channels-first (S-contiguous) and channels-last
 (C-contiguous) tensors. One program owns one (sample, group) and walks it in
 [BLOCK_C, BLOCK_S] tiles. Statistics accumulate x - K in float32 (float64 for
 float64 inputs) with K the group's first value, so a large mean cannot cancel
-the variance away.
+the variance away. eps is a constexpr: a float argument reaches a kernel in
+float32, 2.5e-9 off in a float64 norm of a near-constant group.
 """
 
 import torch
@@ -31,7 +32,7 @@ def _tile(base, c0, s0, cpg, S, stride_c, stride_s, BLOCK_C: tl.constexpr, BLOCK
 @triton.jit
 def _group_norm_forward_kernel(
     x_ptr, weight_ptr, bias_ptr, y_ptr, mean_ptr, rstd_ptr,
-    S, cpg, groups, stride_n, stride_c, stride_s, eps,
+    S, cpg, groups, stride_n, stride_c, stride_s, EPS: tl.constexpr,
     SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """y = act((x - mean) * rstd * weight + bias) for the group of program (n, g).
@@ -62,7 +63,7 @@ def _group_norm_forward_kernel(
     var = tl.maximum(tl.sum(tl.sum(total_sq, axis=1), axis=0).to(tl.float64) / count - shift_mean * shift_mean, 0,
                      propagate_nan=tl.PropagateNan.ALL)
     mean = (pivot + shift_mean).to(acc_dtype)
-    rstd = (1 / tl.sqrt(var + eps)).to(acc_dtype)
+    rstd = (1 / tl.sqrt(var + EPS)).to(acc_dtype)
     tl.store(mean_ptr + pid, mean)
     tl.store(rstd_ptr + pid, rstd)
 
@@ -163,7 +164,7 @@ def group_norm_forward(x, weight, bias, groups: int, eps: float, silu: bool):
     mean = x.new_empty((x.shape[0], groups), dtype=weight.dtype)
     rstd = torch.empty_like(mean)
     _group_norm_forward_kernel[(x.shape[0] * groups,)](
-        x, weight, bias, y, mean, rstd, spatial, cpg, groups, *strides, eps,
+        x, weight, bias, y, mean, rstd, spatial, cpg, groups, *strides, EPS=eps,
         SILU=silu, BLOCK_C=block_c, BLOCK_S=block_s,
     )
     return y, mean, rstd
@@ -184,7 +185,7 @@ def group_norm_backward(dy, x, weight, bias, mean, rstd, groups: int, silu: bool
 
 @triton.jit
 def _layer_norm_forward_kernel(
-    x_ptr, residual_ptr, weight_ptr, bias_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr, D, eps,
+    x_ptr, residual_ptr, weight_ptr, bias_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr, D, EPS: tl.constexpr,
     RMS: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """y = (h - mean) * rstd * weight + bias for one row, h = x (+ residual).
@@ -216,7 +217,7 @@ def _layer_norm_forward_kernel(
         shift = tl.sum(d, axis=0) / D
         mean = pivot + shift
         centred = tl.where(mask, d - shift, 0)
-    rstd = 1 / tl.sqrt(tl.sum(centred * centred, axis=0) / D + eps)
+    rstd = 1 / tl.sqrt(tl.sum(centred * centred, axis=0) / D + EPS)
     y = centred * rstd * tl.load(weight_ptr + cols, mask=mask)
     if not RMS:
         y += tl.load(bias_ptr + cols, mask=mask)
@@ -276,7 +277,7 @@ def layer_norm_forward(x, residual, weight, bias, eps: float, rms: bool):
     mean = x.new_empty(rows, dtype=weight.dtype)
     rstd = torch.empty_like(mean)
     _layer_norm_forward_kernel[(rows,)](
-        x, residual, weight, bias, y, h, mean, rstd, D, eps,
+        x, residual, weight, bias, y, h, mean, rstd, D, EPS=eps,
         RMS=rms, RESIDUAL=residual is not None, BLOCK_D=triton.next_power_of_2(D),
     )
     return y, h, mean, rstd

@@ -111,11 +111,13 @@ def _emit_hidden(m, h_old, live, tile, state, step_rows, units, P, h_write, out_
             tl.store(h_prev_ptr + step_rows[:, None] * P + units[None, :], h_old, mask=tile)
 
 
+# EPS, the norms' epsilon, is a constexpr: a float argument reaches a kernel in float32, which
+# put a float64 layer-normalized LSTM 2.5e-10 off on an H100.
 @triton.jit
 def _recurrence_forward_kernel(
     x_ptr, w_hh_ptr, b_hh_ptr, w_hr_ptr, lengths_ptr, zoneout_h_ptr, zoneout_c_ptr, norm_hh_ptr, norm_c_ptr,
     h_state_ptr, c_state_ptr, m_ptr, scratch_ptr, out_ptr, gates_ptr, h_prev_ptr, c_prev_ptr, tanh_c_ptr, hh_norm_ptr,
-    c_norm_ptr, rstd_ptr, T, B, H, P, eps,
+    c_norm_ptr, rstd_ptr, T, B, H, P, EPS: tl.constexpr,
     LSTM: tl.constexpr, PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, ZONEOUT_H: tl.constexpr,
     ZONEOUT_C: tl.constexpr, NORM: tl.constexpr, REVERSE: tl.constexpr, SAVE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -152,7 +154,7 @@ def _recurrence_forward_kernel(
                              mask=in_rows[:, None] & in_units[None, :])
                     total += tl.sum(raw, 1)
                     squares += tl.sum(raw * raw, 1)
-            mean_hh, rstd_hh = _row_stats(total, squares, 4 * H, eps)
+            mean_hh, rstd_hh = _row_stats(total, squares, 4 * H, EPS)
             cell_total = tl.zeros_like(total)
             cell_squares = tl.zeros_like(total)
             tl.debug_barrier()
@@ -232,7 +234,7 @@ def _recurrence_forward_kernel(
                              zoneout_h_ptr, PROJ, ZONEOUT_H, SAVE)
         if NORM:
             # Pass 3: LN_c of the new cell, and the hidden state from it.
-            mean_c, rstd_c = _row_stats(cell_total, cell_squares, H, eps)
+            mean_c, rstd_c = _row_stats(cell_total, cell_squares, H, EPS)
             if SAVE:
                 tl.store(rstd_ptr + step_rows * 2, rstd_hh, mask=in_rows)
                 tl.store(rstd_ptr + step_rows * 2 + 1, rstd_c, mask=in_rows)
@@ -501,7 +503,7 @@ def recurrence_forward(cell, x_proj, weight_hh, h0, c0, bias_hh, weight_hr, leng
         x_proj, weight_hh, x_proj if bias_hh is None else bias_hh, weight_hh if weight_hr is None else weight_hr,
         h0 if lengths is None else lengths, *_masks(x_proj, zoneout_h, zoneout_c),
         *((norm_hh, norm_c) if normed else (x_proj, x_proj)), h_state, c_state, m, scratch, output, gates, h_prev,
-        c_prev, tanh_c, hh_norm, c_norm, rstd, T, B, H, P, eps, SAVE=save, **settings,
+        c_prev, tanh_c, hh_norm, c_norm, rstd, T, B, H, P, EPS=eps, SAVE=save, **settings,
     )
     h_n, c_n = h_state[T % 2].clone(), c_state[T % 2].clone() if lstm else None
     norms_saved = (hh_norm, c_norm, rstd) if normed else (None,) * 3
