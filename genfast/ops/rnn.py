@@ -29,7 +29,8 @@ _IMPLEMENTED = frozenset({"cpu", "cuda", "triton"})
 # passed their tests on an H100 but run 16 to 85 times slower than cuDNN: a program holds a
 # tile of rows for all the units and steps, so a batch of 64 keeps 4 of 132 SMs busy. The CUDA
 # forward ran 1.8 to 5.1 times faster than cuDNN at batch 1 to 16, but its tanh was the fast
-# approximation (--use_fast_math, 2^-11), out of the tests' tolerance; fixed, not yet rerun there.
+# approximation (--use_fast_math, 2^-11), out of the tests' tolerance; fixed, and its products
+# register-tiled since, neither yet run there.
 _UNPROVEN = frozenset({"cuda", "triton"})
 _GATES = {"lstm": 4, "gru": 3}
 
