@@ -138,7 +138,10 @@ _AUTO_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
 
 
 @functools.cache
-def _auto(op: str, device_type: str, implemented: frozenset[str], unproven: frozenset[str]) -> str:
+def _auto(op: str, device_type: str, implemented: frozenset[str], unproven: frozenset[str],
+          torch_kernel: frozenset[str]) -> str:
+    if device_type in torch_kernel:
+        return "torch"
     reasons = []
     for name in _AUTO_ORDER.get(device_type, ()):
         if name not in implemented:
@@ -161,16 +164,19 @@ def _auto(op: str, device_type: str, implemented: frozenset[str], unproven: froz
 # the backend is a property of the compiled program, like its dtypes.
 @torch.compiler.assume_constant_result
 def resolve(op: str, device: torch.device, implemented: frozenset[str],
-            unproven: frozenset[str] = frozenset()) -> str:
+            unproven: frozenset[str] = frozenset(), torch_kernel: frozenset[str] = frozenset()) -> str:
     """The backend that runs ``op`` on ``device``, or a clear error.
 
     ``implemented`` names the backends that have a kernel for ``op``; ``unproven``, those of
     them whose kernels have passed their tests only off their hardware (Triton's interpreter,
     nvcc): "auto" passes them by until a run on the hardware has checked them.
+    ``torch_kernel`` names the device types where PyTorch's own kernel for this call (cuDNN,
+    oneDNN) was measured faster than genfast's: there "auto" answers "torch", and the op calls
+    that kernel (DESIGN.md, Backends). No explicit backend is named "torch".
     """
     name = get_backend()
     if name == "auto":
-        return _auto(op, device.type, implemented, unproven)
+        return _auto(op, device.type, implemented, unproven, torch_kernel)
     if name != "reference" and name not in implemented:
         raise BackendUnavailableError(f"genfast: {op} has no {name} kernel (it has {sorted(implemented)})")
     if reason := unavailable_reason(name, device.type):

@@ -49,6 +49,19 @@ def test_auto_passes_unproven_kernels_by():
         assert backends.resolve("test_op", torch.device("cpu"), implemented, frozenset({"cpu"})) == "cpu"
 
 
+def test_auto_takes_pytorch_kernels_where_an_op_says_they_are_faster():
+    """An op names the device types where PyTorch's own kernel beat genfast's: auto answers
+    "torch" there and nowhere else; an explicit backend is unaffected."""
+    implemented, faster_on_cuda = frozenset({"reference"}), frozenset({"cuda"})
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert backends.resolve("test_op", cuda, implemented, torch_kernel=faster_on_cuda) == "torch"
+    assert backends.resolve("test_op", cuda, implemented, torch_kernel=frozenset({"cpu", "cuda"})) == "torch"
+    with genfast.use_backend("reference"):
+        assert backends.resolve("test_op", cuda, implemented, torch_kernel=faster_on_cuda) == "reference"
+    with pytest.warns(UserWarning, match="running the PyTorch reference"):
+        assert backends.resolve("test_op", cpu, implemented, torch_kernel=faster_on_cuda) == "reference"
+
+
 def test_reference_backend_runs_plain_pytorch():
     x = torch.randn(2, 4, 3, requires_grad=True)
     with genfast.use_backend("reference"):

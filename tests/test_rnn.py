@@ -106,7 +106,18 @@ CONFIGS = {kind: random_configs(kind, 10, seed=seed) for kind, seed in (("lstm",
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind, config", [(kind, i) for kind, configs in CONFIGS.items() for i in range(len(configs))])
 def test_matches_torch_module(kind, config, backend):
-    device = require(backend)
+    check_module(kind, config, backend, require(backend))
+
+
+@pytest.mark.parametrize("kind, config", [(kind, i) for kind, configs in CONFIGS.items() for i in range(len(configs))])
+def test_auto_on_torch_kernel_matches_torch_module(kind, config, monkeypatch):
+    """Where auto takes PyTorch's own recurrence (cuDNN on a GPU), reversed and packed rows
+    included; on a machine without a GPU, taken on the CPU for the test."""
+    monkeypatch.setattr(genfast.ops.rnn, "_TORCH_KERNEL", frozenset({"cpu", "cuda"}))
+    check_module(kind, config, "auto", "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_module(kind, config, backend, device):
     kwargs, T, B, packed, with_state = CONFIGS[kind][config]
     reference, fused = twins(kind, kwargs)
     exact = copy.deepcopy(reference).double()
@@ -270,18 +281,25 @@ def test_inference_projects_in_the_loop(kind, steps, batch, hidden, bias):
                 assert relative_error(g, w) <= tolerance, dtype
 
 
+@pytest.mark.parametrize("route", ["cpu", "torch kernel"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("batch", [4, 70], ids=["persistent loop", "a product per step"])
-def test_layers_with_unsorted_lengths(batch, reverse):
-    """The ops take lengths in any order (a packed batch's are sorted, and only then do the
-    loops shrink each step's product to the rows still running)."""
-    require("cpu")
+def test_layers_with_unsorted_lengths(batch, reverse, route, monkeypatch):
+    """The ops take lengths in any order, 0 among them (a packed batch's are sorted, and only
+    then do the loops shrink each step's product to the rows still running); so does PyTorch's
+    recurrence where auto takes it."""
+    backend = "cpu" if route == "cpu" else "auto"
+    if route == "cpu":
+        require("cpu")
+    else:
+        monkeypatch.setattr(genfast.ops.rnn, "_TORCH_KERNEL", frozenset({"cpu"}))
     generator = torch.Generator().manual_seed(4)
     T, I, H = 6, 3, 9
     x, h0, c0 = torch.randn(T, batch, I, generator=generator), torch.randn(batch, H), torch.randn(batch, H)
     lengths = torch.randint(0, T + 1, (batch,), generator=generator)
+    lengths[0] = 0
     w_ih, w_hh, b_ih, b_hh = (torch.randn(4 * H, I), torch.randn(4 * H, H) / 3, torch.randn(4 * H), torch.randn(4 * H))
-    with genfast.use_backend("cpu"):
+    with genfast.use_backend(backend):
         got = genfast.ops.lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=lengths, reverse=reverse)
     with genfast.use_backend("reference"):
         want = genfast.ops.lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=lengths, reverse=reverse)

@@ -3,7 +3,8 @@ of every time step is one matrix product (torch's), then the time loop runs in n
 each step one product h W_hh^T and one fused pass of gate math: csrc/cpu/rnn.cpp on a CPU; on
 a GPU, csrc/cuda/rnn.cu's persistent kernel (the "cuda" backend, forward only, where it fits)
 or one Triton kernel per direction (kernels/rnn.py). Variable lengths are masked inside the
-loop, and zoneout and a layer-normalized LSTM's norms are fused into it. The specification:
+loop, and zoneout and a layer-normalized LSTM's norms are fused into it. "auto" takes PyTorch's
+own recurrence (cuDNN) on a GPU for now (_TORCH_KERNEL). The specification:
 genfast/reference/rnn.py.
 
 float16 and bfloat16 run in float32, as the weights' and states' gradients accumulate over
@@ -17,6 +18,7 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .. import reference
 from ..backends import BackendUnavailableError, extension, kernels, resolve, unavailable_reason
@@ -32,6 +34,11 @@ _IMPLEMENTED = frozenset({"cpu", "cuda", "triton"})
 # approximation (--use_fast_math, 2^-11), out of the tests' tolerance; fixed, and its products
 # register-tiled since, neither yet run there.
 _UNPROVEN = frozenset({"cuda", "triton"})
+# Where "auto" runs PyTorch's own fused recurrence, torch.nn.LSTM's and GRU's kernel, for what it
+# covers (no zoneout, no norms): on a GPU, cuDNN, which ran 16 to 85 times faster than the
+# Triton recurrences on an H100 (above), where the reference is a Python loop of a few kernels a
+# step. On a CPU genfast's C++ loops run.
+_TORCH_KERNEL = frozenset({"cuda"})
 _GATES = {"lstm": 4, "gru": 3}
 
 
@@ -193,6 +200,52 @@ def _project(input: Tensor, weight: Tensor, bias: Tensor | None, lengths: Tensor
     return projected.new_zeros(T * B, weight.shape[0]).index_copy(0, rows, projected).view(T, B, -1)
 
 
+def _reversed_steps(T: int, lengths: Tensor | None, device: torch.device) -> Tensor:
+    """(T, B) or (T, 1) time indices that reverse each row's first lengths[b] steps and keep the
+    rest in place: an involution, so one gather reverses the input and the same one the output."""
+    t = torch.arange(T, device=device)[:, None]
+    if lengths is None:
+        return T - 1 - t
+    lengths = lengths.to(device)[None, :]
+    return torch.where(t < lengths, lengths - 1 - t, t)
+
+
+def _torch_layer(cell: str, input: Tensor, h0: Tensor, c0: Tensor | None, weight_ih: Tensor, weight_hh: Tensor,
+                 bias_ih: Tensor | None, bias_hh: Tensor | None, weight_hr: Tensor | None, lengths: Tensor | None,
+                 reverse: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One layer and direction on PyTorch's own fused recurrence (cuDNN on a GPU): what _layer
+    computes, for auto where that kernel is the faster (_TORCH_KERNEL). A reverse direction runs
+    forward over each row's steps reversed; lengths run as a PackedSequence, a row of none keeping
+    its state."""
+    lstm = cell == "lstm"
+    run = torch._VF.lstm if lstm else torch._VF.gru
+    weights = [w for w in (weight_ih, weight_hh, bias_ih, bias_hh, weight_hr) if w is not None]
+    train = torch.is_grad_enabled() and any(t.requires_grad for t in (input, h0, *weights, *([c0] if lstm else [])))
+    states = (h0[None], c0[None]) if lstm else (h0[None],)
+    if reverse:
+        steps = _reversed_steps(input.shape[0], lengths, input.device)
+        input = input.gather(0, steps[..., None].expand_as(input))
+    if lengths is None:
+        output, *final = run(input, states if lstm else states[0], weights, bias_ih is not None, 1, 0.0, train, False,
+                             False)
+    else:
+        lengths = lengths.cpu()
+        packed = pack_padded_sequence(input, lengths.clamp(min=1), enforce_sorted=False)
+        states = tuple(s.index_select(1, packed.sorted_indices) for s in states)
+        data, *final = run(packed.data, packed.batch_sizes, states if lstm else states[0], weights,
+                           bias_ih is not None, 1, 0.0, train, False)
+        output, _ = pad_packed_sequence(packed._replace(data=data), total_length=input.shape[0])
+        final = [f.index_select(1, packed.unsorted_indices) for f in final]
+        if (lengths == 0).any():
+            stepped = (lengths > 0).to(input.device)[:, None]
+            output = torch.where(stepped, output, 0)
+            final = [torch.where(stepped, f[0], s[0].index_select(0, packed.unsorted_indices))[None]
+                     for f, s in zip(final, states)]
+    if reverse:
+        output = output.gather(0, steps[..., None].expand_as(output))
+    return output, final[0][0], final[1][0] if lstm else None
+
+
 def _inference(*tensors: Tensor | None) -> bool:
     """Whether nothing needs a gradient, eagerly: then the extension's inference entry points run."""
     return not torch.compiler.is_compiling() and not (
@@ -206,7 +259,8 @@ def _layer(cell: str, input: Tensor, h0: Tensor, c0: Tensor | None, weight_ih: T
            norms: CellNorms | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     _check_layer(cell, input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths, zoneout_h, zoneout_c,
                  norms)
-    backend = resolve(f"{cell}_layer", input.device, _IMPLEMENTED, _UNPROVEN)
+    plain = zoneout_h is None and zoneout_c is None and norms is None and not torch.compiler.is_compiling()
+    backend = resolve(f"{cell}_layer", input.device, _IMPLEMENTED, _UNPROVEN, _TORCH_KERNEL if plain else frozenset())
     lstm = cell == "lstm"
     if backend == "reference" or input.numel() == 0 or h0.numel() == 0:
         if lstm:
@@ -222,6 +276,10 @@ def _layer(cell: str, input: Tensor, h0: Tensor, c0: Tensor | None, weight_ih: T
         )
         if norms is not None:
             norms = CellNorms(*(tuple(t.float() for t in pair) for pair in (norms.ih, norms.hh, norms.c)), norms.eps)
+    if backend == "torch":
+        output, h_n, c_n = _torch_layer(cell, input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths,
+                                        reverse)
+        return output.to(dtype), h_n.to(dtype), c_n.to(dtype) if lstm else None
     # Inference without the options projects the input inside the loop, a block of steps at a time:
     # a projection of all steps first fills a fresh (T, B, G*H) tensor, whose page faults alone
     # took 12 ms of the fastrnns forward's 120.
