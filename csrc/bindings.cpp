@@ -5,6 +5,7 @@
 #include <ATen/MemoryOverlap.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -928,6 +929,16 @@ std::tuple<Tensor, Tensor> conv2d_winograd_filters_backward(const Tensor& x, con
 
 }  // namespace
 
+// An uninitialised CPU tensor of like's dtype from genfast's output memory (cpu/memory.h): from
+// 2 MB, huge pages and the blocks of freed outputs reused, where a fresh allocation takes a page
+// fault per 4 KB page.
+Tensor empty_output(const std::vector<int64_t>& sizes, const Tensor& like) {
+  TORCH_CHECK_VALUE(like.is_cpu(), "empty_output makes CPU tensors, got a tensor on ", like.device());
+  TORCH_CHECK_VALUE(std::all_of(sizes.begin(), sizes.end(), [](int64_t size) { return size >= 0; }),
+                    "sizes must not be negative, got ", at::IntArrayRef(sizes));
+  return genfast::cpu::empty_output(sizes, like.options());
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Every kernel runs without the GIL, as torch's ops do, so that Python threads calling genfast
   // at once run their kernels side by side rather than in turn. None of them touches a Python object.
@@ -941,6 +952,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("has_cuda") = false;
 #endif
   m.attr("vector_lanes") = genfast::cpu::kVectorLanes<float>;  // the float32 lanes the kernels pad rows to
+  m.attr("output_memory_from_bytes") = genfast::cpu::OutputCache::kMinBytes;  // smaller outputs: at::empty
+  m.def("empty_output", &empty_output, "An uninitialised CPU tensor (sizes, like's dtype) from genfast's output memory");
   m.def("group_norm_forward", &group_norm_forward, without_gil, "GroupNorm + activation forward: (y, mean, rstd)");
   m.def("group_norm_backward", &group_norm_backward, without_gil,
         "GroupNorm + activation backward: (dx, dweight, dbias)");

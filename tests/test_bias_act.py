@@ -11,6 +11,8 @@ from helpers import (
 )
 
 import genfast
+from genfast.backends import extension
+from genfast.ops import linear as output_memory
 from genfast.reference.bias_act import ACTIVATIONS
 from genfast.reference.bias_act import bias_act as reference_bias_act
 
@@ -270,6 +272,29 @@ def run_module(module, x):
     out = module(x)
     leaves = [x, *module.parameters()]
     return out, torch.autograd.grad(out, leaves, torch.ones_like(out))
+
+
+def test_large_linear_outputs_reuse_memory_in_inference():
+    """A CPU output from 2 MB comes from genfast's output memory when nothing needs a gradient: a
+    freed output's block serves the next call, where a fresh tensor takes a page fault per 4 KB
+    page. The values are torch's, bit for bit; with a gradient to compute, the layer is torch's."""
+    require("cpu")
+    assert output_memory._FROM_BYTES == extension().output_memory_from_bytes
+    torch.manual_seed(0)
+    layer = genfast.nn.Linear(48, 4096)
+    x = torch.randn(3, 61, 48)  # a (3, 61, 4096) float32 output: 3 MB
+    expected = F.linear(x, layer.weight, layer.bias)
+    with torch.no_grad():
+        first = layer(x)
+        block = first.data_ptr()
+        torch.testing.assert_close(first, expected, rtol=0, atol=0)
+        del first
+        again = layer(x)
+    assert again.data_ptr() == block
+    torch.testing.assert_close(again, expected, rtol=0, atol=0)
+    trained = layer(x.requires_grad_())
+    torch.testing.assert_close(trained, expected, rtol=0, atol=0)
+    assert trained.grad_fn is not None
 
 
 def test_linear_options():

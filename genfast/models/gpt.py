@@ -109,7 +109,7 @@ class GPT(nn.Module):
         self.position_embedding = nn.Embedding(config.max_positions, config.dim)
         self.blocks = nn.ModuleList(DecoderBlock(config, fused) for _ in range(config.layers))
         self.norm = (genfast_nn.LayerNorm if fused else nn.LayerNorm)(config.dim)
-        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.lm_head = (genfast_nn.Linear if fused else nn.Linear)(config.dim, config.vocab_size, bias=False)
         self.lm_head.weight = self.token_embedding.weight
         for name, parameter in self.named_parameters():
             if name.endswith("weight") and parameter.dim() == 2:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.bias_act import run_checked
+from ..ops.linear import linear
 from ..ops._checks import check_choice
 from ..reference.bias_act import ACTIVATIONS
 
@@ -13,7 +13,8 @@ from ..reference.bias_act import ACTIVATIONS
 class Linear(nn.Linear):
     """torch.nn.Linear followed by an activation, ``act(x @ weight.T + bias) * gain``: the matrix
     product, then bias, activation and gain in one pass (and their backward in one, the bias's
-    gradient included). Parameters and state_dict are torch.nn.Linear's.
+    gradient included). Parameters and state_dict are torch.nn.Linear's. A large output for
+    inference on a CPU lands in genfast's output memory (genfast.ops.linear).
 
     activation: None (the plain layer, torch's own) or one of genfast.ops.bias_act's names. Its
     defaults are torch's, not StyleGAN2's: gain 1, and leaky_relu's slope ``alpha`` 0.01 as
@@ -31,10 +32,10 @@ class Linear(nn.Linear):
 
     def forward(self, input: Tensor) -> Tensor:
         if self.activation is None and self.gain == 1:
-            return F.linear(input, self.weight, self.bias)
+            return linear(input, self.weight, self.bias)
         # F.linear checked input against the weight; its output fills its memory, and the
         # layer's bias matches it: bias_act's own checks would cost a small layer 3-4 us a call.
-        z = F.linear(input, self.weight)
+        z = linear(input, self.weight)
         return run_checked(z, self.bias, z.dim() - 1, self.activation or "linear", self.alpha, self.gain, None)
 
     def extra_repr(self) -> str:
