@@ -1,7 +1,7 @@
 """F.linear whose large outputs on a CPU come from genfast's output memory (csrc/cpu/memory.h):
 from 2 MB, huge pages, and the blocks of freed outputs reused. A fresh tensor from torch takes
 a page fault per 4 KB page as it is first written: GPT-2's logits at 4 x 512 tokens (412 MB)
-took 100 000 of them, about 130 ms of its 2.1 s forward on a 2-core Xeon. The product is
+took 100 000 of them, about 130 ms of a 2.3 s forward on a 2-core Xeon. The product is
 torch's own (MKL), written in place.
 """
 
