@@ -269,11 +269,12 @@ def _layer_norm_backward_kernel(
 
 
 def layer_norm_forward(x, residual, weight, bias, eps: float, rms: bool):
-    """(y, h or None, mean, rstd) for a contiguous, non-empty (rows, D) x; weight,
-    bias and the statistics are in x's math dtype."""
-    rows, D = x.shape
+    """(y, h, mean, rstd) for a contiguous, non-empty x normalised over its last dimension D; h
+    is empty without a residual; weight, bias and the statistics (one per row) are in x's math dtype."""
+    D = x.shape[-1]
+    rows = x.numel() // D
     y = torch.empty_like(x)
-    h = None if residual is None else torch.empty_like(x)
+    h = x.new_empty(0) if residual is None else torch.empty_like(x)
     mean = x.new_empty(rows, dtype=weight.dtype)
     rstd = torch.empty_like(mean)
     _layer_norm_forward_kernel[(rows,)](
@@ -292,7 +293,8 @@ def _backward_programs(rows: int, device: torch.device) -> int:
 
 def layer_norm_backward(dy, dh, h, weight, mean, rstd, rms: bool):
     """(dx, dweight, dbias); dy and dh are contiguous like h."""
-    rows, D = h.shape
+    D = h.shape[-1]
+    rows = h.numel() // D
     programs = _backward_programs(rows, h.device)
     rows_per_program = triton.cdiv(rows, programs)
     dx = torch.empty_like(h)

@@ -147,7 +147,7 @@ std::vector<Tensor> layer_norm_forward(const Tensor& x, const std::optional<Tens
                                        const Tensor& bias, double eps, bool rms) {
   const int64_t D = x.size(-1), rows = x.numel() / D;
   Tensor y = empty_output_like(x);
-  Tensor h = residual ? empty_output_like(x) : Tensor();
+  Tensor h = residual ? empty_output_like(x) : at::empty({0}, x.options());
   Tensor mean = at::empty({rows}, weight.options());
   Tensor rstd = at::empty({rows}, weight.options());
   dispatch_float_types<true>(x.scalar_type(), "layer_norm", [&](auto tag) {

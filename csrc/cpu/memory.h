@@ -41,10 +41,14 @@ class OutputCache {
   // The most memory kept for reuse; the oldest blocks are freed first. 1 GB holds GPT-2's logits
   // at 4 x 512 tokens (412 MB) beside the rest of a forward's outputs: with 256 or 512 MB the
   // logits' block was evicted within the next forward and mapped anew, 100 000 page faults and
-  // about 130 ms of a 2.3 s forward (1.11x torch.nn's forward, 1.19x with 1 GB). A block given
-  // back is marked MADV_FREE: the kernel takes its pages only when memory runs short (a write
-  // before then keeps them), so the cache holds no memory the machine needs.
+  // about 130 ms of a 2.3 s forward (1.11x torch.nn's forward, 1.19x with 1 GB).
   static constexpr size_t kMaxCachedBytes = size_t(1024) << 20;
+  // Blocks older than the most recent kWarmBytes given back are marked MADV_FREE, once: the
+  // kernel takes their pages only when memory runs short (a write before then keeps them), so
+  // an idle cache holds no memory the machine needs. The blocks a loop reuses call after call
+  // are not marked: the call walks every page, 50-125 us for a LayerNorm's 6 MB output (a
+  // tenth of the kernel's time), where a page written again after it costs nothing more.
+  static constexpr size_t kWarmBytes = size_t(256) << 20;
   static constexpr size_t kHugePage = size_t(2) << 20;
 
   // Leaked on purpose: tensors freed during interpreter shutdown still return their blocks.
@@ -79,19 +83,17 @@ class OutputCache {
   }
 
   void give(void* block, size_t bytes) {
-#ifdef MADV_FREE
-    madvise(block, bytes, MADV_FREE);  // advice: where it fails the pages stay as they were
-#endif
     std::deque<Block> evicted;
     {
       const std::lock_guard<std::mutex> lock(mutex_);
-      blocks_.push_back({block, bytes});
+      blocks_.push_back({block, bytes, false});
       cached_bytes_ += bytes;
       while (cached_bytes_ > kMaxCachedBytes) {
         evicted.push_back(blocks_.front());
         cached_bytes_ -= blocks_.front().bytes;
         blocks_.pop_front();
       }
+      mark_idle_blocks();
     }
     for (const Block& old : evicted) std::free(old.ptr);
   }
@@ -100,7 +102,25 @@ class OutputCache {
   struct Block {
     void* ptr;
     size_t bytes;
+    bool marked_free;  // MADV_FREE since it was given back
   };
+
+  // Marks the blocks past the most recent kWarmBytes, newest first. Blocks older than a marked
+  // one were past the line when it was marked (blocks only join at the new end), so the walk
+  // stops there. Called under the lock: a block being taken while marked could lose the writes
+  // made during the call.
+  void mark_idle_blocks() {
+    size_t newer = 0;
+    for (auto it = blocks_.rbegin(); it != blocks_.rend() && !it->marked_free; ++it) {
+      newer += it->bytes;
+      if (newer > kWarmBytes) {
+#ifdef MADV_FREE
+        madvise(it->ptr, it->bytes, MADV_FREE);  // advice: where it fails the pages stay as they were
+#endif
+        it->marked_free = true;
+      }
+    }
+  }
   std::mutex mutex_;
   std::deque<Block> blocks_;  // oldest first
   size_t cached_bytes_ = 0;

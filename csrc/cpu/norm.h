@@ -21,7 +21,7 @@ std::vector<at::Tensor> group_norm_backward(const at::Tensor& dy, const at::Tens
                                             int64_t groups, bool silu);
 
 // LayerNorm, or RMSNorm if rms, over the last dimension (layer_norm.cpp): x contiguous and not
-// empty, residual like x, weight and bias (D). Returns y, h = x + residual (undefined without a
+// empty, residual like x, weight and bias (D). Returns y, h = x + residual (empty without a
 // residual) and mean, rstd (rows); RMSNorm's mean is 0 and its bias is ignored.
 std::vector<at::Tensor> layer_norm_forward(const at::Tensor& x, const std::optional<at::Tensor>& residual,
                                            const at::Tensor& weight, const at::Tensor& bias, double eps, bool rms);
