@@ -34,18 +34,24 @@ void dispatch_float_types(at::ScalarType dtype, const char* op, Run&& run) {
 template <typename T>
 using math_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-// sum over i < n of term(i), in 16 independent lanes: a loop GCC vectorises, where an omp simd
-// reduction stayed scalar in some instantiations (".GOMP_SIMD_LANE clobbers memory", 5x slower).
+// sum over i < n of term(i), in 64 independent lanes folded pairwise at the end: a loop GCC
+// vectorises, where an omp simd reduction stayed scalar in some instantiations (".GOMP_SIMD_LANE
+// clobbers memory", 5x slower). 64 lanes are four AVX-512 vectors (eight AVX2 ones), enough sums
+// in flight to hide an add's latency: with one vector of lanes, LayerNorm's statistics were a
+// chain of dependent adds.
 template <typename acc_t, typename Term>
 inline acc_t lane_sum(int64_t n, Term&& term) {
-  constexpr int64_t kLanes = 16;
+  constexpr int64_t kLanes = 64, kShortLanes = 16;
   acc_t lanes[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
     for (int64_t k = 0; k < kLanes; ++k) lanes[k] += term(i + k);
-  acc_t sum = 0;
+  for (; i + kShortLanes <= n; i += kShortLanes)
+    for (int64_t k = 0; k < kShortLanes; ++k) lanes[k] += term(i + k);
+  for (int64_t width = kLanes / 2; width >= 1; width /= 2)
+    for (int64_t k = 0; k < width; ++k) lanes[k] += lanes[k + width];
+  acc_t sum = lanes[0];
   for (; i < n; ++i) sum += term(i);
-  for (int64_t k = 0; k < kLanes; ++k) sum += lanes[k];
   return sum;
 }
 
