@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
                               help="default: cpu, and cuda where available")
     bench_parser = commands.add_parser("bench", help="time every op against eager torch, torch.compile and peers")
     bench_parser.add_argument("filters", nargs="*", help="run only cases whose op or name contains one of these")
-    bench_parser.add_argument("--quick", action="store_true", help="the headline cases only (under 2 minutes on CPU)")
+    bench_parser.add_argument("--quick", action="store_true",
+                              help="the headline cases only (about 30 minutes on a 2-core CPU, torch.compile included)")
     bench_parser.add_argument("--out", default="bench-out", help="directory for results.json, results.md and plots")
     bench_parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
     bench_parser.add_argument("--skip", nargs="+", metavar="PROVIDER",
