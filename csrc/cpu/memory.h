@@ -43,7 +43,7 @@ class OutputCache {
   // logits' block was evicted within the next forward and mapped anew, 100 000 page faults and
   // about 130 ms of a 2.3 s forward (1.11x torch.nn's forward, 1.19x with 1 GB).
   static constexpr size_t kMaxCachedBytes = size_t(1024) << 20;
-  // Blocks older than the most recent kWarmBytes given back are marked MADV_FREE, once: the
+  // Blocks given back before the most recent kWarmBytes are marked MADV_FREE, once: the
   // kernel takes their pages only when memory runs short (a write before then keeps them), so
   // an idle cache holds no memory the machine needs. The blocks a loop reuses call after call
   // are not marked: the call walks every page, 50-125 us for a LayerNorm's 6 MB output (a
@@ -105,20 +105,21 @@ class OutputCache {
     bool marked_free;  // MADV_FREE since it was given back
   };
 
-  // Marks the blocks past the most recent kWarmBytes, newest first. Blocks older than a marked
-  // one were past the line when it was marked (blocks only join at the new end), so the walk
-  // stops there. Called under the lock: a block being taken while marked could lose the writes
-  // made during the call.
+  // Marks the blocks given back before the most recent kWarmBytes, newest first (a block larger
+  // than kWarmBytes, such as GPT-2's logits, only once that much has come back after it). Blocks
+  // older than a marked one were past the line when it was marked (blocks only join at the new
+  // end), so the walk stops there. Called under the lock: a block being taken while marked could
+  // lose the writes made during the call.
   void mark_idle_blocks() {
     size_t newer = 0;
     for (auto it = blocks_.rbegin(); it != blocks_.rend() && !it->marked_free; ++it) {
-      newer += it->bytes;
       if (newer > kWarmBytes) {
 #ifdef MADV_FREE
         madvise(it->ptr, it->bytes, MADV_FREE);  // advice: where it fails the pages stay as they were
 #endif
         it->marked_free = true;
       }
+      newer += it->bytes;
     }
   }
   std::mutex mutex_;
