@@ -2,6 +2,7 @@
 two DDP ranks, each given half the batch, end with the same gradients, and those are one process's
 over the whole batch; likewise with FSDP2's fully_shard."""
 
+import faulthandler
 import multiprocessing
 import os
 import time
@@ -14,6 +15,7 @@ from torch import nn
 import genfast
 
 WORLD_SIZE = 2
+RANK_DEADLINE_S = 300
 BATCH, LENGTH, FEATURES, HIDDEN, HEADS, GROUPS = 6, 7, 5, 24, 3, 4
 
 
@@ -48,26 +50,32 @@ def _gradients(model, inputs, targets) -> dict[str, torch.Tensor]:
 
 
 def _rank(rank: int, directory: str, wrapping: str) -> None:
+    # A rank still running near the test's deadline prints where it is stuck and exits.
+    faulthandler.dump_traceback_later(RANK_DEADLINE_S - 30, exit=True)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{directory}/rendezvous", rank=rank, world_size=WORLD_SIZE)
-    try:
-        model, inputs, targets = _model_and_batch()
-        share = slice(rank * BATCH // WORLD_SIZE, (rank + 1) * BATCH // WORLD_SIZE)
-        if wrapping == "ddp":
-            wrapped = nn.parallel.DistributedDataParallel(model)
-            gradients = _gradients(wrapped, inputs[share], targets[share])
-            gradients = {name.removeprefix("module."): g for name, g in gradients.items()}
-        else:
-            from torch.distributed.fsdp import fully_shard
+    model, inputs, targets = _model_and_batch()
+    share = slice(rank * BATCH // WORLD_SIZE, (rank + 1) * BATCH // WORLD_SIZE)
+    if wrapping == "ddp":
+        wrapped = nn.parallel.DistributedDataParallel(model)
+        gradients = _gradients(wrapped, inputs[share], targets[share])
+        gradients = {name.removeprefix("module."): g for name, g in gradients.items()}
+    else:
+        from torch.distributed.fsdp import fully_shard
 
-            for layer in (model.lstm, model.attention, model.norm):
-                fully_shard(layer)
-            fully_shard(model)
-            sharded = _gradients(model, inputs[share], targets[share])
-            gradients = {name: g.full_tensor() for name, g in sharded.items()}
-        torch.save(gradients, f"{directory}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+        for layer in (model.lstm, model.attention, model.norm):
+            fully_shard(layer)
+        fully_shard(model)
+        sharded = _gradients(model, inputs[share], targets[share])
+        gradients = {name: g.full_tensor() for name, g in sharded.items()}
+    torch.save(gradients, f"{directory}/rank{rank}.pt")
+    dist.barrier()
+    # Leave without tearing the process group down. torch's backward stashes a Python object in
+    # thread-local state, which the collectives it launches copy; gloo's worker thread frees
+    # them once done, taking the GIL, while ~ProcessGroupGloo joins that thread holding the GIL.
+    # Destroyed right after a collective, the group deadlocked within a few runs here (torch 2.13,
+    # both ranks stuck in ~ProcessGroupGloo under gdb).
+    os._exit(0)
 
 
 @pytest.mark.parametrize("wrapping", ["ddp", "fsdp"])
@@ -85,7 +93,11 @@ def test_two_ranks_give_one_process_gradients(tmp_path, wrapping):
         for process in ranks:
             process.join(timeout=max(0.0, deadline - time.monotonic()))
         exitcodes = [process.exitcode for process in ranks]
-        assert exitcodes == [0] * WORLD_SIZE, f"the ranks exited with {exitcodes} (None: still running after 300 s)"
+        written = sorted(path.name for path in tmp_path.glob("rank*.pt"))
+        assert exitcodes == [0] * WORLD_SIZE, (
+            f"the ranks exited with {exitcodes} (None: still running after {RANK_DEADLINE_S} s), having written "
+            f"{written}; a stuck rank prints its stack above"
+        )
     finally:
         for process in ranks:
             process.kill()
