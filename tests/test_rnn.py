@@ -34,8 +34,9 @@ def random_configs(kind: str, count: int, seed: int):
     # Both C++ loops: the persistent one (batch up to 64, its units split over threads in
     # blocks of 64 from hidden size 65; W_hh^T packed, by MKL in float32 from batch 32, or read
     # in place at batch 1 and for short sequences, by tiles from batch 12) and the one of a
-    # product per step (larger batches, projections); the backward's in one team below batch 32
-    # (plain cells), its products packed for MKL from there.
+    # product per step (larger batches, projections); the backward's in one team from 4 steps
+    # (plain cells up to batch 4, or to 31 with W_hh within 2 MB), its products packed for MKL
+    # from batch 32.
     configs += [
         (dict(input_size=5, hidden_size=80, num_layers=2, bias=True, batch_first=False, bidirectional=True),
          7, 5, True, True),
@@ -354,10 +355,10 @@ def test_persistent_loop_products(kind):
 @pytest.mark.parametrize("dtype, hidden", [(torch.float64, 70), (torch.float32, 300)], ids=["float64", "float32"])
 def test_persistent_backward_products(kind, dtype, hidden):
     """The persistent backward's products, d_h_gates times zero-padded panels of W_hh's columns
-    (float64's blocks are 64 units, float32's 64 or 128 with the vector width: both sizes split
-    over two threads): batches 1 to 5 take rows four (with AVX-512), two and one at a time, from
-    6 the tiles, up to 31, where MKL's packed products take over; packed batches shrink the rows
-    step by step."""
+    (blocks of 8 vectors: 64 or 128 float32 units with AVX-512, 32 or 64 with AVX2; both sizes
+    split over two threads where there are two): batches 1 to 5 take rows four (with AVX-512),
+    two and one at a time, from 6 the tiles, up to 31, where MKL's packed products take over;
+    packed batches shrink the rows step by step."""
     require("cpu")
     kwargs = dict(input_size=3, hidden_size=hidden, num_layers=1, bias=True, batch_first=False, bidirectional=True)
     reference, fused = (m.to(dtype) for m in twins(kind, kwargs))

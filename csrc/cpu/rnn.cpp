@@ -3,8 +3,8 @@
 // owning a slice of units (persistent_forward); else one ATen product per step (with W_hh
 // packed once for MKL where that pays: StepProduct) and one pass of gate math, parallel over
 // the batch's rows (forward_loop). The backward runs the steps in reverse with one product each
-// (the gradient of the state), in one team for a few rows or a W_hh that stays in cache
-// (persistent_backward), else as forward_loop does; it leaves the weights' gradients to
+// (the gradient of the state), for a plain cell over a few rows or a W_hh that stays in cache
+// in one team (persistent_backward), else as forward_loop does; it leaves the weights' gradients to
 // products over all steps at the end.
 
 #include "rnn.h"
@@ -306,15 +306,16 @@ inline __attribute__((always_inline)) void column_block(const T* wt, int64_t ldw
 }
 
 // Columns of wt (P rows, row stride ldw) a block computes: one row of h takes eight vectors
-// of columns at once, two rows four each.
+// of columns at once, two or four rows four each.
 template <typename T>
 constexpr int64_t kColumnBlock = 8 * kVectorBytes / sizeof(T);
 
 // y (B, kColumnBlock, row stride ldy) = h (B, P, row stride ldh) times w (P, kColumnBlock, row
 // stride ldw). From six rows on, tile_matmul's tiles take it (a strip's 2 loads feed 12
-// multiply-adds); fewer rows take half the block at once, four rows at a time where AVX-512's 32
-// registers hold the 16 accumulators (an LSTM's forward at batch 4, hidden 512: 28.8 ms against
-// 32.9 two rows at a time, W read half as often), then two, then one.
+// multiply-adds); fewer rows take half the block at a time, four rows together where AVX-512's
+// 32 registers hold the 16 accumulators (an LSTM's forward at batch 4, hidden 512: 28.8 ms
+// against 32.9 two rows at a time, W read half as often), then two; a last row takes the whole
+// block.
 template <typename T>
 void block_product(const T* h, int64_t B, int64_t P, int64_t ldh, const T* w, int64_t ldw, T* y, int64_t ldy) {
   constexpr int64_t kHalf = kColumnBlock<T> / 2;
@@ -892,18 +893,19 @@ void backward_loop(const Recurrence& r, const Shape& n, const at::Tensor& d_outp
   }
 }
 
-// Whether persistent_backward runs a plain cell's backward: for a few rows, or a W_hh within
-// one core's L2 (2 MB on the Xeon). Otherwise each thread's slice of W_hh comes from L3 at every
-// step, once per four or six rows of the tiles, where MKL's product reads it once. Against the
-// loop of an ATen product per step (one layer, 100 steps, ms): LSTM hidden 512, batch 1 2.2
-// against 2.6, 4 (128 steps) 25 against 29; 8 35.5 against 34.0, 16 65 against 62; hidden 256,
-// batch 8 8.9 against 10.1, 16 16.5 against 18.0; GRU hidden 512, batch 4 17.3 against 21.7, 12
-// 38.9 against 36.5.
+// Whether persistent_backward runs a plain cell's backward: over kPackFromSteps steps or more
+// (it packs W_hh once per call), for a few rows, or for a W_hh within one core's L2 (2 MB on
+// the Xeon). Otherwise each thread's slice of W_hh comes from L3 at every step, once per four or
+// six rows of the tiles, where MKL's product reads it once. Against the loop of an ATen product
+// per step (one layer, 100 steps, ms): LSTM hidden 256, batch 1 2.2 against 2.6, 8 8.9 against
+// 10.1, 16 16.5 against 18.0; hidden 512, batch 4 (128 steps) 25 against 29, 8 35.5 against
+// 34.0, 16 65 against 62; GRU hidden 512, batch 4 17.3 against 21.7, 12 38.9 against 36.5.
 constexpr int64_t kFewRows = 4;
 constexpr int64_t kCachedWeightBytes = int64_t{2} << 20;
 
 bool backward_in_one_team(const Shape& n, const at::Tensor& weight_hh) {
-  return n.B <= kFewRows || (n.B < kMklFromBatch && weight_hh.nbytes() <= kCachedWeightBytes);
+  return n.T >= kPackFromSteps &&
+         (n.B <= kFewRows || (n.B < kMklFromBatch && weight_hh.nbytes() <= kCachedWeightBytes));
 }
 
 // The backward of a plain LSTM or GRU (no projection, zoneout or norms) where
@@ -932,18 +934,22 @@ void persistent_backward(const Recurrence& r, const Shape& n, const at::Tensor& 
   const T* d_out_all = d_output.const_data_ptr<T>();
   T* dxp_all = d_x_proj.mutable_data_ptr<T>();
   T* dhg_all = d_h_gates.mutable_data_ptr<T>();
+  // W_hh's blocks of columns as contiguous (G H, block) panels, zero-padded past H, each packed
+  // by the thread that reads it; and the products of a step, (B, blocks block). Allocated here:
+  // an exception must not leave the team.
+  const int64_t ld = blocks * block;
+  const at::Tensor panel_storage = at::empty({ld * G * H}, r.weight_hh.options());
+  const at::Tensor product_storage = at::empty({B * ld}, r.weight_hh.options());
+  T *panels = panel_storage.mutable_data_ptr<T>(), *through = product_storage.mutable_data_ptr<T>();
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks)));
 #pragma omp parallel num_threads(threads)
   {
     const int64_t id = omp_get_thread_num(), team = omp_get_num_threads();
     const int64_t first = blocks * id / team, last = blocks * (id + 1) / team;
-    const int64_t j0 = std::min(H, first * block), j1 = std::min(H, last * block), width = (last - first) * block;
-    std::vector<T> through(B * width);
-    // This thread's blocks of W_hh's columns as contiguous (G H, block) panels, zero-padded past H.
-    std::vector<T> panels(width * G * H);
+    const int64_t j0 = std::min(H, first * block), j1 = std::min(H, last * block);
     for (int64_t i = first; i < last; ++i) {
       const int64_t columns = std::min(block, H - i * block);
-      T* panel = panels.data() + (i - first) * G * H * block;
+      T* panel = panels + i * G * H * block;
       for (int64_t m = 0; m < G * H; ++m) {
         std::copy(w + m * H + i * block, w + m * H + i * block + columns, panel + m * block);
         std::fill(panel + m * block + columns, panel + (m + 1) * block, T(0));
@@ -980,12 +986,11 @@ void persistent_backward(const Recurrence& r, const Shape& n, const at::Tensor& 
       // term; rows that did not step pass theirs on unchanged.
       const int64_t rows = n.product_rows(t);
       for (int64_t i = first; i < last; ++i)
-        block_product(dhg_t, rows, G * H, G * H, panels.data() + (i - first) * G * H * block, block,
-                      through.data() + (i - first) * block, width);
+        block_product(dhg_t, rows, G * H, G * H, panels + i * G * H * block, block, through + i * block, ld);
       for (int64_t b = 0; b < B; ++b) {
         if (!n.live(b, t)) continue;
         T* d = dh_data + b * H;
-        const T* products = through.data() + b * width - j0;
+        const T* products = through + b * ld;
         const T* z = gates + (t * B + b) * 4 * H + H;
 #pragma omp simd
         for (int64_t j = j0; j < j1; ++j) d[j] = products[j] + (lstm ? T(0) : d[j] * z[j]);
