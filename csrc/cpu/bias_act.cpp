@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "activation.h"
@@ -79,12 +80,19 @@ void bias_act_pass(const Act& act, const Layout& layout, const scalar_t* x, cons
       return value;
     };
     if (layout.per_column) {
-      if (thread_sums) {
+      // float and double sum the row just written, from L1, in a loop of its own: in the loop
+      // that writes it, the backward at 128 x 1024 took 25 us against 17 (1024 x 1024: 257
+      // against 230). Half types must sum the values before rounding.
+      if (thread_sums && !std::is_same_v<scalar_t, acc_t>) {
 #pragma omp simd
         for (int64_t i = first; i < end; ++i) thread_sums[i] += element(i, static_cast<acc_t>(bias[i]));
-      } else {
+        return;
+      }
 #pragma omp simd
-        for (int64_t i = first; i < end; ++i) element(i, static_cast<acc_t>(bias[i]));
+      for (int64_t i = first; i < end; ++i) element(i, static_cast<acc_t>(bias[i]));
+      if (thread_sums) {
+#pragma omp simd
+        for (int64_t i = first; i < end; ++i) thread_sums[i] += static_cast<acc_t>(outr[i]);
       }
       return;
     }
