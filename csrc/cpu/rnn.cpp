@@ -3,9 +3,9 @@
 // owning a slice of units (persistent_forward); else one ATen product per step (with W_hh
 // packed once for MKL where that pays: StepProduct) and one pass of gate math, parallel over
 // the batch's rows (forward_loop). The backward runs the steps in reverse with one product each
-// (the gradient of the state), for a plain cell over a few rows or a W_hh that stays in cache
-// in one team (persistent_backward), else as forward_loop does; it leaves the weights' gradients to
-// products over all steps at the end.
+// (the gradient of the state): for a plain cell over a few rows or a W_hh that stays in cache,
+// in one team (persistent_backward), else as forward_loop does. It leaves the weights'
+// gradients to products over all steps at the end.
 
 #include "rnn.h"
 
