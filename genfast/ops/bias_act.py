@@ -13,6 +13,7 @@ import functools
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
@@ -20,6 +21,7 @@ from ..backends import kernels, resolve
 from ..reference.bias_act import ACTIVATIONS
 from ._autograd import eager_function
 from ._checks import check_choice, check_tensor, fills_memory
+from .linear import linear, weight_gradient
 
 _IMPLEMENTED = frozenset({"cpu", "triton"})
 
@@ -182,3 +184,42 @@ def run_checked(x: Tensor, bias: Tensor | None, dim: int, activation: str, alpha
         return reference.bias_act.bias_act(x, bias, dim, activation, alpha, gain, clamp)
     args = (x, bias, dim, activation, alpha, gain, clamp, backend)
     return bias_act_op(*args) if torch.compiler.is_compiling() else _BiasActFunction.call(*args)[0]
+
+
+class _LinearBiasActFunction(torch.autograd.Function):
+    """F.linear then bias_act over the last dimension as one autograd node: its backward is
+    bias_act's pass, then the input's and the weight's products, with no node or Python call
+    between them."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, activation, alpha, gain, backend):
+        z = F.linear(input, weight)
+        ctx.save_for_backward(input, weight, bias, z)
+        ctx.params, ctx.backend = (z.dim() - 1, activation, alpha, gain, None), backend
+        return _forward(z, bias, *ctx.params, backend)
+
+    @staticmethod
+    def backward(ctx, dy):
+        input, weight, bias, z = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: the gradients depend on input and weight through z too
+            z = F.linear(input, weight)
+        dz, dbias = _BiasActBackwardFunction.call(_like(dy, z), z, bias, *ctx.params, 1, ctx.backend)
+        dinput = dz.matmul(weight) if ctx.needs_input_grad[0] else None
+        dweight = weight_gradient(dz, input) if ctx.needs_input_grad[1] else None
+        return dinput, dweight, None if bias is None else dbias, None, None, None, None
+
+
+def linear_bias_act(input: Tensor, weight: Tensor, bias: Tensor | None, activation: str, alpha: float,
+                    gain: float) -> Tensor:
+    """genfast.nn.Linear's computation, act(F.linear(input, weight) + bias) * gain, on arguments
+    the layer keeps valid: bias None or weight's length, dtype and device."""
+    if torch.is_autocast_enabled(input.device.type):  # as F.linear's: float64 stays, the rest in autocast's dtype
+        dtype = torch.get_autocast_dtype(input.device.type)
+        input, weight, bias = (t if t is None or t.dtype == torch.float64 else t.to(dtype) for t in (input, weight, bias))
+    backend = resolve("bias_act", input.device, _IMPLEMENTED)
+    recorded = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))
+    if not recorded or backend == "reference" or input.numel() == 0 or torch.compiler.is_compiling():
+        # F.linear checks input against the weight; its output fills its memory, which the bias matches.
+        z = linear(input, weight)
+        return run_checked(z, bias, z.dim() - 1, activation, alpha, gain, None)
+    return _LinearBiasActFunction.apply(input, weight, bias, activation, alpha, gain, backend)
