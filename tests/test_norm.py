@@ -121,6 +121,32 @@ def test_large_groups(backend, shape, groups, dtype, atol, layout):
     check_against_reference(backend, shape, groups, layout, dtype, atol, "silu")
 
 
+@pytest.mark.parametrize("batch", [5, 6])
+def test_channels_last_cpu_splits_agree(batch):
+    """The CPU kernels split a channels-last batch by whole samples where it divides evenly among
+    the threads, else by blocks of rows: the same sums in the same order, so every thread count
+    gives the same bits, forward and backward."""
+    require("cpu")
+    shape, groups = (batch, 40, 9, 15), 5  # 135 rows a sample: three row blocks, the last short
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            check_against_reference("cpu", shape, groups, "channels_last", torch.float32, 1e-5, "silu")
+            torch.manual_seed(0)
+            x = make_input(shape, "channels_last", torch.float32, "cpu").requires_grad_()
+            weight, bias = torch.randn(40, requires_grad=True), torch.randn(40, requires_grad=True)
+            with genfast.use_backend("cpu"):
+                y = genfast.ops.group_norm(x, groups, weight, bias, 1e-5, "silu")
+            results.append((y, *torch.autograd.grad(y, (x, weight, bias), torch.ones_like(y))))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_without_affine(backend):
     check_against_reference(backend, (2, 6, 4, 5), 2, "contiguous", torch.float32, 1e-5, "silu", affine=False)
