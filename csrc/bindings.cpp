@@ -953,6 +953,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   m.attr("vector_lanes") = genfast::cpu::kVectorLanes<float>;  // the float32 lanes the kernels pad rows to
   m.attr("output_memory_from_bytes") = genfast::cpu::OutputCache::kMinBytes;  // smaller outputs: at::empty
+  // a block given back before this many more bytes is written with streaming stores
+  m.attr("output_memory_cold_after_bytes") = genfast::cpu::OutputCache::kColdAfterBytes;
   m.attr("output_memory_warm_bytes") = genfast::cpu::OutputCache::kWarmBytes;  // the recent blocks left unmarked
   m.def("empty_output", &empty_output, "An uninitialised CPU tensor (sizes, like's dtype) from genfast's output memory");
   m.def("group_norm_forward", &group_norm_forward, without_gil, "GroupNorm + activation forward: (y, mean, rstd)");

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from helpers import BACKENDS, assert_close_to_reference, assert_compiles_like_eager, interpreted, require
 
 import genfast
-from genfast.backends import triton_interpreted
+from genfast.backends import extension, triton_interpreted
 from genfast.reference import norm as reference
 
 # dtype and the absolute term of the error rule (DESIGN.md's tolerance table).
@@ -135,6 +135,40 @@ def test_model_widths(backend, kind, dtype, atol):
         pytest.skip("too large for the Triton interpreter")
     for width in (768, 4096):
         check_against_reference(backend, kind, (2, 67, width), (width,), dtype, atol, residual=True)
+
+
+@pytest.mark.parametrize("dtype, atol, rows", [(torch.float32, 1e-5, 701), (torch.bfloat16, 2e-2, 1402)], ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_cold_outputs_are_streamed_alike(kind, dtype, atol, rows):
+    """An output block of genfast's output memory given back long ago (more than
+    output_memory_cold_after_bytes since) is written with streaming stores, a fresh or recent one
+    with plain stores: the same values either way. Rows of an odd width start off the streaming
+    stores' 32-byte alignment, so each row has a head and a tail of plain stores."""
+    require("cpu")
+    torch.manual_seed(0)
+    x, residual, dy, dh = (torch.randn(rows, 771).to(dtype) for _ in range(4))  # 2.2 MB each: output memory
+    weight, bias = torch.randn(771), torch.randn(771)
+
+    def run(shift):
+        leaves = [t.add(shift).requires_grad_() for t in (x, residual)]
+        with genfast.use_backend("cpu"):
+            y, h = genfast_norm(kind, leaves[0], (771,), weight, bias, 1e-5, leaves[1])
+        grads = torch.autograd.grad((y, h), leaves, (dy, dh))
+        outputs = (y, h, *grads)
+        return {t.data_ptr() for t in outputs}, [t.detach().clone() for t in outputs]  # the blocks given back
+
+    check_against_reference("cpu", kind, (rows, 771), (771,), dtype, atol, residual=True)
+    run(0)
+    warm_blocks, warm = run(1)  # in the blocks the call before just gave back
+    run(0)  # leaves other values in them, which a missed store would show
+    # More than the cold line's worth of other blocks given back after those.
+    count = extension().output_memory_cold_after_bytes // (6 << 20) + 2
+    flush = [extension().empty_output([6 << 18], weight) for _ in range(count)]
+    del flush
+    cold_blocks, cold = run(1)
+    assert cold_blocks == warm_blocks  # the same blocks, all taken back cold
+    for a, b in zip(warm, cold, strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])

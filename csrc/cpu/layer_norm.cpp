@@ -47,16 +47,16 @@ void for_each_task(int64_t rows, int64_t D, Body&& body) {
 
 // The normalised row in acc_t: x itself where it already is acc_t and there is no residual, else
 // converted into `buffer`. With a residual, h = x + residual is rounded to scalar_t and written
-// out first, so the row normalised is exactly the h returned.
+// out first (write_output's way), so the row normalised is exactly the h returned.
 template <typename scalar_t, typename acc_t>
-const acc_t* load_row(const scalar_t* x, const scalar_t* residual, scalar_t* h, acc_t* buffer, int64_t D) {
+const acc_t* load_row(const scalar_t* x, const scalar_t* residual, scalar_t* h, acc_t* buffer, int64_t D,
+                      bool streaming = false) {
   if (residual != nullptr) {
 #pragma omp simd
     for (int64_t i = 0; i < D; ++i) {
-      const scalar_t sum = static_cast<scalar_t>(static_cast<acc_t>(x[i]) + static_cast<acc_t>(residual[i]));
-      h[i] = sum;
-      buffer[i] = static_cast<acc_t>(sum);
+      buffer[i] = static_cast<acc_t>(static_cast<scalar_t>(static_cast<acc_t>(x[i]) + static_cast<acc_t>(residual[i])));
     }
+    write_output(h, buffer, D, streaming);
     return buffer;
   }
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
@@ -71,13 +71,14 @@ const acc_t* load_row(const scalar_t* x, const scalar_t* residual, scalar_t* h, 
 template <bool kRms, typename scalar_t>
 void forward_rows(const scalar_t* x, const scalar_t* residual, const math_t<scalar_t>* weight,
                   const math_t<scalar_t>* bias, scalar_t* y, scalar_t* h, math_t<scalar_t>* mean,
-                  math_t<scalar_t>* rstd, int64_t rows, int64_t D, double eps) {
+                  math_t<scalar_t>* rstd, int64_t rows, int64_t D, double eps, bool stream_y, bool stream_h) {
   using acc_t = math_t<scalar_t>;
   for_each_task(rows, D, [&](int64_t, int64_t begin, int64_t end) {
-    std::vector<acc_t> buffer(D);
+    std::vector<acc_t> buffer(D), normalised(D);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t at = r * D;
-      const acc_t* v = load_row(x + at, residual ? residual + at : nullptr, h ? h + at : nullptr, buffer.data(), D);
+      const acc_t* v =
+          load_row(x + at, residual ? residual + at : nullptr, h ? h + at : nullptr, buffer.data(), D, stream_h);
       // Centred on the row's first value: v - pivot is exact for values near it, so the mean of
       // a row far from 0 keeps its digits (the mean itself rounded would cost up to half an ulp of
       // |mean| in every output).
@@ -88,13 +89,14 @@ void forward_rows(const scalar_t* x, const scalar_t* residual, const math_t<scal
       const acc_t inv = static_cast<acc_t>(1.0 / std::sqrt(static_cast<double>(var) + eps));
       mean[r] = pivot + shift;
       rstd[r] = inv;
-      scalar_t* out = y + at;
 #pragma omp simd
       for (int64_t i = 0; i < D; ++i) {
         const acc_t z = (v[i] - pivot - shift) * inv * weight[i];
-        out[i] = static_cast<scalar_t>(kRms ? z : z + bias[i]);
+        normalised[i] = kRms ? z : z + bias[i];
       }
+      write_output(y + at, normalised.data(), D, stream_y);
     }
+    store_fence();
   });
 }
 
@@ -105,11 +107,11 @@ void forward_rows(const scalar_t* x, const scalar_t* residual, const math_t<scal
 template <bool kRms, typename scalar_t>
 void backward_rows(const scalar_t* dy, const scalar_t* dh, const scalar_t* h, const math_t<scalar_t>* weight,
                    const math_t<scalar_t>* mean, const math_t<scalar_t>* rstd, scalar_t* dx, double* partials,
-                   int64_t rows, int64_t D) {
+                   int64_t rows, int64_t D, bool stream_dx) {
   using acc_t = math_t<scalar_t>;
   constexpr int64_t kBlockRows = 16;
   for_each_task(rows, D, [&](int64_t task, int64_t begin, int64_t end) {
-    std::vector<acc_t> h_buffer(D), dy_buffer(D), dweight(D), dbias(D);
+    std::vector<acc_t> h_buffer(D), dy_buffer(D), dweight(D), dbias(D), grad(D);
     double* task_dweight = partials + task * 2 * D;
     double* task_dbias = task_dweight + D;
     for (int64_t block = begin; block < end; block += kBlockRows) {
@@ -128,15 +130,17 @@ void backward_rows(const scalar_t* dy, const scalar_t* dh, const scalar_t* h, co
           const acc_t xhat = (v[i] - mu) * inv;
           dweight[i] += g[i] * xhat;
           dbias[i] += g[i];
-          const acc_t grad = inv * (g[i] * weight[i] - mean_g - xhat * mean_g_xhat);
-          dx[at + i] = static_cast<scalar_t>(dh ? grad + static_cast<acc_t>(dh[at + i]) : grad);
+          const acc_t dxhat = inv * (g[i] * weight[i] - mean_g - xhat * mean_g_xhat);
+          grad[i] = dh ? dxhat + static_cast<acc_t>(dh[at + i]) : dxhat;
         }
+        write_output(dx + at, grad.data(), D, stream_dx);
       }
       for (int64_t i = 0; i < D; ++i) {
         task_dweight[i] += dweight[i];
         task_dbias[i] += dbias[i];
       }
     }
+    store_fence();
   });
 }
 
@@ -145,8 +149,9 @@ void backward_rows(const scalar_t* dy, const scalar_t* dh, const scalar_t* h, co
 std::vector<Tensor> layer_norm_forward(const Tensor& x, const std::optional<Tensor>& residual, const Tensor& weight,
                                        const Tensor& bias, double eps, bool rms) {
   const int64_t D = x.size(-1), rows = x.numel() / D;
-  Tensor y = empty_output_like(x);
-  Tensor h = residual ? empty_output_like(x) : at::empty({0}, x.options());
+  bool stream_y, stream_h = false;  // write_output's choice for each
+  Tensor y = empty_output_like(x, &stream_y);
+  Tensor h = residual ? empty_output_like(x, &stream_h) : at::empty({0}, x.options());
   Tensor mean = at::empty({rows}, weight.options());
   Tensor rstd = at::empty({rows}, weight.options());
   dispatch_float_types<true>(x.scalar_type(), "layer_norm", [&](auto tag) {
@@ -157,7 +162,7 @@ std::vector<Tensor> layer_norm_forward(const Tensor& x, const std::optional<Tens
           x.const_data_ptr<scalar_t>(), residual ? residual->const_data_ptr<scalar_t>() : nullptr,
           weight.const_data_ptr<acc_t>(), bias.const_data_ptr<acc_t>(), y.mutable_data_ptr<scalar_t>(),
           residual ? h.mutable_data_ptr<scalar_t>() : nullptr, mean.mutable_data_ptr<acc_t>(),
-          rstd.mutable_data_ptr<acc_t>(), rows, D, eps);
+          rstd.mutable_data_ptr<acc_t>(), rows, D, eps, stream_y, stream_h);
     };
     rms ? run(std::true_type{}) : run(std::false_type{});
   });
@@ -167,7 +172,8 @@ std::vector<Tensor> layer_norm_forward(const Tensor& x, const std::optional<Tens
 std::vector<Tensor> layer_norm_backward(const Tensor& dy, const std::optional<Tensor>& dh, const Tensor& h,
                                         const Tensor& weight, const Tensor& mean, const Tensor& rstd, bool rms) {
   const int64_t D = h.size(-1), rows = h.numel() / D, tasks = split_rows(rows, D).count;
-  Tensor dx = empty_output_like(h);
+  bool stream_dx;
+  Tensor dx = empty_output_like(h, &stream_dx);
   // Two tensors, not views of one: a custom op's outputs may not alias each other.
   Tensor dweight = at::empty({D}, weight.options()), dbias = at::empty({D}, weight.options());
   std::vector<double> partials(tasks * 2 * D, 0.0);
@@ -178,7 +184,7 @@ std::vector<Tensor> layer_norm_backward(const Tensor& dy, const std::optional<Te
       backward_rows<decltype(rms_tag)::value>(
           dy.const_data_ptr<scalar_t>(), dh ? dh->const_data_ptr<scalar_t>() : nullptr, h.const_data_ptr<scalar_t>(),
           weight.const_data_ptr<acc_t>(), mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(),
-          dx.mutable_data_ptr<scalar_t>(), partials.data(), rows, D);
+          dx.mutable_data_ptr<scalar_t>(), partials.data(), rows, D, stream_dx);
     };
     rms ? run(std::true_type{}) : run(std::false_type{});
     // The tasks' partials summed here rather than by ATen ops after the kernel: each of those

@@ -57,19 +57,29 @@ class OutputCache {
     return *cache;
   }
 
+  // A block taken for an output, and whether its lines have likely left the CPU's caches: more
+  // than kColdAfterBytes were given back after it. A kernel then writes it with streaming stores
+  // (write_output): a plain store would first read each line back from memory. (A fresh block's
+  // pages are zeroed as the first writes fault them in, in cache.)
+  struct Taken {
+    void* ptr;
+    bool cold;
+  };
+  static constexpr size_t kColdAfterBytes = size_t(32) << 20;
+
   // A 2 MB-aligned block of `bytes` (a multiple of kHugePage), reused when one is cached: the
   // one given back last, whose lines the cache most likely still holds. (Taking the oldest
   // instead cycled a LayerNorm's outputs through 32 cached blocks, every store a miss to
   // memory: 2.05 ms against 1.17 on a 300 MB-L3 Xeon.)
-  void* take(size_t bytes) {
+  Taken take(size_t bytes) {
     {
       const std::lock_guard<std::mutex> lock(mutex_);
       for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it) {
         if (it->bytes == bytes) {
-          void* block = it->ptr;
+          const Taken taken{it->ptr, given_bytes_ - it->given_at > kColdAfterBytes};
           cached_bytes_ -= bytes;
           blocks_.erase(std::next(it).base());
-          return block;
+          return taken;
         }
       }
     }
@@ -79,14 +89,15 @@ class OutputCache {
     // Advice only: where THP is disabled the call fails and nothing changes.
     madvise(block, bytes, MADV_HUGEPAGE);
 #endif
-    return block;
+    return {block, false};
   }
 
   void give(void* block, size_t bytes) {
     std::deque<Block> evicted;
     {
       const std::lock_guard<std::mutex> lock(mutex_);
-      blocks_.push_back({block, bytes, false});
+      given_bytes_ += bytes;
+      blocks_.push_back({block, bytes, false, given_bytes_});
       cached_bytes_ += bytes;
       while (cached_bytes_ > kMaxCachedBytes) {
         evicted.push_back(blocks_.front());
@@ -103,6 +114,7 @@ class OutputCache {
     void* ptr;
     size_t bytes;
     bool marked_free;  // MADV_FREE since it was given back
+    size_t given_at;   // given_bytes_ once it was given back
   };
 
   // Marks the blocks given back before the most recent kWarmBytes, newest first (a block larger
@@ -125,20 +137,27 @@ class OutputCache {
   std::mutex mutex_;
   std::deque<Block> blocks_;  // oldest first
   size_t cached_bytes_ = 0;
+  size_t given_bytes_ = 0;  // given back in all, the clock of a block's coldness
 };
 
-// An uninitialised tensor of these sizes, strides (dense) and options, for a kernel to overwrite.
-inline at::Tensor empty_output(at::IntArrayRef sizes, at::IntArrayRef strides, const at::TensorOptions& options) {
+// An uninitialised tensor of these sizes, strides (dense) and options, for a kernel to overwrite;
+// where `cold` is given, whether to write it with streaming stores (OutputCache::Taken).
+inline at::Tensor empty_output(at::IntArrayRef sizes, at::IntArrayRef strides, const at::TensorOptions& options,
+                               bool* cold = nullptr) {
   const size_t bytes = c10::multiply_integers(sizes) * options.dtype().itemsize();
+  if (cold != nullptr) *cold = false;
   if (bytes < OutputCache::kMinBytes) return at::empty_strided(sizes, strides, options);
   const size_t rounded = (bytes + OutputCache::kHugePage - 1) / OutputCache::kHugePage * OutputCache::kHugePage;
-  void* block = OutputCache::instance().take(rounded);
+  const OutputCache::Taken block = OutputCache::instance().take(rounded);
+  if (cold != nullptr) *cold = block.cold;
   return at::from_blob(
-      block, sizes, strides, [rounded](void* used) { OutputCache::instance().give(used, rounded); }, options);
+      block.ptr, sizes, strides, [rounded](void* used) { OutputCache::instance().give(used, rounded); }, options);
 }
 
 // Shaped, strided and typed like the dense x.
-inline at::Tensor empty_output_like(const at::Tensor& x) { return empty_output(x.sizes(), x.strides(), x.options()); }
+inline at::Tensor empty_output_like(const at::Tensor& x, bool* cold = nullptr) {
+  return empty_output(x.sizes(), x.strides(), x.options(), cold);
+}
 
 // Contiguous.
 inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
@@ -178,6 +197,18 @@ void write_streaming(T* out, const acc_t* values, int64_t n) {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(values[i]);
   }
+}
+
+// Writes n results to out: past the cache where `streaming` (an output in a cold block, as
+// empty_output tells), else with plain stores, which leave it in cache for the next reader.
+template <typename T, typename acc_t>
+void write_output(T* out, const acc_t* values, int64_t n, bool streaming) {
+  if (streaming) {
+    write_streaming(out, values, n);
+    return;
+  }
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(values[i]);
 }
 
 inline void store_fence() {

@@ -215,7 +215,8 @@ def linear_bias_act(input: Tensor, weight: Tensor, bias: Tensor | None, activati
     the layer keeps valid: bias None or weight's length, dtype and device."""
     if torch.is_autocast_enabled(input.device.type):  # as F.linear's: float64 stays, the rest in autocast's dtype
         dtype = torch.get_autocast_dtype(input.device.type)
-        input, weight, bias = (t if t is None or t.dtype == torch.float64 else t.to(dtype) for t in (input, weight, bias))
+        input, weight, bias = (t if t is None or t.dtype == torch.float64 else t.to(dtype)
+                               for t in (input, weight, bias))
     backend = resolve("bias_act", input.device, _IMPLEMENTED)
     recorded = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))
     if not recorded or backend == "reference" or input.numel() == 0 or torch.compiler.is_compiling():
