@@ -254,6 +254,20 @@ std::vector<Tensor> bias_act_backward(const Tensor& dy, const Tensor& x, const s
   return genfast::cpu::bias_act_backward(dy, x, bias, params, order);
 }
 
+Tensor linear_bias_act(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
+                       const std::string& activation, double alpha, double gain) {
+  TORCH_CHECK(input.is_cpu() && weight.is_cpu() && weight.dim() == 2 && input.dim() >= 1 &&
+                  input.size(-1) == weight.size(1) && input.scalar_type() == weight.scalar_type() &&
+                  at::isFloatingType(input.scalar_type()),
+              "linear_bias_act: input (*, in) and weight (out, in) must be CPU tensors of one float dtype, got ",
+              input.sizes(), " ", input.scalar_type(), " and ", weight.sizes(), " ", weight.scalar_type());
+  TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == weight.size(0)),
+              "linear_bias_act: bias must have weight's ", weight.size(0), " rows");
+  const Tensor output_like = at::empty({0, weight.size(0)}, input.options());  // what the product makes
+  return genfast::cpu::linear_bias_act(input, weight, bias,
+                                       bias_act_params(output_like, bias, activation, alpha, gain, std::nullopt, 1));
+}
+
 // Tensors of one shape and float dtype on the CPU, contiguous; `names` name them in messages.
 void check_elementwise(std::initializer_list<std::pair<const Tensor*, const char*>> tensors) {
   const Tensor& first = *tensors.begin()->first;
@@ -967,6 +981,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bias_act_backward", &bias_act_backward, without_gil,
         "dy gain act' (order 1) or act'' (order 2) of x + bias where not clamped, and its sum per channel: (g, "
         "dbias or an undefined tensor)");
+  m.def("linear_bias_act", &linear_bias_act, without_gil,
+        "gain act(input weight^T + bias) as one autograd node, the weight's gradient in output memory: y");
   m.def("loss_forward", &loss_forward, without_gil, "A VAE or GAN loss's terms, or their scaled sum: loss");
   m.def("loss_backward", &loss_backward, without_gil, "The loss's gradients: (dx, dt or an undefined tensor)");
   m.def("reparameterize_forward", &reparameterize_forward, without_gil, "mu + exp(logvar / 2) noise: z");

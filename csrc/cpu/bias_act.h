@@ -31,4 +31,9 @@ std::vector<at::Tensor> bias_act_backward(const at::Tensor& dy, const at::Tensor
                                           const std::optional<at::Tensor>& bias, const BiasActParams& params,
                                           int64_t order);
 
+// gain act(input weight^T + bias) as one autograd node (linear_bias_act.cpp): genfast.nn.Linear's
+// CPU path, its backward writing the weight's gradient into genfast's output memory.
+at::Tensor linear_bias_act(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           const BiasActParams& params);
+
 }  // namespace genfast::cpu

@@ -189,7 +189,8 @@ def run_checked(x: Tensor, bias: Tensor | None, dim: int, activation: str, alpha
 class _LinearBiasActFunction(torch.autograd.Function):
     """F.linear then bias_act over the last dimension as one autograd node: its backward is
     bias_act's pass, then the input's and the weight's products, with no node or Python call
-    between them."""
+    between them. On a CPU the extension's C++ node (csrc/cpu/linear_bias_act.cpp) does the same
+    without a Python call at all."""
 
     @staticmethod
     def forward(ctx, input, weight, bias, activation, alpha, gain, backend):
@@ -223,4 +224,6 @@ def linear_bias_act(input: Tensor, weight: Tensor, bias: Tensor | None, activati
         # F.linear checks input against the weight; its output fills its memory, which the bias matches.
         z = linear(input, weight)
         return run_checked(z, bias, z.dim() - 1, activation, alpha, gain, None)
+    if backend == "cpu":
+        return kernels(backend, "bias_act").linear_bias_act(input, weight, bias, activation, alpha, gain)
     return _LinearBiasActFunction.apply(input, weight, bias, activation, alpha, gain, backend)
